@@ -1,0 +1,5 @@
+import sys
+
+from gossip.cli import main
+
+sys.exit(main())

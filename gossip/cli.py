@@ -1,0 +1,357 @@
+"""The ``gossip`` command: node, simulate, status, topology.
+
+The CLI owns the terminal. Bad arguments or config files end with one line on
+stderr and exit code 2; an unreachable peer with one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any, NoReturn
+
+from gossip.config import ConfigError, GossipConfig, NodeConfig, check_address, coerce, load_toml
+from gossip.membership import MembershipConfig
+from gossip.train import TrainConfig
+
+# knob -> (section, help). Sections: train, gossip, node, run, sim. One table feeds
+# both the flags and the TOML keys, so the two cannot drift apart.
+KNOBS: dict[str, tuple[str, str]] = {
+    "dataset": ("train", "digits, synthetic[:N] or a path to an .npz file with X and y"),
+    "model": ("train", "logreg, mlp, cnn or package.module:factory returning an nn.Module"),
+    "partition": ("train", "iid or dirichlet:ALPHA (label skew)"),
+    "epochs": ("train", "passes over the node's own data"),
+    "batch_size": ("train", "minibatch size"),
+    "lr": ("train", "SGD learning rate"),
+    "momentum": ("train", "SGD momentum"),
+    "weight_decay": ("train", "L2 penalty"),
+    "seed": ("train", "seed of the model init, the partition and the shuffling"),
+    "eval_every": ("train", "epochs between evaluations (fractional allowed)"),
+    "topology": (
+        "gossip",
+        "ring, torus, hypercube, exponential, one-peer-exponential, complete, star, "
+        "random-regular:D, erdos-renyi:P, small-world, random, or a graph file",
+    ),
+    "strategy": ("gossip", "pairwise (push-pull) or push-sum"),
+    "gossip_every": ("gossip", "local steps between exchanges"),
+    "max_lag": ("gossip", "steps a node may run ahead of its own exchange in flight before waiting for it"),
+    "codec": ("gossip", "raw, fp16 or bf16 on the wire"),
+    "chunk_bytes": ("gossip", "stream chunk size in bytes"),
+    "exchange_timeout": ("gossip", "base deadline of one exchange in seconds"),
+    "listen": ("node", "HOST:PORT to serve on (port 0 picks a free port)"),
+    "advertise": ("node", "HOST:PORT others dial, if not the listen address"),
+    "peers": ("node", "comma-separated HOST:PORT seeds to join through"),
+    "node_id": ("node", "this node's id (default: random)"),
+    "rank": ("node", "this node's rank in the topology"),
+    "world_size": ("node", "number of ranks in the topology; with --rank picks slice RANK of N of the data"),
+    "join_timeout": ("node", "seconds to keep trying the seeds"),
+    "metrics": ("run", "append metrics as JSON lines to this file"),
+    "wait_for": ("run", "nodes (this one included) to wait for before training"),
+    "exit_when_done": ("run", "exit after training instead of serving on"),
+    "threads": ("run", "torch threads"),
+    "dump_params": ("run", "save flat parameters at every evaluation into this folder"),
+    "ready_file": ("run", "write the bound address to this file once serving"),
+    "nodes": ("sim", "number of node processes"),
+    "out": ("sim", "output folder (default runs/<timestamp>)"),
+    "baseline": ("sim", "also train centrally on the union of the data and report the gap"),
+}
+
+NODE_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "run")]
+SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "sim")] + ["threads"]
+
+_BOOL_KNOBS = {"exit_when_done", "baseline"}
+
+
+def _defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cls in (TrainConfig, GossipConfig, NodeConfig):
+        obj = cls()
+        for f in fields(cls):
+            if f.name in KNOBS:
+                out[f.name] = getattr(obj, f.name)
+    out.update(
+        metrics="",
+        wait_for=0,
+        exit_when_done=False,
+        threads=1,
+        dump_params="",
+        ready_file="",
+        nodes=8,
+        out="",
+        baseline=False,
+        advertise="",
+        node_id="",
+    )
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the user sees what is wrong at once.
+        self.exit(2, f"gossip: error: {message} (see --help)\n")
+
+
+def _add_knobs(p: argparse.ArgumentParser, names: Sequence[str], overrides: dict[str, Any]) -> None:
+    defaults = {**_defaults(), **overrides}
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        help_text = KNOBS[name][1]
+        default = defaults[name]
+        if name in _BOOL_KNOBS:
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            continue
+        kind: Any = type(default) if default is not None and not isinstance(default, tuple) else str
+        if default not in (None, "", ()):
+            help_text += f" (default: {default})"
+        p.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=help_text)
+    p.add_argument(
+        "--config", dest="config", default=None, metavar="FILE.toml", help="the same knobs as a TOML file"
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+
+
+def _resolve(args: argparse.Namespace, names: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """defaults < config file < flags; config keys are checked against this command's knobs."""
+    defaults = {**_defaults(), **overrides}
+    values = {n: defaults[n] for n in names}
+    if args.config:
+        for key, value in load_toml(args.config).items():
+            if key not in values:
+                raise ConfigError(f"config file {args.config}: unknown key {key!r}")
+            values[key] = coerce(key, value, defaults[key])
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None:
+            values[n] = v
+    if isinstance(values.get("peers"), str):
+        values["peers"] = tuple(p.strip() for p in values["peers"].split(",") if p.strip())
+    return values
+
+
+def _train_config(v: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig(**{f.name: v[f.name] for f in fields(TrainConfig) if f.name in v})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _gossip_config(v: dict[str, Any]) -> GossipConfig:
+    g = GossipConfig(**{f.name: v[f.name] for f in fields(GossipConfig) if f.name in v})
+    g.validate()
+    return g
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gossip", description="Peer-to-peer gossip SGD over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "node", help="run one node for real", description="Run one node: join, train, gossip, serve."
+    )
+    _add_knobs(p, NODE_KNOBS, {})
+
+    p = sub.add_parser("simulate", help="run N node processes on this machine")
+    _add_knobs(p, SIM_KNOBS, {"topology": "exponential"})
+
+    p = sub.add_parser("status", help="ask a node for its view of the network")
+    p.add_argument("--peer", required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--timeout", type=float, default=3.0)
+
+    p = sub.add_parser("topology", help="describe a topology")
+    p.add_argument("name", help="topology name or graph file")
+    p.add_argument("--nodes", type=int, default=None)
+    p.add_argument("--rule", default="metropolis", choices=("metropolis", "uniform"))
+    p.add_argument("--draw", metavar="FILE.png", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _setup_logging(verbose: int, default: int = logging.WARNING) -> None:
+    level = default if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from gossip.node import JoinError
+    from gossip.runner import RunOptions, run_node
+
+    v = _resolve(args, NODE_KNOBS, {})
+    train = _train_config(v)
+    config = NodeConfig(
+        listen=v["listen"],
+        advertise=v["advertise"] or None,
+        peers=tuple(v["peers"]),
+        node_id=v["node_id"] or None,
+        rank=v["rank"],
+        world_size=v["world_size"],
+        join_timeout=v["join_timeout"],
+        gossip=_gossip_config(v),
+        membership=MembershipConfig(),
+    )
+    config.validate()
+    if (config.rank >= 0) != (config.world_size > 0):
+        raise ConfigError("--rank and --world-size go together")
+    opts = RunOptions(
+        metrics=v["metrics"] or None,
+        dump_params=v["dump_params"] or None,
+        ready_file=v["ready_file"] or None,
+        wait_for=v["wait_for"],
+        exit_when_done=bool(v["exit_when_done"]),
+        threads=v["threads"],
+    )
+    _setup_logging(args.verbose, logging.INFO)
+    try:
+        return asyncio.run(run_node(train, config, opts))
+    except JoinError as exc:
+        print(f"gossip node: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"gossip node: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gossip.sim.cluster import SimulateConfig, SimulationError, run_simulation
+
+    v = _resolve(args, SIM_KNOBS, {"topology": "exponential"})
+    train = _train_config(v)
+    gossip = _gossip_config(v)
+    if v["nodes"] < 1:
+        raise ConfigError("--nodes must be at least 1")
+    if gossip.topology != "random":
+        from gossip.topology import Topology, TopologyError
+
+        try:
+            Topology.parse(gossip.topology, v["nodes"])
+        except TopologyError as exc:
+            raise ConfigError(str(exc)) from None
+    sim = SimulateConfig(
+        nodes=v["nodes"], out=v["out"] or None, baseline=bool(v["baseline"]), threads=v["threads"]
+    )
+    _setup_logging(args.verbose)
+    bar = _ProgressLine()
+    try:
+        summary = run_simulation(train, gossip, sim, progress=bar)
+    except SimulationError as exc:
+        bar.close()
+        print(f"gossip simulate: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    print(_summary_table(summary))
+    return 0
+
+
+class _ProgressLine:
+    """One updating line on a terminal; a line every few seconds otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, fraction: float, text: str) -> None:
+        now = time.monotonic()
+        if not self.tty and now - self.last < 5.0:
+            return
+        self.last = now
+        filled = int(fraction * 30)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}%  {now - self.t0:6.1f} s  {text}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:120].ljust(120))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _summary_table(s: dict[str, Any]) -> str:
+    lines = [f"{'node':>4}  {'accuracy':>8}  {'bytes sent':>12}  {'exchanges':>9}"]
+    for i, acc in enumerate(s["accuracies"]):
+        lines.append(f"{i:>4}  {acc:>8.4f}  {s['bytes_sent_per_node'][i]:>12,}  {s['exchanges'][i]:>9}")
+    cd = s["consensus_distance"]
+    lines += [
+        "",
+        f"nodes               {s['nodes']} ({s['topology']}, {s['strategy']})",
+        f"mean accuracy       {s['mean_accuracy']:.4f} (min {s['min_accuracy']:.4f})",
+        f"consensus distance  {cd:.3e}" if cd is not None else "consensus distance  n/a",
+        f"bytes sent          {s['bytes_sent']:,}",
+        f"wall time           {s['wall_seconds']:.1f} s",
+    ]
+    if "baseline_accuracy" in s:
+        lines.append(f"baseline accuracy   {s['baseline_accuracy']:.4f} (gap {s['gap'] * 100:+.2f} points)")
+    lines.append(f"written to          {s['out']}/ (metrics.jsonl, summary.json, plot.png)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from gossip.status import fetch_status, format_status
+
+    check_address(args.peer, "--peer")
+    try:
+        status = asyncio.run(fetch_status(args.peer, args.timeout))
+    except ConnectionError as exc:
+        print(f"gossip status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=None if args.json else 2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from gossip.topology import Topology, TopologyError, describe, draw
+
+    try:
+        top = Topology.parse(args.name, args.nodes, seed=args.seed)
+        info = describe(top, args.rule)
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.draw:
+        draw(top, args.draw)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"topology      {info['spec']}")
+        print(f"nodes         {info['nodes']}")
+        print(f"edges         {info['edges']}")
+        print(f"degree        {info['degree_min']}..{info['degree_max']}")
+        print(f"diameter      {info['diameter']}")
+        print(f"mixing rule   {info['rule']}")
+        print(f"|lambda2|     {info['lambda2']:.6f}")
+        print(f"spectral gap  {info['spectral_gap']:.6f}")
+        if args.draw:
+            print(f"drawing       {args.draw}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"node": cmd_node, "simulate": cmd_simulate, "status": cmd_status, "topology": cmd_topology}
+    from gossip.data import DataError
+    from gossip.models import ModelError
+    from gossip.params import LayoutError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, LayoutError) as exc:
+        print(f"gossip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gossip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""One real node process: data, model, training thread, metrics, graceful exit.
+
+``gossip node`` and every process of ``gossip simulate`` run this. Training
+runs on its own thread and calls ``Node.step`` after each optimizer step; the
+event loop serves gRPC and runs the exchanges beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossip.config import NodeConfig
+from gossip.data import Dataset, load_dataset, node_data
+from gossip.models import build_model
+from gossip.node import Node
+from gossip.sysutil import tune_malloc
+from gossip.train import LocalTrainer, TrainConfig, evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    metrics: str | None = None  # JSON lines, one object per evaluation
+    dump_params: str | None = None  # folder for the flat parameters at every evaluation (consensus)
+    ready_file: str | None = None  # written with the bound address once serving
+    wait_for: int = 0  # nodes (this one included) to wait for before training
+    wait_timeout: float = 60.0
+    exit_when_done: bool = False
+    threads: int = 1  # torch threads: N nodes share a small machine fairly
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Metrics:
+    def __init__(self, path: str | None, node_label: str) -> None:
+        self.node = node_label
+        self._fh = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "a", buffering=1)  # noqa: SIM115 - held for the run
+        self.t0 = time.monotonic()
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"node": self.node, **record, "time": round(time.monotonic() - self.t0, 4)}
+        log.info("metrics %s", json.dumps(record))
+        if self._fh is not None:
+            self._fh.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _train_thread(
+    node: Node,
+    trainer: LocalTrainer,
+    ds: Dataset,
+    metrics: _Metrics,
+    opts: RunOptions,
+    stop: threading.Event,
+) -> None:
+    torch.set_num_threads(max(1, opts.threads))
+    evals = 0
+    last_loss = float("nan")
+
+    def record(final: bool) -> None:
+        nonlocal evals
+        loss, acc = evaluate(trainer.model, ds.x_test, ds.y_test)
+        rec: dict[str, Any] = {
+            "step": trainer.step_count,
+            "epoch": round(trainer.epoch, 4),
+            "eval": evals,
+            "loss": loss,
+            "train_loss": last_loss,
+            "accuracy": acc,
+            "bytes_sent": node.stats.bytes_out,
+            "bytes_received": node.stats.bytes_in,
+            "exchanges": node.stats.exchanges_ok + node.stats.exchanges_served,
+        }
+        if final:
+            rec["final"] = True
+        if opts.dump_params:
+            folder = Path(opts.dump_params)
+            folder.mkdir(parents=True, exist_ok=True)
+            flat = torch.cat([s.float() for s in node.flat]).numpy()
+            np.save(folder / f"eval{evals:04d}.npy", flat)
+        metrics.write(rec)
+        evals += 1
+
+    try:
+        record(final=False)  # the starting point
+        while not trainer.done() and not stop.is_set():
+            last_loss = trainer.step()
+            node.step()
+            if trainer.evaluation_due() and not trainer.done():
+                record(final=False)
+        node.finish_training()
+        if not stop.is_set():
+            record(final=True)
+    except Exception:
+        log.exception("training failed")
+        stop.set()
+        raise
+
+
+async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> int:
+    """Run one node until its training ends and it is stopped (or, with exit_when_done, at once)."""
+    torch.set_num_threads(max(1, opts.threads))
+    tune_malloc()
+    ds = load_dataset(train.dataset, seed=train.seed)
+    model = build_model(train.model, ds.input_shape, ds.num_classes, seed=train.seed)
+    if config.rank >= 0 and config.world_size > 0:
+        x, y = node_data(ds, config.rank, config.world_size, train.partition, seed=train.seed)
+    else:
+        x, y = ds.x_train, ds.y_train
+    # Everything slow (imports, the optimizer's first construction) happens before
+    # the node serves: a blocked event loop would stall the peers' exchanges.
+    trainer = LocalTrainer(model, x, y, train, seed=train.seed * 7919 + max(config.rank, 0))
+    evaluate(model, ds.x_test[:1], ds.y_test[:1])
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    node = await Node.create(model, config, seed=train.seed * 7919 + max(config.rank, 0))
+    label = str(config.rank) if config.rank >= 0 else node.node_id
+    metrics = _Metrics(opts.metrics, label)
+    stop_training = threading.Event()
+    try:
+        if opts.ready_file:
+            _write_atomic(
+                Path(opts.ready_file), json.dumps({"address": node.address, "node_id": node.node_id})
+            )
+        log.info(
+            "node %s: %d training samples, %d steps, model %s with %d parameters",
+            node.node_id,
+            len(x),
+            trainer.total_steps,
+            train.model,
+            node.flat.numel,
+        )
+        if opts.wait_for > 1:
+            waiter = asyncio.ensure_future(node.wait_for_members(opts.wait_for, opts.wait_timeout))
+            stopper = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.result():
+                log.warning(
+                    "only some of the %d nodes showed up in %.0f s; training anyway",
+                    opts.wait_for,
+                    opts.wait_timeout,
+                )
+        if not stopping.is_set():
+            train_task = asyncio.ensure_future(
+                asyncio.to_thread(_train_thread, node, trainer, ds, metrics, opts, stop_training)
+            )
+            stopper = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait([train_task, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if not train_task.done():
+                stop_training.set()
+                await train_task
+            else:
+                stopper.cancel()
+                train_task.result()
+            log.info("node %s finished training at step %d", node.node_id, trainer.step_count)
+            if not opts.exit_when_done:
+                await stopping.wait()
+    finally:
+        stop_training.set()
+        await node.stop()
+        metrics.close()
+    return 0
+
+
+def describe_run(train: TrainConfig, config: NodeConfig) -> dict[str, Any]:
+    g = config.gossip
+    return {"train": asdict(train), "gossip": asdict(g), "rank": config.rank, "world_size": config.world_size}

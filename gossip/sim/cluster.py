@@ -1,0 +1,313 @@
+"""``gossip simulate``: N real node processes on loopback, then a summary.
+
+Each node is the same ``gossip node`` a practitioner runs on a machine of its
+own; the launcher only assigns ranks, starts rank 0 first (the seed the others
+join through), watches the metrics files for progress, stops every node once
+all have finished training, and turns what they wrote into metrics.jsonl,
+summary.json and plot.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gossip.config import GossipConfig
+from gossip.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SimulateConfig:
+    nodes: int = 8  # 8 processes share 2 cores fairly with one torch thread each
+    out: str | None = None  # default runs/<timestamp>
+    baseline: bool = False
+    threads: int = 1
+    host: str = "127.0.0.1"
+    start_timeout: float = 90.0  # slow imports on a loaded machine still start in time
+    run_timeout: float = 1800.0
+
+
+class SimulationError(RuntimeError):
+    """A node process failed; the message carries the tail of its log."""
+
+
+def _node_command(
+    rank: int, sim: SimulateConfig, train: TrainConfig, gossip: GossipConfig, out: Path, seed: str | None
+) -> list[str]:
+    knobs: dict[str, Any] = {**asdict(train), **asdict(gossip)}
+    cmd = [sys.executable, "-m", "gossip", "node", "--listen", f"{sim.host}:0"]
+    if seed:
+        cmd += ["--peers", seed]
+    cmd += ["--rank", str(rank), "--world-size", str(sim.nodes), "--wait-for", str(sim.nodes)]
+    cmd += ["--node-id", f"node{rank}", "--threads", str(sim.threads)]
+    cmd += ["--metrics", str(out / "nodes" / f"{rank}.jsonl")]
+    cmd += ["--dump-params", str(out / "params" / str(rank))]
+    cmd += ["--ready-file", str(out / "nodes" / f"{rank}.ready")]
+    for key in (
+        "dataset",
+        "model",
+        "partition",
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "seed",
+        "eval_every",
+    ):
+        cmd += ["--" + key.replace("_", "-"), str(knobs[key])]
+    for key in (
+        "topology",
+        "strategy",
+        "gossip_every",
+        "max_lag",
+        "codec",
+        "chunk_bytes",
+        "exchange_timeout",
+    ):
+        cmd += ["--" + key.replace("_", "-"), str(knobs[key])]
+    return cmd
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        with path.open() as fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a line being written right now
+    except FileNotFoundError:
+        pass
+    return out
+
+
+class _Cluster:
+    def __init__(self, sim: SimulateConfig, train: TrainConfig, gossip: GossipConfig, out: Path) -> None:
+        self.sim, self.train, self.gossip, self.out = sim, train, gossip, out
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.logs: dict[int, Any] = {}
+
+    def start(self, rank: int, seed: str | None) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.sim.threads), MKL_NUM_THREADS=str(self.sim.threads))
+        log_path = self.out / "nodes" / f"{rank}.log"
+        fh = log_path.open("wb")
+        self.logs[rank] = fh
+        cmd = _node_command(rank, self.sim, self.train, self.gossip, self.out, seed)
+        self.procs[rank] = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+
+    def check_alive(self) -> None:
+        for rank, p in self.procs.items():
+            code = p.poll()
+            if code is not None:
+                raise SimulationError(
+                    f"node {rank} exited with code {code}; last lines of {self.out / 'nodes' / f'{rank}.log'}:\n"
+                    + _tail(self.out / "nodes" / f"{rank}.log")
+                )
+
+    def wait_ready(self, rank: int, timeout: float) -> str:
+        path = self.out / "nodes" / f"{rank}.ready"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                return str(json.loads(path.read_text())["address"])
+            self.check_alive()
+            time.sleep(0.05)
+        raise SimulationError(
+            f"node {rank} did not start within {timeout:.0f} s:\n" + _tail(self.out / "nodes" / f"{rank}.log")
+        )
+
+    def stop(self, grace: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for rank, p in self.procs.items():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("node %d did not stop in time; killing it", rank)
+                p.kill()
+                p.wait()
+        for fh in self.logs.values():
+            fh.close()
+
+
+def run_cluster(
+    train: TrainConfig, gossip: GossipConfig, sim: SimulateConfig, out: Path, progress: Progress | None = None
+) -> dict[int, list[dict[str, Any]]]:
+    """Start the nodes, wait until every one finished training, stop them; returns per-rank metrics."""
+    (out / "nodes").mkdir(parents=True, exist_ok=True)
+    cluster = _Cluster(sim, train, gossip, out)
+    try:
+        cluster.start(0, None)
+        seed = cluster.wait_ready(0, sim.start_timeout)
+        for rank in range(1, sim.nodes):
+            cluster.start(rank, seed)
+        deadline = time.monotonic() + sim.run_timeout
+        while True:
+            cluster.check_alive()
+            records = {r: _read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes)}
+            finished = sum(1 for recs in records.values() if recs and recs[-1].get("final"))
+            if progress is not None:
+                epochs = [recs[-1]["epoch"] for recs in records.values() if recs]
+                done = (sum(epochs) / (sim.nodes * train.epochs)) if epochs else 0.0
+                accs = [recs[-1]["accuracy"] for recs in records.values() if recs]
+                text = f"{finished}/{sim.nodes} done"
+                if accs:
+                    text += f", mean accuracy {sum(accs) / len(accs):.3f}"
+                progress(min(done, 1.0), text)
+            if finished == sim.nodes:
+                return records
+            if time.monotonic() > deadline:
+                raise SimulationError(f"the run did not finish within {sim.run_timeout:.0f} s")
+            time.sleep(0.25)
+    finally:
+        cluster.stop()
+
+
+def consensus_by_eval(out: Path, nodes: int) -> dict[int, dict[int, float]]:
+    """eval index -> {rank: ||x_rank - mean||^2} over the nodes that reached that evaluation."""
+    result: dict[int, dict[int, float]] = {}
+    files: dict[int, dict[int, Path]] = {}
+    for r in range(nodes):
+        for f in sorted((out / "params" / str(r)).glob("eval*.npy")):
+            files.setdefault(int(f.stem[4:]), {})[r] = f
+    for k, by_rank in sorted(files.items()):
+        xs = {r: np.load(f) for r, f in by_rank.items()}
+        mean = np.mean(np.stack(list(xs.values())), axis=0)
+        result[k] = {r: float(np.sum((x - mean) ** 2)) for r, x in xs.items()}
+    return result
+
+
+def summarize(
+    records: dict[int, list[dict[str, Any]]],
+    distances: dict[int, dict[int, float]],
+    train: TrainConfig,
+    gossip: GossipConfig,
+    sim: SimulateConfig,
+    wall: float,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    merged: list[dict[str, Any]] = []
+    for rank, recs in records.items():
+        for rec in recs:
+            d = distances.get(int(rec.get("eval", -1)), {}).get(rank)
+            merged.append({**rec, "node": rank, "consensus_distance": d})
+    merged.sort(key=lambda r: (r["time"], r["node"]))
+    finals = {rank: recs[-1] for rank, recs in records.items()}
+    # The final consensus distance: every node's model as it finished training.
+    accs = [float(finals[r]["accuracy"]) for r in sorted(finals)]
+    last_eval = {r: int(finals[r]["eval"]) for r in finals}
+    final_d: dict[int, float] = {}
+    if all(last_eval[r] in distances and r in distances[last_eval[r]] for r in finals):
+        common = set(last_eval.values())
+        if len(common) == 1:
+            final_d = distances[common.pop()]
+    summary: dict[str, Any] = {
+        "nodes": sim.nodes,
+        "topology": gossip.topology,
+        "strategy": gossip.strategy,
+        "accuracies": accs,
+        "mean_accuracy": float(np.mean(accs)),
+        "min_accuracy": float(np.min(accs)),
+        "consensus_distance": float(np.mean(list(final_d.values()))) if final_d else None,
+        "bytes_sent": int(sum(int(finals[r]["bytes_sent"]) for r in finals)),
+        "bytes_sent_per_node": [int(finals[r]["bytes_sent"]) for r in sorted(finals)],
+        "exchanges": [int(finals[r].get("exchanges", 0)) for r in sorted(finals)],
+        "steps": [int(finals[r]["step"]) for r in sorted(finals)],
+        "wall_seconds": round(wall, 2),
+        "config": {"train": asdict(train), "gossip": asdict(gossip), "simulate": asdict(sim)},
+    }
+    return summary, merged
+
+
+def plot(merged: list[dict[str, Any]], nodes: int, path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    for r in range(nodes):
+        recs = [m for m in merged if m["node"] == r]
+        ax1.plot([m["time"] for m in recs], [m["accuracy"] for m in recs], lw=1, label=f"node {r}")
+        pts = [(m["time"], m["consensus_distance"]) for m in recs if m.get("consensus_distance")]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), lw=1, label=f"node {r}")
+    ax1.set_xlabel("seconds since the node started training")
+    ax1.set_ylabel("test accuracy")
+    ax1.set_ylim(0, 1)
+    ax1.grid(alpha=0.3)
+    ax2.set_xlabel("seconds since the node started training")
+    ax2.set_ylabel("squared distance from the average model")
+    ax2.set_yscale("log")
+    ax2.grid(alpha=0.3)
+    if nodes <= 16:
+        ax1.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+
+
+def run_simulation(
+    train: TrainConfig,
+    gossip: GossipConfig,
+    sim: SimulateConfig,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the whole thing; returns the summary (also written to ``out/summary.json``)."""
+    out = Path(sim.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    records = run_cluster(train, gossip, sim, out, progress)
+    wall = time.monotonic() - t0
+    distances = consensus_by_eval(out, sim.nodes)
+    summary, merged = summarize(records, distances, train, gossip, sim, wall)
+    if sim.baseline:
+        from gossip.data import load_dataset
+        from gossip.train import train_baseline
+
+        if progress is not None:
+            progress(1.0, "training the centralised baseline")
+        ds = load_dataset(train.dataset, seed=train.seed)
+        _, _, acc = train_baseline(ds, train)
+        summary["baseline_accuracy"] = acc
+        summary["gap"] = acc - summary["mean_accuracy"]
+    summary["out"] = str(out)
+    with (out / "metrics.jsonl").open("w") as fh:
+        for rec in merged:
+            fh.write(json.dumps(rec) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    title = f"{sim.nodes} nodes, {gossip.topology}, {gossip.strategy}, {train.model} on {train.dataset}"
+    plot(merged, sim.nodes, out / "plot.png", title)
+    if not all(math.isfinite(a) for a in summary["accuracies"]):
+        raise SimulationError("a node ended with a non-finite accuracy")
+    return summary

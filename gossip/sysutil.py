@@ -1,0 +1,44 @@
+"""Process-level tuning shared by node processes and benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+_done = False
+
+
+def tune_malloc() -> bool:
+    """Keep large buffers in the heap instead of mmap-ing and unmapping them per message.
+
+    glibc gives every block over 128 KiB back to the kernel on free, so each
+    1 MiB gRPC frame is page-faulted in anew; measured on a 2-core VM this made
+    a 1 MiB exchange 3x slower. With a 32 MiB mmap threshold and a lazy trim the
+    frames reuse warm memory. A no-op off glibc.
+    """
+    global _done
+    if _done or not sys.platform.startswith("linux"):
+        return _done
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+            and libc.mallopt(_M_TOP_PAD, 64 << 20)
+        )
+    except (OSError, AttributeError):
+        return False
+    _done = ok
+    if not ok:
+        log.debug("mallopt refused the settings; keeping the allocator's defaults")
+    return ok

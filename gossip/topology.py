@@ -1,0 +1,578 @@
+"""Communication graphs by name, their mixing matrices and spectral gaps.
+
+A topology turns ranks 0..n-1 into neighbourhoods. Every graph here is simple,
+undirected and connected, except one-peer exponential, which is directed and
+changes every round. The numbers computed here (|λ2|, the spectral gap) are what
+experiments are checked against, so they are computed exactly (dense
+eigenvalues or closed forms), never estimated by iteration.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+
+class TopologyError(ValueError):
+    """A topology spec or size that cannot be built; the message is one line."""
+
+
+TOPOLOGY_NAMES: tuple[str, ...] = (
+    "ring",
+    "torus",
+    "hypercube",
+    "exponential",
+    "one-peer-exponential",
+    "complete",
+    "star",
+    "random-regular",
+    "erdos-renyi",
+    "small-world",
+    "random",
+)
+
+# The accepted spellings, for help texts and error messages.
+TOPOLOGY_SPECS: tuple[str, ...] = (
+    *TOPOLOGY_NAMES[:7],
+    "random-regular:D",
+    "erdos-renyi:P",
+    "small-world[:K,P]",
+    "random",
+    "PATH.{edgelist,adjlist,graphml,gml}",
+)
+
+MIXING_RULES: tuple[str, ...] = ("metropolis", "uniform")
+
+
+def _read_gml(path: Path) -> nx.Graph:
+    try:
+        return nx.read_gml(path)
+    except nx.NetworkXError:
+        # Some nodes lack a 'label' attribute: fall back to the numeric GML ids.
+        return nx.read_gml(path, label=None)
+
+
+_READERS: dict[str, Any] = {
+    # data=False ignores extra columns such as weights instead of failing on them.
+    ".edgelist": lambda p: nx.read_edgelist(p, nodetype=str, data=False),
+    ".edges": lambda p: nx.read_edgelist(p, nodetype=str, data=False),
+    ".adjlist": lambda p: nx.read_adjlist(p, nodetype=str),
+    ".graphml": nx.read_graphml,
+    ".gml": _read_gml,
+}
+
+
+_RING_LIKE = frozenset({"ring", "exponential", "one-peer-exponential", "small-world", "complete", "random"})
+# Complete graphs are handled arithmetically: at thousands of nodes the networkx graph
+# alone takes seconds and hundreds of MiB, and nothing but graph() needs it.
+_COMPLETE = frozenset({"complete", "random"})
+_RANDOM = frozenset({"random-regular", "erdos-renyi", "small-world"})
+_SMALL_WORLD_DEFAULTS = (4.0, 0.1)
+# Random graphs are redrawn with seed, seed+1, ... until connected.
+_MAX_TRIES = 100
+
+
+def _ceil_log2(n: int) -> int:
+    return (n - 1).bit_length()
+
+
+def one_peer_exponential_partner(rank: int, n: int, t: int) -> int:
+    """The out-peer of ``rank`` at round ``t``: (rank + 2^(t mod ceil(log2 n))) mod n."""
+    return (rank + (1 << (t % max(1, _ceil_log2(n))))) % n
+
+
+def _one_peer_in_peer(rank: int, n: int, t: int) -> int:
+    return (rank - (1 << (t % max(1, _ceil_log2(n))))) % n
+
+
+def _number(text: str, kind: type[int] | type[float], spec: str) -> float:
+    try:
+        return float(kind(text))
+    except ValueError:
+        raise TopologyError(f"cannot read {text!r} in {spec!r} as {kind.__name__}") from None
+
+
+def _parse_spec(spec: str) -> tuple[str, tuple[float, ...]]:
+    """Split a spec into (name, numeric arguments); 'file' stands for a graph file."""
+    # The suffix first: file names may contain ':' (host:port.edgelist), names never end in one.
+    if Path(spec).suffix.lower() in _READERS:
+        return "file", ()
+    head, sep, tail = spec.strip().partition(":")
+    name = head.lower()
+    if name not in TOPOLOGY_NAMES:
+        raise TopologyError(f"unknown topology {spec!r}; expected one of {', '.join(TOPOLOGY_SPECS)}")
+    parts = [p.strip() for p in tail.split(",")] if sep else []
+    if name == "random-regular":
+        if len(parts) != 1:
+            raise TopologyError(f"random-regular needs one degree, e.g. random-regular:4, got {spec!r}")
+        return name, (_number(parts[0], int, spec),)
+    if name == "erdos-renyi":
+        if len(parts) != 1:
+            raise TopologyError(f"erdos-renyi needs one probability, e.g. erdos-renyi:0.3, got {spec!r}")
+        p = _number(parts[0], float, spec)
+        if not 0.0 < p <= 1.0:
+            raise TopologyError(f"erdos-renyi probability must be in (0, 1], got {p}")
+        return name, (p,)
+    if name == "small-world":
+        if len(parts) > 2:
+            raise TopologyError(f"small-world takes at most K,P, e.g. small-world:4,0.1, got {spec!r}")
+        k = _number(parts[0], int, spec) if parts else _SMALL_WORLD_DEFAULTS[0]
+        p = _number(parts[1], float, spec) if len(parts) == 2 else _SMALL_WORLD_DEFAULTS[1]
+        if not 0.0 <= p <= 1.0:
+            raise TopologyError(f"small-world rewiring probability must be in [0, 1], got {p}")
+        return name, (k, p)
+    if sep:
+        raise TopologyError(f"{name} takes no parameters, got {spec!r}")
+    return name, ()
+
+
+def _torus_shape(n: int) -> tuple[int, int]:
+    """The closest factor pair a <= b of n, both at least 3 (smaller sides give multi-edges)."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    if a < 3:
+        # a is the largest divisor <= sqrt(n), so no other factorisation can work either.
+        def ok(m: int) -> bool:
+            return max(d for d in range(1, math.isqrt(m) + 1) if m % d == 0) >= 3
+
+        below = next((m for m in range(n - 1, 8, -1) if ok(m)), None)
+        above = next(m for m in range(max(n + 1, 9), 2 * n + 10) if ok(m))
+        hint = f"{below} or {above}" if below else str(above)
+        raise TopologyError(f"torus needs n = a*b with a, b >= 3, got {n}; try {hint}")
+    return a, n // a
+
+
+def _check_size(name: str, args: tuple[float, ...], n: int) -> None:
+    if name == "torus":
+        _torus_shape(n)
+    elif name == "hypercube" and n & (n - 1):
+        low = 1 << (n.bit_length() - 1)
+        raise TopologyError(
+            f"hypercube needs a power-of-two number of nodes, got {n}; try {low} or {2 * low}"
+        )
+    elif name == "random-regular":
+        d = int(args[0])
+        if not 1 <= d < n:
+            raise TopologyError(f"random-regular:{d} needs 1 <= D < n, got n={n}")
+        if n * d % 2:
+            raise TopologyError(f"random-regular:{d} needs n*D even, got n={n}")
+    elif name == "small-world":
+        k = int(args[0])
+        if k < 2 or k % 2 or k >= n:
+            raise TopologyError(f"small-world:{k} needs an even K with 2 <= K < n, got n={n}")
+
+
+def _simple_graph(n: int, edges: Any) -> nx.Graph:
+    """A graph on ranks 0..n-1 in order, without self-loops, so rows of W follow ranks."""
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from((u, v) for u, v in edges if u != v)
+    return g
+
+
+def _retry_connected(make: Any, what: str, n: int, seed: int, hint: str) -> nx.Graph:
+    for s in range(seed, seed + _MAX_TRIES):
+        g = make(s)
+        if nx.is_connected(g):
+            return g
+    raise TopologyError(
+        f"{what} on {n} nodes stayed disconnected for seeds {seed}..{seed + _MAX_TRIES - 1}; {hint}"
+    )
+
+
+def _build(name: str, args: tuple[float, ...], n: int, seed: int) -> nx.Graph:
+    if name == "ring":
+        edges: Any = [(i, (i + 1) % n) for i in range(n)]
+    elif name == "torus":
+        a, b = _torus_shape(n)
+        edges = [(r * b + c, r * b + (c + 1) % b) for r in range(a) for c in range(b)]
+        edges += [(r * b + c, ((r + 1) % a) * b + c) for r in range(a) for c in range(b)]
+    elif name == "hypercube":
+        edges = [(i, i ^ (1 << j)) for i in range(n) for j in range(n.bit_length() - 1)]
+    elif name == "exponential":
+        edges = [(i, (i + (1 << k)) % n) for i in range(n) for k in range(_ceil_log2(n))]
+    elif name in ("complete", "random"):
+        edges = nx.complete_graph(n).edges
+    elif name == "star":
+        edges = [(0, i) for i in range(1, n)]
+    elif name == "random-regular":
+        d = int(args[0])
+        edges = _retry_connected(
+            lambda s: nx.random_regular_graph(d, n, seed=s),
+            f"random-regular:{d}",
+            n,
+            seed,
+            "use D >= 3",
+        ).edges
+    elif name == "erdos-renyi":
+        p = args[0]
+        hint = f"raise P above ln(n)/n = {np.log(max(n, 2)) / n:.3g}"
+        edges = _retry_connected(
+            lambda s: nx.gnp_random_graph(n, p, seed=s), f"erdos-renyi:{p}", n, seed, hint
+        ).edges
+    elif name == "small-world":
+        k, p = int(args[0]), args[1]
+        try:
+            edges = nx.connected_watts_strogatz_graph(n, k, p, tries=_MAX_TRIES, seed=seed).edges
+        except nx.NetworkXError as e:
+            raise TopologyError(f"small-world:{k},{p} on {n} nodes: {e}") from None
+    else:
+        raise AssertionError(f"no builder for {name}")
+    return _simple_graph(n, edges)
+
+
+def _label_key(label: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    # Natural order, so "node-2" comes before "node-10" and numeric labels sort as numbers.
+    parts = re.split(r"(\d+)", label)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p), label
+
+
+def _read_graph_file(path: str, n: int | None) -> tuple[nx.Graph, tuple[str, ...]]:
+    p = Path(path)
+    if not p.is_file():
+        raise TopologyError(f"graph file {path} not found")
+    try:
+        raw = _READERS[p.suffix.lower()](p)
+    except (OSError, nx.NetworkXError, ValueError, TypeError, KeyError) as e:
+        raise TopologyError(f"cannot read graph file {path}: {e}") from None
+    names = {v: str(v) for v in raw}
+    labels = tuple(sorted(set(names.values()), key=_label_key))
+    if len(labels) != len(names):
+        raise TopologyError(f"graph file {path} has nodes whose labels collide as strings")
+    if not labels:
+        raise TopologyError(f"graph file {path} has no nodes")
+    rank = {lab: i for i, lab in enumerate(labels)}
+    g = _simple_graph(len(labels), ((rank[names[u]], rank[names[v]]) for u, v in raw.edges()))
+    if not nx.is_connected(g):
+        parts = nx.number_connected_components(g)
+        raise TopologyError(f"graph file {path} is not connected ({parts} components)")
+    if n is not None and n != len(labels):
+        raise TopologyError(f"graph file {path} has {len(labels)} nodes, but n={n} was given")
+    return g, labels
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A named graph on ranks 0..n-1; build it with :meth:`parse`.
+
+    ``ring`` on 2 nodes is the single edge 0-1 (a simple graph has no double
+    edge), which mixes like ``complete``; on 1 node every graph is a single node.
+    ``random`` has the complete graph's semantics: any alive member is a
+    neighbour, and its mixing matrix is the complete graph's.
+    """
+
+    spec: str
+    n: int
+    seed: int = 0
+    # Graphs and matrices are built lazily and kept; compare=False keeps equality and hash on the fields.
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            n = operator.index(self.n)
+        except TypeError:
+            raise TopologyError(f"number of nodes must be an integer, got {self.n!r}") from None
+        if isinstance(self.n, bool) or n < 1:
+            raise TopologyError(f"number of nodes must be at least 1, got {self.n!r}")
+        object.__setattr__(self, "n", n)
+        name, args = _parse_spec(self.spec)
+        if name != "file":
+            _check_size(name, args, n)
+        self._cache["spec"] = (name, args)
+
+    @classmethod
+    def parse(cls, spec: str, n: int | None, seed: int = 0) -> Topology:
+        """Validate ``spec`` and ``n`` and build the graph; ``n`` may be None only for a graph file."""
+        name, _ = _parse_spec(spec)
+        if name == "file":
+            g, labels = _read_graph_file(spec, n)
+            top = cls(spec, g.number_of_nodes(), seed)
+            top._cache["labels"] = labels
+            top._cache["static"] = nx.freeze(g)
+            return top
+        if n is None:
+            raise TopologyError(f"topology {spec!r} needs a number of nodes")
+        top = cls(spec, n, seed)
+        if name in _RANDOM:
+            # Built now so that a disconnected random graph fails here, not mid-run.
+            top.graph()
+        return top
+
+    @property
+    def name(self) -> str:
+        """The base name ('ring', 'random-regular', ...), or 'file' for a graph file."""
+        return str(self._cache["spec"][0])
+
+    @property
+    def time_varying(self) -> bool:
+        return self.name == "one-peer-exponential"
+
+    @property
+    def directed(self) -> bool:
+        return self.name == "one-peer-exponential"
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        """Node labels of a graph file in rank order (natural sort order); None otherwise."""
+        if self.name != "file":
+            return None
+        self._static()
+        labels: tuple[str, ...] = self._cache["labels"]
+        return labels
+
+    def period(self) -> int:
+        """Rounds after which the graph sequence repeats."""
+        return max(1, _ceil_log2(self.n)) if self.time_varying else 1
+
+    def _static(self) -> nx.Graph:
+        if "static" not in self._cache:
+            name, args = self._cache["spec"]
+            if name == "file":
+                g, self._cache["labels"] = _read_graph_file(self.spec, self.n)
+            elif name == "one-peer-exponential":
+                g = _simple_graph(self.n, [])
+            else:
+                g = _build(name, args, self.n, self.seed)
+            self._cache["static"] = nx.freeze(g)
+        return self._cache["static"]
+
+    def graph(self, t: int = 0) -> nx.Graph | nx.DiGraph:
+        """The (frozen) graph used at round ``t``, with ranks as node ids."""
+        if not self.time_varying:
+            return self._static()
+        key = ("graph", t % self.period())
+        if key not in self._cache:
+            g = nx.DiGraph()
+            g.add_nodes_from(range(self.n))
+            if self.n > 1:
+                g.add_edges_from((i, one_peer_exponential_partner(i, self.n, t)) for i in range(self.n))
+            self._cache[key] = nx.freeze(g)
+        return self._cache[key]
+
+    def union_graph(self) -> nx.Graph:
+        """The undirected union of the graphs over one period."""
+        if not self.time_varying:
+            return self._static()
+        edges = [e for t in range(self.period()) for e in self.graph(t).edges]
+        return _simple_graph(self.n, edges)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.n:
+            raise TopologyError(f"rank {rank} out of range for {self.n} nodes")
+
+    def neighbors(self, rank: int, t: int = 0) -> list[int]:
+        """Ranks ``rank`` talks to at round ``t``; for one-peer exponential both its out- and in-peer."""
+        self._check_rank(rank)
+        if self.time_varying:
+            peers = {one_peer_exponential_partner(rank, self.n, t), _one_peer_in_peer(rank, self.n, t)}
+            return sorted(peers - {rank})
+        if self.name in _COMPLETE:
+            return [*range(rank), *range(rank + 1, self.n)]
+        if "adj" not in self._cache:
+            g = self._static()
+            self._cache["adj"] = [sorted(g.adj[i]) for i in range(self.n)]
+        return list(self._cache["adj"][rank])
+
+    def out_neighbors(self, rank: int, t: int = 0) -> list[int]:
+        """Ranks ``rank`` may push to at round ``t`` (push-sum); the neighbours on undirected graphs."""
+        if not self.time_varying:
+            return self.neighbors(rank, t)
+        self._check_rank(rank)
+        return [one_peer_exponential_partner(rank, self.n, t)] if self.n > 1 else []
+
+    def mixing_matrix(self, t: int = 0, rule: str = "metropolis") -> np.ndarray:
+        """The n x n float64 mixing matrix W of round ``t``: x <- W x averages one round.
+
+        Undirected graphs give a symmetric doubly stochastic W by ``rule``. One-peer
+        exponential ignores ``rule``: W_t = (I + P_t)/2, where row i takes half of
+        its in-peer's value; it is circulant and doubly stochastic.
+        """
+        if rule not in MIXING_RULES:
+            raise TopologyError(f"unknown mixing rule {rule!r}; expected one of {', '.join(MIXING_RULES)}")
+        key = ("w", rule if not self.time_varying else "one-peer", t % self.period())
+        if key not in self._cache:
+            if self.time_varying:
+                w = 0.5 * np.eye(self.n)
+                rows = np.arange(self.n)
+                cols = np.array([_one_peer_in_peer(i, self.n, t) for i in range(self.n)])
+                np.add.at(w, (rows, cols), 0.5)
+            elif self.name in _COMPLETE:
+                # Both rules give 1/n everywhere; written directly so it is exact.
+                w = np.full((self.n, self.n), 1.0 / self.n)
+            elif rule == "metropolis":
+                w = metropolis_hastings(self._static())
+            else:
+                w = uniform_weights(self._static())
+            self._cache[key] = w
+        # A copy: callers (the simulator) may scale or cast it in place.
+        return np.array(self._cache[key])
+
+
+def _edge_index(g: nx.Graph) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    if g.is_directed():
+        raise TopologyError("mixing weights need an undirected graph")
+    index = {v: i for i, v in enumerate(g)}
+    edges = nx.Graph(g).edges if g.is_multigraph() else g.edges
+    pairs = np.array([(index[u], index[v]) for u, v in edges if u != v], dtype=np.int64)
+    pairs = pairs.reshape(-1, 2)
+    u, v = pairs[:, 0], pairs[:, 1]
+    deg = np.bincount(u, minlength=len(index)) + np.bincount(v, minlength=len(index))
+    return len(index), u, v, deg
+
+
+def _from_edge_weights(n: int, u: np.ndarray, v: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    w = np.zeros((n, n))
+    w[u, v] = weights
+    w[v, u] = weights
+    w[np.diag_indices(n)] = 1.0 - w.sum(axis=1)
+    return w
+
+
+def metropolis_hastings(g: nx.Graph) -> np.ndarray:
+    """Metropolis-Hastings weights: W_ij = 1/(1 + max(d_i, d_j)) on edges, W_ii = 1 - row sum.
+
+    Rows follow ``g``'s node order (ranks for Topology graphs); self-loops are ignored.
+    """
+    n, u, v, deg = _edge_index(g)
+    return _from_edge_weights(n, u, v, 1.0 / (1.0 + np.maximum(deg[u], deg[v])))
+
+
+def uniform_weights(g: nx.Graph) -> np.ndarray:
+    """Max-degree weights: W_ij = 1/(1 + d_max) on edges, W_ii = 1 - d_i/(1 + d_max).
+
+    The +1 keeps every W_ii positive, so W is aperiodic even on bipartite regular
+    graphs (an even ring), where 1/d_max would leave an eigenvalue at -1.
+    """
+    n, u, v, deg = _edge_index(g)
+    d_max = int(deg.max()) if n else 0
+    return _from_edge_weights(n, u, v, np.full(len(u), 1.0 / (1.0 + d_max)))
+
+
+def second_eigenvalue(w: np.ndarray) -> float:
+    """|λ2| of a mixing matrix, the per-round contraction factor of gossip averaging.
+
+    For a symmetric W: the second largest eigenvalue magnitude. For a non-symmetric
+    W: the spectral norm of W - 11^T/n, which bounds the contraction of the
+    disagreement per round (eigenvalues alone do not); for normal matrices such as
+    the circulant one-peer exponential W the two agree.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    n = w.shape[0]
+    if n < 2:
+        return 0.0
+    if np.allclose(w, w.T, rtol=0.0, atol=1e-12):
+        mags = np.sort(np.abs(np.linalg.eigvalsh((w + w.T) / 2)))
+        return float(mags[-2])
+    return float(np.linalg.norm(w - 1.0 / n, ord=2))
+
+
+def spectral_gap(w: np.ndarray) -> float:
+    """1 - |λ2|; zero for a disconnected graph."""
+    return 1.0 - second_eigenvalue(w)
+
+
+def _diameter(g: nx.Graph) -> int:
+    """Exact diameter by breadth-first search from every node, in scipy's C code."""
+    from scipy.sparse.csgraph import shortest_path
+
+    n = g.number_of_nodes()
+    if n < 2:
+        return 0
+    adj = nx.to_scipy_sparse_array(g, nodelist=range(n), format="csr")
+    # Sources in chunks keep the distance block near 4M entries on large graphs.
+    step = max(1, (1 << 22) // n)
+    return max(
+        int(shortest_path(adj, directed=False, unweighted=True, indices=range(i, min(i + step, n))).max())
+        for i in range(0, n, step)
+    )
+
+
+def _one_peer_rate(n: int) -> float:
+    """Per-round contraction of one-peer exponential over a period, from its Fourier modes.
+
+    Every W_t is circulant, so the period product is too and is diagonal in the
+    Fourier basis: mode k shrinks by prod_s |cos(pi * k * 2^s / n)|. Modular
+    integers keep the product exactly 0 where the theory says so (n = 2^k);
+    cos(pi/2) in floating point is 6e-17, not 0.
+    """
+    tau = max(1, _ceil_log2(n))
+    k = np.arange(1, n, dtype=np.int64)
+    factor = np.ones(n - 1)
+    for s in range(tau):
+        m = (k << s) % n
+        factor *= np.where(2 * m == n, 0.0, np.abs(np.cos(np.pi * m / n)))
+    return float(factor.max() ** (1.0 / tau)) if n > 1 else 0.0
+
+
+def describe(top: Topology, rule: str = "metropolis") -> dict[str, float | int | str]:
+    """Summary numbers of a topology, as experiments report them.
+
+    Edges, degrees and diameter are of the union graph over one period. For
+    one-peer exponential, lambda2 is the per-round factor over a period,
+    ||W_{τ-1}...W_0 - 11^T/n||^(1/τ) (zero on 2^k nodes), and rule is 'one-peer'.
+    """
+    n = top.n
+    if top.name in _COMPLETE:
+        edges, degrees, diameter = n * (n - 1) // 2, [n - 1], min(1, n - 1)
+    else:
+        g = top.union_graph()
+        edges, degrees, diameter = g.number_of_edges(), [d for _, d in g.degree()], _diameter(g)
+    if top.time_varying:
+        lam, rule = _one_peer_rate(n), "one-peer"
+    else:
+        lam = second_eigenvalue(top.mixing_matrix(0, rule))
+    return {
+        "topology": top.name,
+        "spec": top.spec,
+        "nodes": n,
+        "edges": edges,
+        "degree_min": min(degrees),
+        "degree_max": max(degrees),
+        "diameter": diameter,
+        "period": top.period(),
+        "lambda2": lam,
+        "spectral_gap": 1.0 - lam,
+        "rule": rule,
+    }
+
+
+def draw(top: Topology, path: str) -> None:
+    """Save a PNG drawing: a circle for ring-like graphs, a spring layout otherwise.
+
+    Rendered on a bare Agg canvas (no pyplot), so it changes no global backend and
+    is safe off the main thread.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if top.time_varying:
+        g: nx.Graph = nx.DiGraph()
+        g.add_nodes_from(range(top.n))
+        g.add_edges_from(e for t in range(top.period()) for e in top.graph(t).edges)
+    else:
+        g = top.graph()
+    pos = nx.circular_layout(g) if top.name in _RING_LIKE else nx.spring_layout(g, seed=top.seed)
+    labels = dict(enumerate(top.labels)) if top.labels else None
+    fig = Figure(figsize=(6, 6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    small = top.n <= 64
+    nx.draw_networkx(
+        g,
+        pos,
+        ax=ax,
+        with_labels=small,
+        labels=labels if small else None,
+        node_size=300 if small else 30,
+        font_size=8,
+        arrows=top.directed,
+    )
+    ax.set_title(f"{top.spec} (n={top.n})")
+    ax.set_axis_off()
+    fig.savefig(path, format="png", dpi=100)

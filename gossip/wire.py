@@ -1,0 +1,216 @@
+"""Protobuf at the edge: every conversion between messages and plain values.
+
+Nothing that does maths imports ``gossip_pb2``; it gets dataclasses from here.
+Chunk frames are encoded by hand (a ``Frame`` whose ``chunk`` field is set is
+just a tag, a varint length and the bytes), so a payload crosses from the
+parameter buffer to the socket with one copy and back with one copy, while the
+bytes stay a valid ``gossip.proto.Frame`` for any other implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from gossip.proto import gossip_pb2 as pb
+
+CODEC_TO_PB = {"raw": pb.CODEC_RAW, "fp16": pb.CODEC_FP16, "bf16": pb.CODEC_BF16}
+CODEC_FROM_PB = {v: k for k, v in CODEC_TO_PB.items()}
+
+_HEADER_TAG = 0x0A  # field 1, length-delimited
+_CHUNK_TAG = 0x12  # field 2, length-delimited
+
+# Upper bound on one frame (chunk plus framing); the channel limits are set from it.
+MAX_CHUNK_BYTES = 4 << 20
+MAX_FRAME_BYTES = MAX_CHUNK_BYTES + 64
+MAX_HEADER_BYTES = 4096
+
+
+class WireError(ValueError):
+    """A message that does not decode into what the protocol allows."""
+
+
+@dataclass(frozen=True)
+class Header:
+    fingerprint: bytes
+    sender: str
+    step: int
+    codec: str
+    total_bytes: int
+    weight: float = 1.0
+    chunk_bytes: int = 0
+    outcome: str = ""  # "", "accepted" or "busy"; set only in replies
+
+
+_OUTCOME_TO_PB = {"": pb.OUTCOME_UNSPECIFIED, "accepted": pb.OUTCOME_ACCEPTED, "busy": pb.OUTCOME_BUSY}
+_OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
+
+
+def header_to_frame(h: Header) -> bytes:
+    msg = pb.Frame(
+        header=pb.Header(
+            fingerprint=h.fingerprint,
+            sender=h.sender,
+            step=h.step,
+            codec=CODEC_TO_PB[h.codec],
+            total_bytes=h.total_bytes,
+            weight=h.weight,
+            chunk_bytes=h.chunk_bytes,
+            outcome=_OUTCOME_TO_PB[h.outcome],
+        )
+    )
+    return msg.SerializeToString()
+
+
+def header_from_frame(data: bytes) -> Header:
+    if len(data) > MAX_HEADER_BYTES:
+        raise WireError(f"header frame of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    msg = pb.Frame()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError(f"malformed frame: {exc}") from None
+    if msg.WhichOneof("body") != "header":
+        raise WireError("expected a header frame first")
+    h = msg.header
+    if h.codec not in CODEC_FROM_PB:
+        raise WireError(f"unknown codec {h.codec}")
+    if h.outcome not in _OUTCOME_FROM_PB:
+        raise WireError(f"unknown outcome {h.outcome}")
+    if not math.isfinite(h.weight) or h.weight < 0:
+        raise WireError(f"push-sum weight must be finite and non-negative, got {h.weight}")
+    if h.chunk_bytes > MAX_CHUNK_BYTES:
+        raise WireError(f"chunk size {h.chunk_bytes} exceeds {MAX_CHUNK_BYTES}")
+    return Header(
+        fingerprint=bytes(h.fingerprint),
+        sender=h.sender,
+        step=h.step,
+        codec=CODEC_FROM_PB[h.codec],
+        total_bytes=h.total_bytes,
+        weight=h.weight,
+        chunk_bytes=h.chunk_bytes,
+        outcome=_OUTCOME_FROM_PB[h.outcome],
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def chunk_frame(data: memoryview) -> bytes:
+    """``Frame(chunk=data)`` serialized, with the one copy gRPC needs (it takes ``bytes``)."""
+    return b"".join((bytes((_CHUNK_TAG,)), _varint(len(data)), data))
+
+
+def chunk_from_frame(data: bytes) -> memoryview:
+    """The chunk bytes of a chunk frame, as a view into ``data`` (no copy)."""
+    if not data or data[0] != _CHUNK_TAG:
+        raise WireError("expected a chunk frame")
+    n = 0
+    shift = 0
+    i = 1
+    while True:
+        if i >= len(data) or i > 10:
+            raise WireError("truncated chunk length")
+        b = data[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    if i + n != len(data):
+        raise WireError(f"chunk frame announces {n} bytes but carries {len(data) - i}")
+    if n > MAX_CHUNK_BYTES:
+        raise WireError(f"chunk of {n} bytes exceeds {MAX_CHUNK_BYTES}")
+    return memoryview(data)[i:]
+
+
+def iter_chunks(views: list[memoryview], chunk_bytes: int) -> list[memoryview]:
+    """Split byte views into chunks of at most ``chunk_bytes`` (views, no copies)."""
+    out: list[memoryview] = []
+    for v in views:
+        for start in range(0, len(v), chunk_bytes):
+            out.append(v[start : start + chunk_bytes])
+    return out
+
+
+# --- membership ----------------------------------------------------------------
+
+STATE_NAMES = {
+    pb.STATE_ALIVE: "alive",
+    pb.STATE_SUSPECT: "suspect",
+    pb.STATE_DEAD: "dead",
+    pb.STATE_LEFT: "left",
+}
+STATE_TO_PB = {v: k for k, v in STATE_NAMES.items()}
+
+MAX_MEMBERS = 4096  # members accepted in one table; bounds memory a peer can make us spend
+MAX_ID_CHARS = 128
+MAX_ADDRESS_CHARS = 270
+
+
+@dataclass
+class MemberRecord:
+    node_id: str
+    address: str
+    incarnation: int
+    heartbeat: int
+    state: str = "alive"
+    rank: int = -1
+    fingerprint: bytes = b""
+    meta: dict[str, float] = field(default_factory=dict)  # local only, never on the wire
+
+
+def member_to_pb(m: MemberRecord) -> pb.Member:
+    state = "left" if m.state == "left" else "alive"
+    return pb.Member(
+        node_id=m.node_id,
+        address=m.address,
+        incarnation=m.incarnation,
+        heartbeat=m.heartbeat,
+        state=STATE_TO_PB[state],
+        rank=m.rank,
+        fingerprint=m.fingerprint,
+    )
+
+
+def member_from_pb(m: pb.Member) -> MemberRecord:
+    if not m.node_id or len(m.node_id) > MAX_ID_CHARS:
+        raise WireError("member has an empty or over-long node_id")
+    if not m.address or len(m.address) > MAX_ADDRESS_CHARS or ":" not in m.address:
+        raise WireError(f"member {m.node_id!r} has an invalid address {m.address[:80]!r}")
+    if m.state not in (pb.STATE_ALIVE, pb.STATE_LEFT):
+        raise WireError(f"member {m.node_id!r} travels with state {m.state}, only alive or left may")
+    if m.rank < -1:
+        raise WireError(f"member {m.node_id!r} has rank {m.rank}")
+    return MemberRecord(
+        node_id=m.node_id,
+        address=m.address,
+        incarnation=m.incarnation,
+        heartbeat=m.heartbeat,
+        state=STATE_NAMES[m.state],
+        rank=m.rank,
+        fingerprint=bytes(m.fingerprint),
+    )
+
+
+def table_to_pb(sender: MemberRecord, members: list[MemberRecord]) -> pb.MemberTable:
+    return pb.MemberTable(sender=member_to_pb(sender), members=[member_to_pb(m) for m in members])
+
+
+def table_from_pb(msg: pb.MemberTable) -> tuple[MemberRecord, list[MemberRecord]]:
+    if len(msg.members) > MAX_MEMBERS:
+        raise WireError(f"member table of {len(msg.members)} entries exceeds {MAX_MEMBERS}")
+    if not msg.HasField("sender"):
+        raise WireError("member table without a sender")
+    return member_from_pb(msg.sender), [member_from_pb(m) for m in msg.members]
