@@ -174,7 +174,8 @@ def _check_arrays(
         raise DataError(f"dataset file {name}: {xkey!r} is empty")
     if y.min() < 0:
         raise DataError(f"dataset file {name}: {ykey!r} has negative labels; use 0..C-1")
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow becomes inf, rejected just below
+        x = x.astype(np.float32)
     # Checked after the cast: float64 values beyond float32's range become inf.
     if not np.isfinite(x).all():
         raise DataError(f"dataset file {name}: {xkey!r} has NaN or infinite values (as float32)")
@@ -189,19 +190,28 @@ def _standardise(x: np.ndarray, train: np.ndarray, std_floor: float) -> np.ndarr
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (train, test) indices with about ``test_fraction`` of each class in test."""
+    """Sorted (train, test) indices: ``round(N * test_fraction)`` in test, each class in proportion."""
     rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    # Largest-remainder rounding gives the exact total; a class never gives up
+    # its last sample, which must stay in train to be learnt.
+    quota = counts * test_fraction
+    n_test = np.minimum(np.floor(quota).astype(np.int64), counts - 1)
+    wanted = max(1, round(len(y) * test_fraction))
+    for c in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+        if n_test.sum() >= wanted:
+            break
+        if n_test[c] < counts[c] - 1:
+            n_test[c] += 1
     train: list[np.ndarray] = []
     test: list[np.ndarray] = []
-    for label in np.unique(y):
+    for label, k in zip(classes, n_test, strict=True):
         idx = rng.permutation(np.flatnonzero(y == label))
-        # A class with a single sample stays in train, where it can be learnt.
-        n_test = min(round(len(idx) * test_fraction), len(idx) - 1)
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
+        test.append(idx[:k])
+        train.append(idx[k:])
     train_idx, test_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
     if len(test_idx) == 0:
-        # Tiny datasets: move one sample over so there is something to score.
+        # Only single-sample classes: move one over so there is something to score.
         test_idx, train_idx = train_idx[-1:], train_idx[:-1]
     return train_idx, test_idx
 

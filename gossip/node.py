@@ -114,6 +114,11 @@ class Node:
         await node.start()
         return node
 
+    @classmethod
+    def around(cls, model: torch.nn.Module, config: NodeConfig | None = None, seed: int | None = None) -> Node:
+        """An unstarted node around ``model``; ``async with`` starts and stops it."""
+        return cls(FlatParams.bind(model), config, seed)
+
     async def __aenter__(self) -> Node:
         if self._server is None:
             await self.start()

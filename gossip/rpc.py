@@ -241,7 +241,8 @@ class PeerClient:
         except grpc.aio.AioRpcError as exc:
             raise PeerError(address, exc.code(), exc.details() or "") from None
         finally:
-            if sender is not None and not sender.done():
+            if sender is not None:
+                # Declined or failed: the peer ended the call, so pending writes fail; collect them.
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
             if not call.done():
