@@ -14,7 +14,7 @@ from gossip.data import load_dataset, node_data
 
 def train(node: gossip.BackgroundNode, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for epoch in range(10):
+    for _ in range(10):
         for i in range(0, len(x), 16):
             loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
             opt.zero_grad()

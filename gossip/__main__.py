@@ -1,5 +1,3 @@
-import sys
+from gossip.cli import run
 
-from gossip.cli import main
-
-sys.exit(main())
+run()

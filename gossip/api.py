@@ -37,7 +37,9 @@ class BackgroundNode:
     block) to leave the network.
     """
 
-    def __init__(self, model: torch.nn.Module, config: NodeConfig | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, config: NodeConfig | None = None, seed: int | None = None
+    ) -> None:
         self.flat = FlatParams.bind(model)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gossip-node", daemon=True)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "momentum": ("train", "SGD momentum"),
     "weight_decay": ("train", "L2 penalty"),
     "seed": ("train", "seed of the model init, the partition and the shuffling"),
+    "lr_schedule": ("train", "cosine (decay to zero over the run) or constant"),
     "eval_every": ("train", "epochs between evaluations (fractional allowed)"),
     "topology": (
         "gossip",
@@ -57,6 +59,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "threads": ("run", "torch threads"),
     "dump_params": ("run", "save flat parameters at every evaluation into this folder"),
     "ready_file": ("run", "write the bound address to this file once serving"),
+    "seed_file": ("run", "another node's --ready-file: wait for it, then join through that node"),
     "nodes": ("sim", "number of node processes"),
     "out": ("sim", "output folder (default runs/<timestamp>)"),
     "baseline": ("sim", "also train centrally on the union of the data and report the gap"),
@@ -82,6 +85,7 @@ def _defaults() -> dict[str, Any]:
         threads=1,
         dump_params="",
         ready_file="",
+        seed_file="",
         nodes=8,
         out="",
         baseline=False,
@@ -205,6 +209,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         metrics=v["metrics"] or None,
         dump_params=v["dump_params"] or None,
         ready_file=v["ready_file"] or None,
+        seed_file=v["seed_file"] or None,
         wait_for=v["wait_for"],
         exit_when_done=bool(v["exit_when_done"]),
         threads=v["threads"],
@@ -353,5 +358,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Console-script entry point.
+
+    A process that used grpc.aio spends seconds in gRPC's own shutdown at
+    interpreter exit (grpc/grpc#38679), and ``gossip simulate`` stops N of them
+    at once. Everything of ours is closed by the time ``main`` returns, so the
+    node and status commands flush and leave with ``os._exit``.
+    """
+    code = main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("node", "status"):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

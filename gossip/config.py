@@ -41,10 +41,11 @@ class GossipConfig:
     chunk_bytes: int = 1 << 20
     # Deadline of one exchange, plus payload / 20 MB/s: a dead peer costs one timeout.
     exchange_timeout: float = 5.0
-    # Busy neighbours tried before giving up until the next step.
-    busy_retries: int = 3
+    # Tries per exchange before giving up until the next step; a node stays free
+    # for incoming exchanges while it backs off, so most collisions still mix.
+    busy_retries: int = 6
     # Upper bound of the random back-off after a busy answer (seconds).
-    backoff: float = 0.02
+    backoff: float = 0.01
     # How long a peer that failed an exchange is left out of the picks (seconds).
     avoid_after_failure: float = 3.0
 
@@ -105,7 +106,7 @@ def check_address(addr: str, what: str) -> None:
     host, sep, port = addr.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what}: {addr!r} is not HOST:PORT")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what}: {addr!r} has an invalid port")
 
 

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from gossip.wire import MemberRecord
 
+# A leave ends an incarnation for good: its tombstone stands above every
+# heartbeat of that life, so only a restart (a newer incarnation) comes back.
+_LIFE_OVER = 1 << 64
+
 
 @dataclass(frozen=True)
 class MembershipConfig:
@@ -66,10 +70,10 @@ class Membership:
             cur = self.members.get(rec.node_id)
             if cur is not None:
                 cur_version = (cur.incarnation, cur.heartbeat)
-                # Only a newer version counts as a sign of life; an equal one may only say "left".
-                if version < cur_version:
-                    continue
-                if version == cur_version and not (rec.state == "left" and cur.state != "left"):
+                # Only a newer version counts as a sign of life. A leave of the current life
+                # wins whatever heartbeat it carries: its relay may have heard an older beat.
+                ends_life = rec.state == "left" and cur.state != "left" and rec.incarnation == cur.incarnation
+                if version <= cur_version and not ends_life:
                     continue
             if not self._replace_same_address(rec):
                 continue
@@ -78,7 +82,7 @@ class Membership:
                 rec.node_id, rec.address, rec.incarnation, rec.heartbeat, rec.state, rec.rank, rec.fingerprint
             )
             if rec.state == "left":
-                self._tombstones[rec.node_id] = version
+                self._tombstones[rec.node_id] = (rec.incarnation, _LIFE_OVER)
                 rec.meta["left_at"] = now
             self.members[rec.node_id] = rec
             self._seen[rec.node_id] = now
@@ -104,7 +108,7 @@ class Membership:
             return False
         m.state = "left"
         m.meta["left_at"] = self.clock()
-        self._tombstones[node_id] = (m.incarnation, m.heartbeat)
+        self._tombstones[node_id] = (m.incarnation, _LIFE_OVER)
         return True
 
     def sweep(self) -> list[str]:
@@ -134,7 +138,7 @@ class Membership:
         return max(0.0, self.clock() - self._seen.get(node_id, self.clock()))
 
     def alive(self) -> list[MemberRecord]:
-        """Members that may be picked: alive, or suspect but not yet dead (they still get a timeout's chance)."""
+        """Members that may be picked: alive only (not suspect, dead or left)."""
         return [m for m in self.members.values() if m.state == "alive"]
 
     def gossip_records(self) -> list[MemberRecord]:

@@ -302,24 +302,38 @@ class Node:
     # --- pairwise push-pull: caller -------------------------------------------------
 
     async def _initiate_pairwise(self) -> None:
+        """Find a free neighbour; between tries stay free for others, so collisions still mix."""
         g = self.config.gossip
         tried: set[str] = set()
-        done = False
+        holding = True  # this attempt holds the busy flag and owns _snap
         try:
             for _ in range(g.busy_retries):
                 peer = self._pick(tried)
                 if peer is None:
-                    break
+                    tried.clear()
+                    peer = self._pick(tried)
+                    if peer is None:
+                        break
                 tried.add(peer.node_id)
                 outcome = await self._exchange_with(peer)
                 if outcome == "ok":
-                    done = True
+                    holding = False  # the busy flag now belongs to the delivered delta
                     return
                 if outcome == "busy":
+                    # Back off *free*: a neighbour that picked us meanwhile gets its exchange.
+                    with self._lock:
+                        self._busy = False
+                    holding = False
                     await asyncio.sleep(self._rng.uniform(0, g.backoff))
+                    with self._lock:
+                        if self._busy or self.phase != "running":
+                            return  # someone exchanged with us: this step is mixed already
+                        self._busy = True
+                        self._snap.copy_(self.flat)
+                    holding = True
         finally:
             self._round += 1
-            if not done:
+            if holding:
                 with self._lock:
                     self._busy = False
             self._own_finished()
@@ -336,7 +350,23 @@ class Node:
             chunk_bytes=g.chunk_bytes,
         )
         chunks = wire.iter_chunks(encode(self._snap, codec), g.chunk_bytes)
-        receiver = PayloadReceiver(self.flat.layout, codec, out=self._recv)
+        snap, recv = list(self._snap), list(self._recv)
+
+        def to_delta(i: int, start: int, stop: int) -> None:
+            # (other - own) / 2 in place, chunk by chunk while it is in cache: exactly
+            # averaging.pairwise_delta, without a temporary or a second pass at the end.
+            other = recv[i][start:stop]
+            torch.sub(other, snap[i][start:stop], out=other).mul_(0.5)
+
+        # Every element is checked (length, finiteness) as it arrives, so the commit
+        # below, the close of our stream, happens only for an answer known to be good.
+        receiver = PayloadReceiver(
+            self.flat.layout,
+            codec,
+            out=self._recv,
+            check_finite=True,
+            on_ready=to_delta if codec == "raw" else None,
+        )
 
         async def on_header(data: bytes) -> bool:
             reply = wire.header_from_frame(data)
@@ -347,7 +377,10 @@ class Node:
 
         def on_chunk(data: bytes) -> bool:
             receiver.write(wire.chunk_from_frame(data))
-            return receiver.received == receiver.expected
+            if receiver.received < receiver.expected:
+                return False
+            receiver.finish()
+            return True
 
         try:
             ok = await self._client.exchange(
@@ -359,22 +392,25 @@ class Node:
         if not ok:
             self.stats.busy_replies += 1
             return "busy"
-        other = receiver.finish()
-        if not other.is_finite():
-            self._failed(peer, ValueError("answer holds non-finite values"))
-            return "failed"
         self.stats.bytes_out += header.total_bytes
         self.stats.bytes_in += receiver.received
         self.stats.exchanges_ok += 1
+        self._delta_ready = codec == "raw"
         self._commit_pairwise(codec)
         return "ok"
 
     def _commit_pairwise(self, codec: str) -> None:
-        """Turn the received snapshot into the delta (other - own) / 2 and deliver it."""
-        if codec != "raw":
-            _round_trip_codec_(self._snap, codec)
-        for own, other in zip(self._snap, self._recv, strict=True):
-            other.copy_(averaging.pairwise_delta(own, other))
+        """Turn the received snapshot into the delta (other - own) / 2 and deliver it.
+
+        A raw receive already turned ``_recv`` into the delta chunk by chunk (it then
+        sets ``_delta_ready``); otherwise the delta is computed here, in place.
+        """
+        if not getattr(self, "_delta_ready", False):
+            if codec != "raw":
+                _round_trip_codec_(self._snap, codec)
+            for own, other in zip(self._snap, self._recv, strict=True):
+                torch.sub(other, own, out=other).mul_(0.5)  # averaging.pairwise_delta, in place
+        self._delta_ready = False
 
         def apply() -> None:
             for x, d in zip(self.flat, self._recv, strict=True):
@@ -436,45 +472,69 @@ class Node:
             self.stats.exchanges_declined += 1
             await context.write(wire.header_to_frame(reply))
             return
-        committed = False
-        sender: asyncio.Task[None] | None = None
-        try:
+        codec = header.codec
+        snap, recv = list(self._snap), list(self._recv)
+
+        def to_delta(i: int, start: int, stop: int) -> None:
+            # (other - own) / 2 in place while the chunk is in cache (see _exchange_with).
+            other = recv[i][start:stop]
+            torch.sub(other, snap[i][start:stop], out=other).mul_(0.5)
+
+        receiver = PayloadReceiver(
+            self.flat.layout,
+            codec,
+            out=self._recv,
+            check_finite=True,
+            on_ready=to_delta if codec == "raw" else None,
+        )
+
+        async def serve() -> None:
             await context.write(wire.header_to_frame(reply))
-            chunks = wire.iter_chunks(encode(self._snap, header.codec), self.config.gossip.chunk_bytes)
-
-            async def send() -> None:
-                for c in chunks:
-                    await context.write(wire.chunk_frame(c))
-
-            sender = asyncio.create_task(send())
-            receiver = PayloadReceiver(self.flat.layout, header.codec, out=self._recv)
+            # The caller's whole payload first, checked chunk by chunk, then our answer:
+            # one direction at a time is faster than both at once on a small machine,
+            # and a bad payload is refused before we send anything.
+            _dup = rpc.EXPERIMENT.get(self.node_id, {}).get("duplex")  # XEXP
+            if _dup:  # XEXP
+                async def _snd() -> None:  # XEXP
+                    for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):  # XEXP
+                        await context.write(wire.chunk_frame(c))  # XEXP
+                _t = asyncio.create_task(_snd())  # XEXP
             while receiver.received < receiver.expected:
-                frame = await asyncio.wait_for(context.read(), timeout)
+                frame = await context.read()
                 if frame is grpc.aio.EOF:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "payload ended early")
                 try:
                     receiver.write(wire.chunk_from_frame(frame))
                 except (wire.WireError, LayoutError) as exc:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            await sender
-            if not receiver.finish().is_finite():
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "payload holds NaN or Inf")
+            try:
+                receiver.finish()
+            except LayoutError as exc:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            if _dup:  # XEXP
+                await _t  # XEXP
+            else:  # XEXP
+              for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):
+                await context.write(wire.chunk_frame(c))
             # The caller closes its side only after it read our whole answer: the commit.
-            if await asyncio.wait_for(context.read(), timeout) is not grpc.aio.EOF:
+            if await context.read() is not grpc.aio.EOF:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "payload longer than announced")
+
+        committed = False
+        try:
+            # One deadline for the whole exchange (the caller's, scaled to the payload).
+            await asyncio.wait_for(serve(), timeout)
             self.stats.bytes_in += receiver.received
             self.stats.bytes_out += header.total_bytes
             self.stats.exchanges_served += 1
             committed = True
-            self._commit_pairwise(header.codec)
+            self._delta_ready = codec == "raw"
+            self._commit_pairwise(codec)
         except _Reject as rej:
             await rej.abort(context, self.node_id)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "exchange stalled")
         finally:
-            if sender is not None and not sender.done():
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
             if not committed:
                 with self._lock:
                     self._busy = False

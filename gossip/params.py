@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -109,28 +110,44 @@ class Layout:
 
     @classmethod
     def from_json(cls, data: object) -> Layout:
-        if not isinstance(data, list):
-            raise LayoutError("layout must be a list of entries")
+        """Parse a layout that came from elsewhere (a manifest, a peer): every field is checked."""
+        if not isinstance(data, list) or not data:
+            raise LayoutError("layout must be a non-empty list of entries")
         entries = []
-        try:
-            for d in data:
-                dt = str(d["dtype"])
-                if dt not in DTYPES:
-                    raise LayoutError(f"unknown dtype {dt!r} in layout")
-                shape = tuple(int(s) for s in d["shape"])
-                if any(s < 0 for s in shape):
-                    raise LayoutError(f"negative dimension in layout entry {d['name']!r}")
-                entries.append(Entry(str(d["name"]), dt, shape, int(d["offset"])))
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, LayoutError):
-                raise
-            raise LayoutError(f"malformed layout entry: {exc}") from None
-        layout = cls(tuple(entries))
-        if layout != cls.from_named(
-            (e.name, torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta")) for e in entries
-        ):
-            raise LayoutError("layout offsets are inconsistent")
-        return layout
+        for d in data:
+            if not isinstance(d, dict) or not {"name", "dtype", "shape", "offset"} <= d.keys():
+                raise LayoutError(f"malformed layout entry {str(d)[:80]}: needs name, dtype, shape, offset")
+            name, dt, shape, offset = d["name"], d["dtype"], d["shape"], d["offset"]
+            if not isinstance(name, str) or not name:
+                raise LayoutError(f"layout entry name must be a non-empty string, got {name!r:.80}")
+            if not isinstance(dt, str) or dt not in DTYPES:
+                raise LayoutError(f"unknown dtype {dt!r:.40} in layout entry {name!r}")
+            if not isinstance(shape, list | tuple) or not all(_is_count(s) for s in shape):
+                raise LayoutError(
+                    f"layout entry {name!r} needs a shape of non-negative integers, got {shape!r:.80}"
+                )
+            if not _is_count(offset):
+                raise LayoutError(f"layout entry {name!r} has offset {offset!r:.40}")
+            entries.append(Entry(name, dt, tuple(shape), offset))
+        if len({e.name for e in entries}) != len(entries):
+            raise LayoutError("layout names a parameter twice")
+        # Offsets must be exactly what from_named would assign: dense, in order, per dtype.
+        next_offset: dict[str, int] = {}
+        for e in entries:
+            if e.offset != next_offset.get(e.dtype, 0):
+                raise LayoutError(f"layout offsets are inconsistent at entry {e.name!r}")
+            next_offset[e.dtype] = e.offset + e.numel
+        if any(n >= _MAX_COUNT for n in next_offset.values()):
+            raise LayoutError("layout is larger than any buffer torch can hold")
+        return cls(tuple(entries))
+
+
+_MAX_COUNT = 1 << 62  # far above any real model, below int64 overflow in torch's sizes
+
+
+def _is_count(v: object) -> bool:
+    # bool is an int in Python, and 2.0 or "3" are not what a layout writer meant.
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _MAX_COUNT
 
 
 def _itemsize(dtype: str) -> int:
@@ -188,7 +205,7 @@ class FlatParams:
         return iter(self.segments.values())
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(s).all()) for s in self.segments.values())
+        return all(all_finite(s) for s in self.segments.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Named tensors (views into the buffers) in layout order."""
@@ -200,6 +217,22 @@ class FlatParams:
     def byte_views(self) -> list[memoryview]:
         """The raw little-endian bytes of every segment, in order, without copying."""
         return [_bytes_of(s) for s in self.segments.values()]
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds no NaN and no ±Inf; exact.
+
+    ``aminmax`` propagates NaN and returns ±Inf as an extreme when present, so
+    both results are finite exactly when every element is. It is one vectorized
+    pass with no temporary: ~30x faster than ``torch.isfinite(t).all()``, which
+    builds a bool tensor and is not vectorized on CPU (117 ms vs 3.5 ms for
+    100 MiB of float32). A sum would be one pass too, but finite values can
+    overflow it to Inf.
+    """
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -247,19 +280,43 @@ class PayloadReceiver:
     ``write`` copies each chunk straight into the target buffers (raw) or into a
     scratch buffer that ``finish`` converts (fp16/bf16). Nothing reaches ``out``
     in a usable state until ``finish`` has checked the length.
+
+    With ``check_finite`` every element is checked for NaN/Inf as soon as it has
+    arrived (while the chunk is still in cache), and a non-finite one makes
+    ``write`` (or, for fp16/bf16, ``finish``) raise :class:`LayoutError`, so a
+    complete payload is known to be finite without another pass. ``on_ready(i,
+    start, stop)`` is called once for every range of elements of segment ``i``
+    of ``out`` that holds its final, checked values: chunk by chunk for raw, per
+    segment from ``finish`` for fp16/bf16. Together the calls cover each segment
+    exactly once, in order.
     """
 
-    def __init__(self, layout: Layout, codec: str, out: FlatParams | None = None) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        codec: str,
+        out: FlatParams | None = None,
+        *,
+        check_finite: bool = False,
+        on_ready: Callable[[int, int, int], None] | None = None,
+    ) -> None:
         self.layout = layout
         self.codec = codec
         self.expected = payload_nbytes(layout, codec)
         self.out = out if out is not None else FlatParams.zeros(layout)
+        self.check_finite = check_finite
+        self.on_ready = on_ready
         if codec == "raw":
             self._scratch: torch.Tensor | None = None
             self._targets = self.out.byte_views()
         else:
             self._scratch = torch.empty(self.expected, dtype=torch.uint8)
             self._targets = [memoryview(self._scratch.numpy()).cast("B")]
+        # Element views of the raw targets, for checking and handing on finished ranges.
+        self._track = codec == "raw" and (check_finite or on_ready is not None)
+        self._elems = list(self.out.segments.values()) if self._track else []
+        self._itemsize = [t.element_size() for t in self._elems]
+        self._ready = [0] * len(self._elems)  # elements of each segment already checked and handed on
         self.received = 0
         self._seg = 0
         self._pos = 0
@@ -269,6 +326,7 @@ class PayloadReceiver:
         if self.received + n > self.expected:
             raise LayoutError(f"payload longer than the {self.expected} bytes announced")
         src = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        first = self._seg
         done = 0
         while done < n:
             tgt = self._targets[self._seg]
@@ -280,6 +338,20 @@ class PayloadReceiver:
                 self._seg += 1
                 self._pos = 0
         self.received += n
+        if self._track:
+            for i in range(first, self._seg + 1):
+                filled = len(self._targets[i]) if i < self._seg else self._pos
+                self._advance(i, filled // self._itemsize[i])
+
+    def _advance(self, i: int, stop: int) -> None:
+        start = self._ready[i]
+        if stop <= start:
+            return
+        if self.check_finite and not all_finite(self._elems[i][start:stop]):
+            raise LayoutError("payload holds NaN or Inf")
+        self._ready[i] = stop
+        if self.on_ready is not None:
+            self.on_ready(i, start, stop)
 
     def finish(self) -> FlatParams:
         if self.received != self.expected:
@@ -290,4 +362,12 @@ class PayloadReceiver:
             for seg in self.out.segments.values():
                 seg.copy_(wire[start : start + seg.numel()])
                 start += seg.numel()
+            # Checked after the conversion: bf16 values can overflow a float16 segment.
+            for i, seg in enumerate(self.out.segments.values()):
+                if self.check_finite and not all_finite(seg):
+                    raise LayoutError("payload holds NaN or Inf")
+                if self.on_ready is not None and seg.numel():
+                    self.on_ready(i, 0, seg.numel())
+        elif self._track and self._ready != [t.numel() for t in self._elems]:  # pragma: no cover
+            raise AssertionError("a complete payload left elements unchecked")
         return self.out

@@ -20,6 +20,8 @@ from gossip.proto import gossip_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+EXPERIMENT: dict[str, dict[str, Any]] = {}  # TEMPORARY: A/B knobs, removed before hand-off
+
 SERVICE = "gossip.proto.Gossip"
 
 # Frames are bounded (chunks of at most MAX_CHUNK_BYTES), so the message limit is a

@@ -24,7 +24,7 @@ import torch
 from gossip.config import NodeConfig
 from gossip.data import Dataset, load_dataset, node_data
 from gossip.models import build_model
-from gossip.node import Node
+from gossip.node import JoinError, Node
 from gossip.sysutil import tune_malloc
 from gossip.train import LocalTrainer, TrainConfig, evaluate
 
@@ -36,10 +36,21 @@ class RunOptions:
     metrics: str | None = None  # JSON lines, one object per evaluation
     dump_params: str | None = None  # folder for the flat parameters at every evaluation (consensus)
     ready_file: str | None = None  # written with the bound address once serving
+    seed_file: str | None = None  # a seed's ready file: wait for it, then join through its address
     wait_for: int = 0  # nodes (this one included) to wait for before training
     wait_timeout: float = 60.0
     exit_when_done: bool = False
     threads: int = 1  # torch threads: N nodes share a small machine fairly
+
+
+async def _wait_for_seed_file(path: Path, timeout: float) -> str:
+    """The address in another node's ready file, once that node serves (lets a launcher start all at once)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise JoinError(f"seed file {path} did not appear within {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+    return str(json.loads(path.read_text())["address"])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -135,6 +146,8 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
     # the node serves: a blocked event loop would stall the peers' exchanges.
     trainer = LocalTrainer(model, x, y, train, seed=train.seed * 7919 + max(config.rank, 0))
     evaluate(model, ds.x_test[:1], ds.y_test[:1])
+    if opts.seed_file:
+        config.peers = (*config.peers, await _wait_for_seed_file(Path(opts.seed_file), config.join_timeout))
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

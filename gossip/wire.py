@@ -184,10 +184,16 @@ def member_to_pb(m: MemberRecord) -> pb.Member:
     )
 
 
+def _dialable(address: str) -> bool:
+    """HOST:PORT with a non-empty host and a port in 1..65535 (ASCII digits only)."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535)
+
+
 def member_from_pb(m: pb.Member) -> MemberRecord:
     if not m.node_id or len(m.node_id) > MAX_ID_CHARS:
         raise WireError("member has an empty or over-long node_id")
-    if not m.address or len(m.address) > MAX_ADDRESS_CHARS or ":" not in m.address:
+    if len(m.address) > MAX_ADDRESS_CHARS or not _dialable(m.address):
         raise WireError(f"member {m.node_id!r} has an invalid address {m.address[:80]!r}")
     if m.state not in (pb.STATE_ALIVE, pb.STATE_LEFT):
         raise WireError(f"member {m.node_id!r} travels with state {m.state}, only alive or left may")

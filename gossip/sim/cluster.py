@@ -1,8 +1,8 @@
 """``gossip simulate``: N real node processes on loopback, then a summary.
 
 Each node is the same ``gossip node`` a practitioner runs on a machine of its
-own; the launcher only assigns ranks, starts rank 0 first (the seed the others
-join through), watches the metrics files for progress, stops every node once
+own; the launcher only assigns ranks, starts them all at once (the others join
+through rank 0 once its ready file appears), watches the metrics files for progress, stops every node once
 all have finished training, and turns what they wrote into metrics.jsonl,
 summary.json and plot.png.
 """
@@ -53,7 +53,7 @@ def _node_command(
     knobs: dict[str, Any] = {**asdict(train), **asdict(gossip)}
     cmd = [sys.executable, "-m", "gossip", "node", "--listen", f"{sim.host}:0"]
     if seed:
-        cmd += ["--peers", seed]
+        cmd += ["--seed-file", seed]
     cmd += ["--rank", str(rank), "--world-size", str(sim.nodes), "--wait-for", str(sim.nodes)]
     cmd += ["--node-id", f"node{rank}", "--threads", str(sim.threads)]
     cmd += ["--metrics", str(out / "nodes" / f"{rank}.jsonl")]
@@ -68,6 +68,7 @@ def _node_command(
         "lr",
         "momentum",
         "weight_decay",
+        "lr_schedule",
         "seed",
         "eval_every",
     ):
@@ -114,12 +115,12 @@ class _Cluster:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, Any] = {}
 
-    def start(self, rank: int, seed: str | None) -> None:
+    def start(self, rank: int, seed_file: str | None) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.sim.threads), MKL_NUM_THREADS=str(self.sim.threads))
         log_path = self.out / "nodes" / f"{rank}.log"
         fh = log_path.open("wb")
         self.logs[rank] = fh
-        cmd = _node_command(rank, self.sim, self.train, self.gossip, self.out, seed)
+        cmd = _node_command(rank, self.sim, self.train, self.gossip, self.out, seed_file)
         self.procs[rank] = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
@@ -146,6 +147,7 @@ class _Cluster:
         )
 
     def stop(self, grace: float = 10.0) -> None:
+        t0 = time.monotonic()
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -159,6 +161,7 @@ class _Cluster:
                 p.wait()
         for fh in self.logs.values():
             fh.close()
+        log.info("nodes stopped in %.1f s", time.monotonic() - t0)
 
 
 def run_cluster(
@@ -168,10 +171,14 @@ def run_cluster(
     (out / "nodes").mkdir(parents=True, exist_ok=True)
     cluster = _Cluster(sim, train, gossip, out)
     try:
-        cluster.start(0, None)
-        seed = cluster.wait_ready(0, sim.start_timeout)
-        for rank in range(1, sim.nodes):
-            cluster.start(rank, seed)
+        # All at once: the others wait for rank 0's ready file, so their imports
+        # overlap with rank 0's instead of queueing behind it.
+        t_start = time.monotonic()
+        seed = str(out / "nodes" / "0.ready")
+        for rank in range(sim.nodes):
+            cluster.start(rank, seed if rank else None)
+        cluster.wait_ready(0, sim.start_timeout)
+        log.info("rank 0 serving after %.1f s", time.monotonic() - t_start)
         deadline = time.monotonic() + sim.run_timeout
         while True:
             cluster.check_alive()
@@ -186,6 +193,7 @@ def run_cluster(
                     text += f", mean accuracy {sum(accs) / len(accs):.3f}"
                 progress(min(done, 1.0), text)
             if finished == sim.nodes:
+                log.info("all %d nodes finished training after %.1f s", sim.nodes, time.monotonic() - t_start)
                 return records
             if time.monotonic() > deadline:
                 raise SimulationError(f"the run did not finish within {sim.run_timeout:.0f} s")
@@ -289,6 +297,7 @@ def run_simulation(
     t0 = time.monotonic()
     records = run_cluster(train, gossip, sim, out, progress)
     wall = time.monotonic() - t0
+    log.info("cluster ran %.1f s", wall)
     distances = consensus_by_eval(out, sim.nodes)
     summary, merged = summarize(records, distances, train, gossip, sim, wall)
     if sim.baseline:
@@ -297,8 +306,13 @@ def run_simulation(
 
         if progress is not None:
             progress(1.0, "training the centralised baseline")
+        import torch
+
+        torch.set_num_threads(max(1, sim.threads))
+        t1 = time.monotonic()
         ds = load_dataset(train.dataset, seed=train.seed)
         _, _, acc = train_baseline(ds, train)
+        log.info("baseline trained in %.1f s", time.monotonic() - t1)
         summary["baseline_accuracy"] = acc
         summary["gap"] = acc - summary["mean_accuracy"]
     summary["out"] = str(out)

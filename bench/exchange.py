@@ -1,0 +1,405 @@
+"""Push-pull exchange: two gossip Node processes over gRPC vs raw TCP, on loopback.
+
+    python bench/exchange.py [--sizes 1,16,100] [--repeats 30,10,5]
+
+Node A (this process) exchanges a float32 parameter vector of each size with
+node B (its own process) the way the node does it: a snapshot, then
+``Node._exchange_with`` (the body of ``_initiate_pairwise``), timed from the
+start of the call until A's exchange is committed (answer received and checked,
+commit acknowledged by B, delta computed and applied). The baseline is a raw TCP
+push-pull of the same bytes between A and a raw peer in a third process:
+``sendall`` from a memoryview, ``recv_into`` a preallocated tensor, then back,
+on a connection that is already open. Methods alternate within each repeat;
+medians are reported; ratio = raw / gossip (1.0 = as fast as raw TCP).
+
+Correctness is checked once per size: A starts at 1.0 and B at 3.0, and after
+one exchange both must hold 2.0 everywhere (neither node trains, so each
+applies its delta at once).
+
+The last line printed is JSON. Every child process is ended when this one
+ends, and each child also exits on its own if this process disappears.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+MiB = 1 << 20
+CALL_TIMEOUT = 30.0  # any single exchange or command
+STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
+
+
+# --- helpers shared by the processes ---------------------------------------------------
+
+
+def _watch_parent(ppid: int) -> None:
+    """Exit this child as soon as its parent is gone (no orphans, whatever happens)."""
+
+    def loop() -> None:
+        while True:
+            if os.getppid() != ppid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _setup_process(mallopt: bool) -> None:
+    import torch
+
+    from gossip.sysutil import tune_malloc
+
+    torch.set_num_threads(1)  # as gossip's runner does: one thread per node process
+    if mallopt:
+        tune_malloc()
+    logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s: %(message)s")
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+
+
+# --- raw TCP peer (own process) --------------------------------------------------------
+
+
+def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
+    _watch_parent(ppid)
+    _setup_process(mallopt)
+    import torch
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    conn.send(ls.getsockname()[1])
+    ls.settimeout(STARTUP_TIMEOUT)
+    c, _ = ls.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    bufs: dict[int, tuple[memoryview, memoryview, torch.Tensor, torch.Tensor]] = {}
+    hdr = bytearray(8)
+    while True:
+        try:
+            _recv_exact(c, memoryview(hdr))
+        except ConnectionError:
+            return
+        n = int.from_bytes(hdr, "little")
+        if n not in bufs:
+            src, dst = torch.full((n // 4,), 3.0), torch.empty(n // 4)
+            bufs[n] = (memoryview(src.numpy()).cast("B"), memoryview(dst.numpy()).cast("B"), src, dst)
+        send, recv, _, _ = bufs[n]
+        _recv_exact(c, recv)
+        c.sendall(send)
+
+
+# --- node B (own process) -----------------------------------------------------------
+
+
+def node_peer(conn: Any, ppid: int, mallopt: bool) -> None:
+    _watch_parent(ppid)
+    _setup_process(mallopt)
+    asyncio.run(_node_peer(conn))
+
+
+async def _node_peer(conn: Any) -> None:
+    import torch
+
+    from gossip.config import NodeConfig
+    from gossip.node import Node
+    from gossip.params import FlatParams, Layout
+
+    loop = asyncio.get_running_loop()
+    nodes: dict[int, Node] = {}
+    conn.send(("ready", None))
+    try:
+        while True:
+            if not await loop.run_in_executor(None, conn.poll, 0.5):
+                continue
+            cmd, arg = conn.recv()
+            if cmd == "create":
+                n, value = arg
+                flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
+                flat.segments["float32"].fill_(value)
+                node = await Node.create(flat, NodeConfig(listen="127.0.0.1:0", node_id=f"B{n}"))
+                nodes[n] = node
+                conn.send(("ok", node.address))
+            elif cmd == "check":
+                node = nodes[arg]
+                lo, hi = torch.aminmax(node.flat.segments["float32"])
+                conn.send(("ok", (float(lo), float(hi), node.stats.exchanges_served)))
+            elif cmd == "drop":
+                node = nodes.pop(arg)
+                await node.stop(leave=False)
+                conn.send(("ok", None))
+            elif cmd == "quit":
+                conn.send(("ok", None))
+                return
+    finally:
+        for node in nodes.values():
+            await node.stop(leave=False)
+
+
+# --- node A: the measuring side (this process) ----------------------------------------------
+
+
+class Child:
+    def __init__(self, target: Any, mallopt: bool, name: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child_conn, os.getpid(), mallopt), name=name, daemon=True)
+        self.proc.start()
+
+    def recv(self, timeout: float = CALL_TIMEOUT) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.proc.name} did not answer within {timeout:.0f} s")
+        return self.conn.recv()
+
+    def call(self, cmd: str, arg: Any = None, timeout: float = CALL_TIMEOUT) -> Any:
+        self.conn.send((cmd, arg))
+        status, value = self.recv(timeout)
+        if status != "ok":
+            raise RuntimeError(f"{self.proc.name}: {cmd} failed: {value}")
+        return value
+
+    def end(self) -> None:
+        if self.proc.pid is None:
+            return
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _raw_exchange(sock: socket.socket, send: memoryview, recv: memoryview) -> None:
+    sock.sendall(len(send).to_bytes(8, "little"))
+    sock.sendall(send)
+    _recv_exact(sock, recv)
+
+
+async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
+    """One exchange started as the node starts its own: (snapshot ms, exchange ms to committed)."""
+    t0 = time.perf_counter()
+    with node._lock:
+        if node._busy:
+            raise RuntimeError("node A is busy before its exchange")
+        node._busy = True
+        node._own_inflight = True
+        node._snap.copy_(node.flat)
+    t1 = time.perf_counter()
+    try:
+        outcome = await asyncio.wait_for(node._exchange_with(peer), CALL_TIMEOUT)
+    finally:
+        node._own_inflight = False
+    t2 = time.perf_counter()
+    if outcome != "ok":
+        with node._lock:
+            node._busy = False
+        raise RuntimeError(f"exchange ended {outcome!r}")
+    if node._busy:
+        raise RuntimeError("node A did not apply its delta at once (it should: it is not training)")
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+async def _run_size(
+    size_mib: int, repeats: int, warmup: int, b: Child, sock: socket.socket
+) -> dict[str, Any]:
+    import torch
+
+    from gossip.config import NodeConfig
+    from gossip.node import Node
+    from gossip.params import FlatParams, Layout
+
+    nbytes = size_mib * MiB
+    n = nbytes // 4
+    b_addr = b.call("create", (n, 3.0))
+    flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
+    flat.segments["float32"].fill_(1.0)
+    node = await Node.create(flat, NodeConfig(listen="127.0.0.1:0", node_id=f"A{n}", peers=(b_addr,)))
+    try:
+        if not await node.wait_for_members(2, CALL_TIMEOUT):
+            raise TimeoutError("node A did not see node B")
+        peers = [m for m in node.neighbours() if m.address == b_addr]
+        if not peers:
+            raise RuntimeError("node B is not a neighbour of node A")
+        peer = peers[0]
+        raw_send_t = torch.full((n,), 1.0)
+        raw_recv_t = torch.empty(n)
+        raw_send = memoryview(raw_send_t.numpy()).cast("B")
+        raw_recv = memoryview(raw_recv_t.numpy()).cast("B")
+
+        # Correctness, once: 1.0 and 3.0 average to 2.0 on both sides.
+        await _gossip_exchange(node, peer)
+        lo, hi = (float(v) for v in torch.aminmax(flat.segments["float32"]))
+        b_lo, b_hi, served = b.call("check", n)
+        correct = lo == hi == 2.0 and b_lo == b_hi == 2.0 and served == 1
+        _raw_exchange(sock, raw_send, raw_recv)
+        raw_correct = bool((raw_recv_t == 3.0).all())
+        if not correct:
+            print(f"  !! {size_mib} MiB: A holds [{lo}, {hi}], B holds [{b_lo}, {b_hi}], expected 2.0", file=sys.stderr)
+        if not raw_correct:
+            print(f"  !! {size_mib} MiB: raw peer's bytes did not arrive intact", file=sys.stderr)
+
+        for _ in range(warmup):
+            _raw_exchange(sock, raw_send, raw_recv)
+            await _gossip_exchange(node, peer)
+
+        raw_ms: list[float] = []
+        gossip_ms: list[float] = []
+        snap_ms: list[float] = []
+
+        def raw_once() -> None:
+            t0 = time.perf_counter()
+            _raw_exchange(sock, raw_send, raw_recv)
+            raw_ms.append((time.perf_counter() - t0) * 1e3)
+
+        async def gossip_once() -> None:
+            s, g = await _gossip_exchange(node, peer)
+            snap_ms.append(s)
+            gossip_ms.append(g)
+
+        for i in range(repeats):
+            if i % 2 == 0:
+                raw_once()
+                await gossip_once()
+            else:
+                await gossip_once()
+                raw_once()
+        # Deltas between equal models are zero: still 2.0 after all the repeats.
+        lo, hi = (float(v) for v in torch.aminmax(flat.segments["float32"]))
+        correct = correct and lo == hi == 2.0
+    finally:
+        await node.stop(leave=False)
+        b.call("drop", n)
+    return {
+        "size_mib": size_mib,
+        "repeats": repeats,
+        "raw_ms": statistics.median(raw_ms),
+        "gossip_ms": statistics.median(gossip_ms),
+        "snapshot_ms": statistics.median(snap_ms),
+        "raw_range_ms": [min(raw_ms), max(raw_ms)],
+        "gossip_range_ms": [min(gossip_ms), max(gossip_ms)],
+        "correct": bool(correct and raw_correct),
+    }
+
+
+def _default_repeats(size_mib: int) -> int:
+    return 30 if size_mib <= 1 else 12 if size_mib <= 16 else 7
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,16,100", help="sizes in MiB, comma-separated (default 1,16,100)")
+    ap.add_argument(
+        "--repeats",
+        default="",
+        help="timed repeats: one number for every size, or one per size (default 30/12/7 by size)",
+    )
+    ap.add_argument("--warmup", type=int, default=2, help="untimed exchanges of each kind per size")
+    ap.add_argument("--no-mallopt", action="store_true", help="leave glibc malloc at its defaults")
+    ap.add_argument("--time-limit", type=float, default=170.0, help="hard limit on the whole run (s)")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.repeats:
+        reps = [int(r) for r in args.repeats.split(",")]
+        if len(reps) == 1:
+            reps *= len(sizes)
+        if len(reps) != len(sizes):
+            ap.error("--repeats takes one number or one per size")
+    else:
+        reps = [_default_repeats(s) for s in sizes]
+    mallopt = not args.no_mallopt
+    _setup_process(mallopt)
+
+    children: list[Child] = []
+
+    def hard_stop() -> None:  # the last resort: a hung call must not outlive the limit
+        print(f"bench/exchange.py: over the {args.time_limit:.0f} s limit, stopping", file=sys.stderr, flush=True)
+        for c in children:
+            c.end()
+        os._exit(3)
+
+    watchdog = threading.Timer(args.time_limit, hard_stop)
+    watchdog.daemon = True
+    watchdog.start()
+    t_start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    try:
+        raw = Child(raw_peer, mallopt, "raw-peer")
+        children.append(raw)
+        b = Child(node_peer, mallopt, "node-B")
+        children.append(b)
+        raw_port = raw.recv(STARTUP_TIMEOUT)
+        if b.recv(STARTUP_TIMEOUT)[0] != "ready":
+            raise RuntimeError("node B did not start")
+        sock = socket.create_connection(("127.0.0.1", raw_port), timeout=CALL_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            print(
+                f"{'size':>7} {'raw ms':>8} {'gossip ms':>10} {'ratio':>6} {'raw MB/s':>9} "
+                f"{'gossip MB/s':>12} {'snap ms':>8} {'reps':>5} {'ok':>3}",
+                flush=True,
+            )
+
+            async def run_all() -> None:
+                for size, r in zip(sizes, reps, strict=True):
+                    res = await _run_size(size, r, args.warmup, b, sock)
+                    results.append(res)
+                    mb = 2 * size * MiB / 1e6  # both directions
+                    print(
+                        f"{size:>4} MiB {res['raw_ms']:8.2f} {res['gossip_ms']:10.2f} "
+                        f"{res['raw_ms'] / res['gossip_ms']:6.2f} {mb / res['raw_ms'] * 1e3:9.0f} "
+                        f"{mb / res['gossip_ms'] * 1e3:12.0f} {res['snapshot_ms']:8.2f} {r:>5} "
+                        f"{'yes' if res['correct'] else 'NO':>3}",
+                        flush=True,
+                    )
+
+            asyncio.run(run_all())
+        finally:
+            sock.close()
+            try:
+                b.call("quit", timeout=10)
+            except Exception:
+                pass
+    finally:
+        for c in children:
+            c.end()
+        watchdog.cancel()
+
+    by_size = {r["size_mib"]: r for r in results}
+    summary: dict[str, Any] = {
+        "bench": "exchange",
+        "sizes_mib": sizes,
+        "raw_ms": {str(s): round(r["raw_ms"], 3) for s, r in by_size.items()},
+        "gossip_ms": {str(s): round(r["gossip_ms"], 3) for s, r in by_size.items()},
+        "snapshot_ms": {str(s): round(r["snapshot_ms"], 3) for s, r in by_size.items()},
+        "repeats": {str(s): r["repeats"] for s, r in by_size.items()},
+        "correct": all(r["correct"] for r in results),
+        "mallopt": mallopt,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    for s in (1, 16, 100):
+        r = by_size.get(s)
+        summary[f"ratio_{s}mib"] = round(r["raw_ms"] / r["gossip_ms"], 3) if r else None
+    summary["ms_1mib"] = round(by_size[1]["gossip_ms"], 3) if 1 in by_size else None
+    print(json.dumps(summary), flush=True)
+    return 0 if summary["correct"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
