@@ -352,20 +352,19 @@ class Node:
         chunks = wire.iter_chunks(encode(self._snap, codec), g.chunk_bytes)
         snap, recv = list(self._snap), list(self._recv)
 
-        def to_delta(i: int, start: int, stop: int) -> None:
-            # (other - own) / 2 in place, chunk by chunk while it is in cache: exactly
-            # averaging.pairwise_delta, without a temporary or a second pass at the end.
-            other = recv[i][start:stop]
-            torch.sub(other, snap[i][start:stop], out=other).mul_(0.5)
+        def to_delta(i: int, start: int, stop: int, other: torch.Tensor) -> None:
+            # (other - own) / 2 straight from the received chunk into _recv, while it is
+            # in cache: exactly averaging.pairwise_delta, without a copy or a later pass.
+            torch.sub(other, snap[i][start:stop], out=recv[i][start:stop]).mul_(0.5)
 
-        # Every element is checked (length, finiteness) as it arrives, so the commit
-        # below, the close of our stream, happens only for an answer known to be good.
+        # Every element is checked (length, finiteness) as it arrives, so the commit,
+        # the close of our stream, happens only for an answer known to be good.
         receiver = PayloadReceiver(
             self.flat.layout,
             codec,
             out=self._recv,
             check_finite=True,
-            on_ready=to_delta if codec == "raw" else None,
+            consume=to_delta if codec == "raw" else None,
         )
 
         async def on_header(data: bytes) -> bool:
@@ -402,8 +401,8 @@ class Node:
     def _commit_pairwise(self, codec: str) -> None:
         """Turn the received snapshot into the delta (other - own) / 2 and deliver it.
 
-        A raw receive already turned ``_recv`` into the delta chunk by chunk (it then
-        sets ``_delta_ready``); otherwise the delta is computed here, in place.
+        A raw receive already wrote the delta into ``_recv`` chunk by chunk (and set
+        ``_delta_ready``); otherwise it is computed here, in place.
         """
         if not getattr(self, "_delta_ready", False):
             if codec != "raw":
@@ -454,16 +453,18 @@ class Node:
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no header in time")
             return
+        codec = header.codec
         with self._lock:
             declined = self._busy or self.phase != "running"
             if not declined:
                 self._busy = True
-                self._snap.copy_(self.flat)
+                if codec != "raw":
+                    self._snap.copy_(self.flat)
         reply = wire.Header(
             fingerprint=self.flat.fingerprint,
             sender=self.node_id,
             step=self._step,
-            codec=header.codec,
+            codec=codec,
             total_bytes=header.total_bytes,
             chunk_bytes=self.config.gossip.chunk_bytes,
             outcome="busy" if declined else "accepted",
@@ -472,33 +473,30 @@ class Node:
             self.stats.exchanges_declined += 1
             await context.write(wire.header_to_frame(reply))
             return
-        codec = header.codec
-        snap, recv = list(self._snap), list(self._recv)
+        flat, snap, recv = list(self.flat), list(self._snap), list(self._recv)
 
-        def to_delta(i: int, start: int, stop: int) -> None:
-            # (other - own) / 2 in place while the chunk is in cache (see _exchange_with).
-            other = recv[i][start:stop]
-            torch.sub(other, snap[i][start:stop], out=other).mul_(0.5)
+        def to_delta(i: int, start: int, stop: int, other: torch.Tensor) -> None:
+            # Raw: our snapshot is cut range by range as the caller's payload arrives,
+            # off the path of the reply header and while the chunk is in cache. It need
+            # not be one instant's copy: each element we send is the one our delta uses,
+            # which is all that keeps the sum of the models exact.
+            own = snap[i][start:stop]
+            own.copy_(flat[i][start:stop])
+            torch.sub(other, own, out=recv[i][start:stop]).mul_(0.5)  # averaging.pairwise_delta
 
         receiver = PayloadReceiver(
             self.flat.layout,
             codec,
             out=self._recv,
             check_finite=True,
-            on_ready=to_delta if codec == "raw" else None,
+            consume=to_delta if codec == "raw" else None,
         )
 
         async def serve() -> None:
             await context.write(wire.header_to_frame(reply))
             # The caller's whole payload first, checked chunk by chunk, then our answer:
-            # one direction at a time is faster than both at once on a small machine,
-            # and a bad payload is refused before we send anything.
-            _dup = rpc.EXPERIMENT.get(self.node_id, {}).get("duplex")  # XEXP
-            if _dup:  # XEXP
-                async def _snd() -> None:  # XEXP
-                    for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):  # XEXP
-                        await context.write(wire.chunk_frame(c))  # XEXP
-                _t = asyncio.create_task(_snd())  # XEXP
+            # one direction at a time costs less CPU than both at once on a small
+            # machine, and a bad payload is refused before we send anything.
             while receiver.received < receiver.expected:
                 frame = await context.read()
                 if frame is grpc.aio.EOF:
@@ -511,10 +509,7 @@ class Node:
                 receiver.finish()
             except LayoutError as exc:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            if _dup:  # XEXP
-                await _t  # XEXP
-            else:  # XEXP
-              for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):
+            for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):
                 await context.write(wire.chunk_frame(c))
             # The caller closes its side only after it read our whole answer: the commit.
             if await context.read() is not grpc.aio.EOF:
@@ -544,6 +539,7 @@ class Node:
     async def _initiate_push(self) -> None:
         g = self.config.gossip
         peer = self._pick(set())
+        delivered = False
         try:
             if peer is None:
                 return
@@ -570,14 +566,25 @@ class Node:
                 self.stats.busy_replies += 1
                 return
             # Keep half only now that the peer holds the other half: mass is never lost.
-            with self._lock:
-                self.weight -= w_send
+            # Merges (and SGD) may have moved z since the snapshot was sent, so remove
+            # exactly the numerator that left, snap * w_send, from z * w. Applied between
+            # steps like every result, and holding the busy flag (so _snap stays put).
+            def apply() -> None:
+                keep = self.weight - w_send
+                for z, s in zip(self.flat, self._snap, strict=True):
+                    z.mul_(self.weight / keep).sub_(s, alpha=w_send / keep)
+                self.weight = keep
+                self._busy = False
+
             self.stats.exchanges_ok += 1
             self.stats.bytes_out += header.total_bytes
+            delivered = True
+            self._deliver(apply)
         finally:
             self._round += 1
-            with self._lock:
-                self._busy = False
+            if not delivered:
+                with self._lock:
+                    self._busy = False
             self._own_finished()
 
     async def push(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:

@@ -70,7 +70,12 @@ class _Metrics:
         self.t0 = time.monotonic()
 
     def write(self, record: dict[str, Any]) -> None:
-        record = {"node": self.node, **record, "time": round(time.monotonic() - self.t0, 4)}
+        record = {
+            "node": self.node,
+            **record,
+            "time": round(time.monotonic() - self.t0, 4),
+            "unix_time": round(time.time(), 4),
+        }
         log.info("metrics %s", json.dumps(record))
         if self._fh is not None:
             self._fh.write(json.dumps(record) + "\n")
@@ -90,7 +95,7 @@ def _train_thread(
 ) -> None:
     torch.set_num_threads(max(1, opts.threads))
     evals = 0
-    last_loss = float("nan")
+    last_loss: float | None = None  # null in JSON until the first step
 
     def record(final: bool) -> None:
         nonlocal evals

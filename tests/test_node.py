@@ -2,7 +2,8 @@
 
 Each test runs its own event loop (``asyncio.run``) and stops every node it
 started in a ``finally``, also when an assertion fails. Exchanges are driven the
-way a training loop drives them: ``Node.step()`` from worker threads.
+way a training loop drives them, ``Node.step()`` from worker threads, except for
+the synchronous push-sum rounds, which launch them the way ``step()`` does.
 """
 
 from __future__ import annotations
@@ -668,17 +669,26 @@ def test_restarted_node_at_the_same_address_is_alive_again(same_id: bool) -> Non
 # --- failures cost one timeout ---------------------------------------------------------------
 
 
-async def _black_hole(address: str) -> asyncio.Server:
+@contextlib.asynccontextmanager
+async def black_hole(address: str) -> AsyncIterator[None]:
     """A listener that accepts connections and never says a word (a frozen process)."""
     host, _, port = address.rpartition(":")
+    writers: list[asyncio.StreamWriter] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
         with contextlib.suppress(ConnectionError):
             while await reader.read(65536):
                 pass
-        writer.close()
 
-    return await asyncio.start_server(hold, host, int(port))
+    server = await asyncio.start_server(hold, host, int(port))
+    try:
+        yield
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize("how", ["refused", "black-hole"])
@@ -689,8 +699,7 @@ def test_dead_peer_costs_one_timeout_and_is_avoided(how: str) -> None:
     async def main() -> None:
         async with cluster([[1.0] * 4, [3.0] * 4], g) as (a, ghost):
             await crash(ghost)
-            hole = await _black_hole(ghost.address) if how == "black-hole" else None
-            try:
+            async with black_hole(ghost.address) if how == "black-hole" else contextlib.nullcontext():
                 t0 = time.monotonic()
                 await asyncio.to_thread(a.step)
                 a.finish_training()
@@ -703,8 +712,7 @@ def test_dead_peer_costs_one_timeout_and_is_avoided(how: str) -> None:
                 assert "n1" not in [m.node_id for m in a.neighbours()]
 
                 # The next pick goes to a live node, not to the dead one.
-                cfg = config(2, a.address, g, SLOW)
-                c = await Node.create(vector([5.0] * 4), cfg)
+                c = await Node.create(vector([5.0] * 4), config(2, a.address, g, SLOW))
                 try:
                     await wait_until(lambda: "n2" in [m.node_id for m in a.neighbours()], 30.0, "n2")
                     await drive([a], 1)
@@ -714,9 +722,5 @@ def test_dead_peer_costs_one_timeout_and_is_avoided(how: str) -> None:
                     assert torch.equal(vec(a), torch.full((4,), 3.0))
                 finally:
                     await c.stop(leave=False)
-            finally:
-                if hole is not None:
-                    hole.close()
-                    await hole.wait_closed()
 
     run(main())
