@@ -257,7 +257,7 @@ def summarize(
     return summary, merged
 
 
-def plot(merged: list[dict[str, Any]], nodes: int, path: Path, title: str) -> None:
+def plot(merged: list[dict[str, Any]], nodes: int, path: Path, title: str, start: float) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -266,15 +266,18 @@ def plot(merged: list[dict[str, Any]], nodes: int, path: Path, title: str) -> No
     ax1, ax2 = fig.subplots(1, 2)
     for r in range(nodes):
         recs = [m for m in merged if m["node"] == r]
-        ax1.plot([m["time"] for m in recs], [m["accuracy"] for m in recs], lw=1, label=f"node {r}")
-        pts = [(m["time"], m["consensus_distance"]) for m in recs if m.get("consensus_distance")]
+        xs = [m.get("unix_time", start) - start for m in recs]
+        ax1.plot(xs, [m["accuracy"] for m in recs], lw=1, label=f"node {r}")
+        pts = [
+            (x, m["consensus_distance"]) for x, m in zip(xs, recs, strict=True) if m.get("consensus_distance")
+        ]
         if pts:
             ax2.plot(*zip(*pts, strict=True), lw=1, label=f"node {r}")
-    ax1.set_xlabel("seconds since the node started training")
+    ax1.set_xlabel("seconds since launch")
     ax1.set_ylabel("test accuracy")
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
-    ax2.set_xlabel("seconds since the node started training")
+    ax2.set_xlabel("seconds since launch")
     ax2.set_ylabel("squared distance from the average model")
     ax2.set_yscale("log")
     ax2.grid(alpha=0.3)
@@ -295,6 +298,7 @@ def run_simulation(
     out = Path(sim.out or time.strftime("runs/%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    launched = time.time()
     records = run_cluster(train, gossip, sim, out, progress)
     wall = time.monotonic() - t0
     log.info("cluster ran %.1f s", wall)
@@ -321,7 +325,7 @@ def run_simulation(
             fh.write(json.dumps(rec) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     title = f"{sim.nodes} nodes, {gossip.topology}, {gossip.strategy}, {train.model} on {train.dataset}"
-    plot(merged, sim.nodes, out / "plot.png", title)
+    plot(merged, sim.nodes, out / "plot.png", title, launched)
     if not all(math.isfinite(a) for a in summary["accuracies"]):
         raise SimulationError("a node ended with a non-finite accuracy")
     return summary
