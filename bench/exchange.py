@@ -1,6 +1,6 @@
 """Push-pull exchange: two gossip Node processes over gRPC vs raw TCP, on loopback.
 
-    python bench/exchange.py [--sizes 1,16,100] [--repeats 30,10,5]
+    python bench/exchange.py [--sizes 1,16,100] [--repeats 40,15,11]
 
 Node A (this process) exchanges a float32 parameter vector of each size with
 node B (its own process) the way the node does it: a snapshot, then
@@ -16,18 +16,24 @@ Correctness is checked once per size: A starts at 1.0 and B at 3.0, and after
 one exchange both must hold 2.0 everywhere (neither node trains, so each
 applies its delta at once).
 
-The last line printed is JSON. Every child process is ended when this one
-ends, and each child also exits on its own if this process disappears.
+The last line printed is JSON: ratio_1mib/ratio_16mib/ratio_100mib (raw ms /
+gossip ms), ms_1mib, raw_ms and gossip_ms (medians), their min-max ranges,
+snapshot_ms (A's snapshot copy, not in gossip_ms), repeats, correct. Every child
+process is ended when this one ends (also on SIGTERM), each child exits on its
+own if this process disappears, and the whole run stops at --time-limit.
+The machine is shared and noisy: compare ratios, within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -160,7 +166,9 @@ class Child:
     def __init__(self, target: Any, mallopt: bool, name: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=target, args=(child_conn, os.getpid(), mallopt), name=name, daemon=True)
+        self.proc = ctx.Process(
+            target=target, args=(child_conn, os.getpid(), mallopt), name=name, daemon=True
+        )
         self.proc.start()
 
     def recv(self, timeout: float = CALL_TIMEOUT) -> Any:
@@ -251,7 +259,10 @@ async def _run_size(
         _raw_exchange(sock, raw_send, raw_recv)
         raw_correct = bool((raw_recv_t == 3.0).all())
         if not correct:
-            print(f"  !! {size_mib} MiB: A holds [{lo}, {hi}], B holds [{b_lo}, {b_hi}], expected 2.0", file=sys.stderr)
+            print(
+                f"  !! {size_mib} MiB: A holds [{lo}, {hi}], B holds [{b_lo}, {b_hi}], expected 2.0",
+                file=sys.stderr,
+            )
         if not raw_correct:
             print(f"  !! {size_mib} MiB: raw peer's bytes did not arrive intact", file=sys.stderr)
 
@@ -299,7 +310,7 @@ async def _run_size(
 
 
 def _default_repeats(size_mib: int) -> int:
-    return 30 if size_mib <= 1 else 12 if size_mib <= 16 else 7
+    return 40 if size_mib <= 1 else 15 if size_mib <= 16 else 11
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeats",
         default="",
-        help="timed repeats: one number for every size, or one per size (default 30/12/7 by size)",
+        help="timed repeats: one number for every size, or one per size (default 40/15/11 by size)",
     )
     ap.add_argument("--warmup", type=int, default=2, help="untimed exchanges of each kind per size")
     ap.add_argument("--no-mallopt", action="store_true", help="leave glibc malloc at its defaults")
@@ -329,11 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     children: list[Child] = []
 
     def hard_stop() -> None:  # the last resort: a hung call must not outlive the limit
-        print(f"bench/exchange.py: over the {args.time_limit:.0f} s limit, stopping", file=sys.stderr, flush=True)
+        print(
+            f"bench/exchange.py: over the {args.time_limit:.0f} s limit, stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         for c in children:
             c.end()
         os._exit(3)
 
+    def on_term(signum: int, frame: object) -> None:  # SIGTERM: unwind, so the finally ends the children
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     watchdog = threading.Timer(args.time_limit, hard_stop)
     watchdog.daemon = True
     watchdog.start()
@@ -372,10 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_all())
         finally:
             sock.close()
-            try:
+            with contextlib.suppress(Exception):
                 b.call("quit", timeout=10)
-            except Exception:
-                pass
     finally:
         for c in children:
             c.end()
@@ -388,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_ms": {str(s): round(r["raw_ms"], 3) for s, r in by_size.items()},
         "gossip_ms": {str(s): round(r["gossip_ms"], 3) for s, r in by_size.items()},
         "snapshot_ms": {str(s): round(r["snapshot_ms"], 3) for s, r in by_size.items()},
+        "raw_range_ms": {str(s): [round(v, 3) for v in r["raw_range_ms"]] for s, r in by_size.items()},
+        "gossip_range_ms": {str(s): [round(v, 3) for v in r["gossip_range_ms"]] for s, r in by_size.items()},
         "repeats": {str(s): r["repeats"] for s, r in by_size.items()},
         "correct": all(r["correct"] for r in results),
         "mallopt": mallopt,

@@ -512,8 +512,14 @@ class Node:
             for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):
                 await context.write(wire.chunk_frame(c))
             # The caller closes its side only after it read our whole answer: the commit.
-            if await context.read() is not grpc.aio.EOF:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "payload longer than announced")
+            last = await context.read()
+            if last is not grpc.aio.EOF:
+                what = (
+                    "the caller refused our answer"
+                    if last == wire.VETO_FRAME
+                    else "payload longer than announced"
+                )
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, what)
 
         committed = False
         try:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -237,7 +238,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     # uint8 view of the storage: memoryview(numpy) works for every dtype, bfloat16 included.
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+    return t.contiguous().view(torch.uint8).numpy().data.cast("B")
 
 
 def concat_bytes(flat: FlatParams) -> memoryview:
@@ -281,14 +282,19 @@ class PayloadReceiver:
     scratch buffer that ``finish`` converts (fp16/bf16). Nothing reaches ``out``
     in a usable state until ``finish`` has checked the length.
 
-    With ``check_finite`` every element is checked for NaN/Inf as soon as it has
+    ``check_finite``: every element is checked for NaN/Inf as soon as it has
     arrived (while the chunk is still in cache), and a non-finite one makes
     ``write`` (or, for fp16/bf16, ``finish``) raise :class:`LayoutError`, so a
-    complete payload is known to be finite without another pass. ``on_ready(i,
-    start, stop)`` is called once for every range of elements of segment ``i``
-    of ``out`` that holds its final, checked values: chunk by chunk for raw, per
-    segment from ``finish`` for fp16/bf16. Together the calls cover each segment
-    exactly once, in order.
+    complete payload is known to be finite without another pass over it.
+
+    ``consume(i, start, stop, values)``: instead of storing the values itself,
+    the receiver hands each range of elements of segment ``i`` over, in order
+    and exactly once, once they are complete (and checked). ``values`` is a
+    tensor of the received values, often a view of the chunk itself (read-only,
+    valid only during the call), sometimes ``out``'s own slice; ``consume`` must
+    leave in ``out.segments[i][start:stop]`` whatever it wants there. This saves
+    the copy when the caller transforms the values anyway (the pairwise delta).
+    For fp16/bf16 the ranges are whole segments, handed over by ``finish``.
     """
 
     def __init__(
@@ -298,22 +304,22 @@ class PayloadReceiver:
         out: FlatParams | None = None,
         *,
         check_finite: bool = False,
-        on_ready: Callable[[int, int, int], None] | None = None,
+        consume: Callable[[int, int, int, torch.Tensor], None] | None = None,
     ) -> None:
         self.layout = layout
         self.codec = codec
         self.expected = payload_nbytes(layout, codec)
         self.out = out if out is not None else FlatParams.zeros(layout)
         self.check_finite = check_finite
-        self.on_ready = on_ready
+        self.consume = consume
         if codec == "raw":
             self._scratch: torch.Tensor | None = None
             self._targets = self.out.byte_views()
         else:
             self._scratch = torch.empty(self.expected, dtype=torch.uint8)
-            self._targets = [memoryview(self._scratch.numpy()).cast("B")]
+            self._targets = [self._scratch.numpy().data.cast("B")]
         # Element views of the raw targets, for checking and handing on finished ranges.
-        self._track = codec == "raw" and (check_finite or on_ready is not None)
+        self._track = codec == "raw" and (check_finite or consume is not None)
         self._elems = list(self.out.segments.values()) if self._track else []
         self._itemsize = [t.element_size() for t in self._elems]
         self._ready = [0] * len(self._elems)  # elements of each segment already checked and handed on
@@ -326,6 +332,9 @@ class PayloadReceiver:
         if self.received + n > self.expected:
             raise LayoutError(f"payload longer than the {self.expected} bytes announced")
         src = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        if self.consume is not None and self._track and self._whole_elements(n):
+            self._hand_over(src)
+            return
         first = self._seg
         done = 0
         while done < n:
@@ -343,15 +352,46 @@ class PayloadReceiver:
                 filled = len(self._targets[i]) if i < self._seg else self._pos
                 self._advance(i, filled // self._itemsize[i])
 
+    def _whole_elements(self, n: int) -> bool:
+        """Whether ``n`` bytes are whole elements of the current segment, starting on one."""
+        size = self._itemsize[self._seg]
+        return (
+            n > 0
+            and self._pos == self._ready[self._seg] * size
+            and n % size == 0
+            and self._pos + n <= len(self._targets[self._seg])
+        )
+
+    def _hand_over(self, src: memoryview) -> None:
+        """Check and hand over whole elements straight from the chunk: no copy into ``out``."""
+        i = self._seg
+        seg = self._elems[i]
+        with warnings.catch_warnings():  # the chunk is read-only bytes; it is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.frombuffer(src, dtype=seg.dtype)
+        if self.check_finite and not all_finite(values):
+            raise LayoutError("payload holds NaN or Inf")
+        start = self._ready[i]
+        stop = start + values.numel()
+        assert self.consume is not None
+        self.consume(i, start, stop, values)
+        self._ready[i] = stop
+        self.received += len(src)
+        self._pos += len(src)
+        if self._pos == len(self._targets[i]) and i + 1 < len(self._targets):
+            self._seg += 1
+            self._pos = 0
+
     def _advance(self, i: int, stop: int) -> None:
         start = self._ready[i]
         if stop <= start:
             return
-        if self.check_finite and not all_finite(self._elems[i][start:stop]):
+        values = self._elems[i][start:stop]
+        if self.check_finite and not all_finite(values):
             raise LayoutError("payload holds NaN or Inf")
         self._ready[i] = stop
-        if self.on_ready is not None:
-            self.on_ready(i, start, stop)
+        if self.consume is not None:
+            self.consume(i, start, stop, values)
 
     def finish(self) -> FlatParams:
         if self.received != self.expected:
@@ -366,8 +406,8 @@ class PayloadReceiver:
             for i, seg in enumerate(self.out.segments.values()):
                 if self.check_finite and not all_finite(seg):
                     raise LayoutError("payload holds NaN or Inf")
-                if self.on_ready is not None and seg.numel():
-                    self.on_ready(i, 0, seg.numel())
+                if self.consume is not None and seg.numel():
+                    self.consume(i, 0, seg.numel(), seg)
         elif self._track and self._ready != [t.numel() for t in self._elems]:  # pragma: no cover
             raise AssertionError("a complete payload left elements unchecked")
         return self.out

@@ -8,6 +8,7 @@ the generated message classes. Every client call carries a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -19,8 +20,6 @@ from gossip import wire
 from gossip.proto import gossip_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-EXPERIMENT: dict[str, dict[str, Any]] = {}  # TEMPORARY: A/B knobs, removed before hand-off
 
 SERVICE = "gossip.proto.Gossip"
 
@@ -211,6 +210,7 @@ class PeerClient:
         """
         call = self._method(address, "Exchange", "ss")(timeout=timeout, metadata=self._metadata)
         sender: asyncio.Task[None] | None = None
+        accepted = closed = False
         try:
             await call.write(header)
 
@@ -227,6 +227,7 @@ class PeerClient:
                 )
             if not await on_reply_header(first):
                 return False
+            accepted = True
             complete = False
             while not complete:
                 frame = await call.read()
@@ -235,6 +236,7 @@ class PeerClient:
                     raise PeerError(address, grpc.StatusCode.DATA_LOSS, "peer ended its answer early")
                 complete = on_reply_chunk(frame)
             await sender
+            closed = True
             await call.done_writing()
             if await call.read() is not grpc.aio.EOF:
                 raise PeerError(address, grpc.StatusCode.INTERNAL, "peer sent more than it announced")
@@ -248,6 +250,11 @@ class PeerClient:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
             if not call.done():
+                if accepted and not closed:
+                    # We refuse an answer the peer may wait to see committed: say so before
+                    # cancelling (see wire.VETO_FRAME). Best effort, bounded.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(call.write(wire.VETO_FRAME), 1.0)
                 call.cancel()
 
     async def push(self, address: str, header: bytes, chunks: Sequence[memoryview], timeout: float) -> bytes:

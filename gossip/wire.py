@@ -22,6 +22,12 @@ CODEC_FROM_PB = {v: k for k, v in CODEC_TO_PB.items()}
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _CHUNK_TAG = 0x12  # field 2, length-delimited
 
+# What a caller that refuses the answer sends instead of the close that would commit
+# it: an empty header frame. Anything but a clean close after the answer tells the
+# callee not to take its half. A bare cancel is not enough: grpc.aio can hand the
+# callee's pending read a clean end of stream before the cancellation itself.
+VETO_FRAME = bytes((_HEADER_TAG, 0))
+
 # Upper bound on one frame (chunk plus framing); the channel limits are set from it.
 MAX_CHUNK_BYTES = 4 << 20
 MAX_FRAME_BYTES = MAX_CHUNK_BYTES + 64
