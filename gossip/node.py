@@ -115,7 +115,9 @@ class Node:
         return node
 
     @classmethod
-    def around(cls, model: torch.nn.Module, config: NodeConfig | None = None, seed: int | None = None) -> Node:
+    def around(
+        cls, model: torch.nn.Module, config: NodeConfig | None = None, seed: int | None = None
+    ) -> Node:
         """An unstarted node around ``model``; ``async with`` starts and stops it."""
         return cls(FlatParams.bind(model), config, seed)
 
@@ -511,15 +513,12 @@ class Node:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):
                 await context.write(wire.chunk_frame(c))
-            # The caller closes its side only after it read our whole answer: the commit.
+            # The caller commits only after it read and checked our whole answer.
             last = await context.read()
-            if last is not grpc.aio.EOF:
-                what = (
-                    "the caller refused our answer"
-                    if last == wire.VETO_FRAME
-                    else "payload longer than announced"
-                )
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, what)
+            if last is grpc.aio.EOF:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "the caller closed without committing")
+            if last != wire.COMMIT_FRAME:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "expected the commit frame after the payload")
 
         committed = False
         try:
@@ -571,6 +570,7 @@ class Node:
             if not accepted:
                 self.stats.busy_replies += 1
                 return
+
             # Keep half only now that the peer holds the other half: mass is never lost.
             # Merges (and SGD) may have moved z since the snapshot was sent, so remove
             # exactly the numerator that left, snap * w_send, from z * w. Applied between

@@ -8,7 +8,6 @@ the generated message classes. Every client call carries a deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -204,13 +203,12 @@ class PeerClient:
 
         ``on_reply_header`` returns False when the peer declined (busy); then no
         chunks are expected. ``on_reply_chunk`` returns True once the answer is
-        complete. Only then is the request stream closed: that close is the
-        commit, and the call returns True once the peer ended it with OK, which
-        it does only after it took its half.
+        complete. Only then does it send the commit frame and close; the call
+        returns True once the peer ended it with OK, which it does only after it
+        took its half.
         """
         call = self._method(address, "Exchange", "ss")(timeout=timeout, metadata=self._metadata)
         sender: asyncio.Task[None] | None = None
-        accepted = closed = False
         try:
             await call.write(header)
 
@@ -227,7 +225,6 @@ class PeerClient:
                 )
             if not await on_reply_header(first):
                 return False
-            accepted = True
             complete = False
             while not complete:
                 frame = await call.read()
@@ -236,7 +233,7 @@ class PeerClient:
                     raise PeerError(address, grpc.StatusCode.DATA_LOSS, "peer ended its answer early")
                 complete = on_reply_chunk(frame)
             await sender
-            closed = True
+            await call.write(wire.COMMIT_FRAME)
             await call.done_writing()
             if await call.read() is not grpc.aio.EOF:
                 raise PeerError(address, grpc.StatusCode.INTERNAL, "peer sent more than it announced")
@@ -250,12 +247,7 @@ class PeerClient:
                 sender.cancel()
                 await asyncio.gather(sender, return_exceptions=True)
             if not call.done():
-                if accepted and not closed:
-                    # We refuse an answer the peer may wait to see committed: say so before
-                    # cancelling (see wire.VETO_FRAME). Best effort, bounded.
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(call.write(wire.VETO_FRAME), 1.0)
-                call.cancel()
+                call.cancel()  # no COMMIT_FRAME was sent: the peer takes no half
 
     async def push(self, address: str, header: bytes, chunks: Sequence[memoryview], timeout: float) -> bytes:
         async def frames() -> AsyncIterator[bytes]:

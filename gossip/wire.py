@@ -22,11 +22,6 @@ CODEC_FROM_PB = {v: k for k, v in CODEC_TO_PB.items()}
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _CHUNK_TAG = 0x12  # field 2, length-delimited
 
-# What a caller that refuses the answer sends instead of the close that would commit
-# it: an empty header frame. Anything but a clean close after the answer tells the
-# callee not to take its half. A bare cancel is not enough: grpc.aio can hand the
-# callee's pending read a clean end of stream before the cancellation itself.
-VETO_FRAME = bytes((_HEADER_TAG, 0))
 
 # Upper bound on one frame (chunk plus framing); the channel limits are set from it.
 MAX_CHUNK_BYTES = 4 << 20
@@ -50,8 +45,19 @@ class Header:
     outcome: str = ""  # "", "accepted" or "busy"; set only in replies
 
 
-_OUTCOME_TO_PB = {"": pb.OUTCOME_UNSPECIFIED, "accepted": pb.OUTCOME_ACCEPTED, "busy": pb.OUTCOME_BUSY}
+_OUTCOME_TO_PB = {
+    "": pb.OUTCOME_UNSPECIFIED,
+    "accepted": pb.OUTCOME_ACCEPTED,
+    "busy": pb.OUTCOME_BUSY,
+    "commit": pb.OUTCOME_COMMIT,
+}
 _OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
+
+# What a caller sends once it read and checked the whole answer; the callee takes its
+# half only on exactly these bytes. A cancel, a timeout or a refusal never sends it
+# (grpc.aio can hand the callee a clean end of stream before a cancellation, so the
+# close alone cannot be the commit).
+COMMIT_FRAME = pb.Frame(header=pb.Header(outcome=pb.OUTCOME_COMMIT)).SerializeToString()
 
 
 def header_to_frame(h: Header) -> bytes:

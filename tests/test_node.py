@@ -324,7 +324,7 @@ async def send_push(address: str, frames: Sequence[bytes]) -> tuple[grpc.StatusC
 
 
 async def proper_exchange(node: Node, values: torch.Tensor) -> torch.Tensor:
-    """A well-behaved caller: send ``values``, read the whole answer, then close (the commit)."""
+    """A well-behaved caller: send ``values``, read the whole answer, commit, close."""
     async with grpc.aio.insecure_channel(node.address) as ch:
         call = ch.stream_stream(SERVICE + "Exchange")(timeout=CALL_TIMEOUT)
         for f in [good_header(node.flat), *payload_frames(values)]:
@@ -334,6 +334,7 @@ async def proper_exchange(node: Node, values: torch.Tensor) -> torch.Tensor:
         answer = bytearray()
         while len(answer) < reply.total_bytes:
             answer += wire.chunk_from_frame(await call.read())
+        await call.write(wire.COMMIT_FRAME)
         await call.done_writing()
         assert await call.read() is grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK

@@ -191,10 +191,10 @@ class _NanAnswerer:
         await context.write(wire.chunk_frame(memoryview(answer.numpy()).cast("B")))
         try:
             last = await context.read()
-            if last is grpc.aio.EOF:
+            if last == wire.COMMIT_FRAME:
                 self.ended.set_result("committed")
             else:
-                self.ended.set_result("vetoed" if last == wire.VETO_FRAME else "more data")
+                self.ended.set_result("closed" if last is grpc.aio.EOF else "more data")
         except BaseException:
             self.ended.set_result("cancelled")
             raise
@@ -220,8 +220,8 @@ def test_caller_refuses_a_non_finite_answer_before_it_commits() -> None:
             assert await node._exchange_with(peer) == "failed"
             assert node.stats.exchanges_failed == 1
             assert torch.equal(node.flat.segments["float32"], torch.ones(64))
-            # The callee never saw the close that commits: it got the veto (or the cancel).
-            assert await asyncio.wait_for(fake.ended, CALL_TIMEOUT) in ("vetoed", "cancelled")
+            # The callee never saw the commit frame: only a close or the cancel.
+            assert await asyncio.wait_for(fake.ended, CALL_TIMEOUT) in ("closed", "cancelled")
         finally:
             await node.stop(leave=False)
             await server.stop(0)
@@ -234,7 +234,7 @@ def test_payload_nbytes_matches_what_the_fast_path_expects() -> None:
     assert payload_nbytes(flat.layout, "raw") == sum(len(v) for v in encode(flat, "raw"))
 
 
-def test_callee_takes_no_half_when_the_caller_vetoes_its_answer() -> None:
+def test_callee_takes_no_half_when_the_caller_closes_without_committing() -> None:
     n = 300
 
     async def main() -> None:
@@ -258,10 +258,9 @@ def test_callee_takes_no_half_when_the_caller_vetoes_its_answer() -> None:
                 got = 0
                 while got < n * 4:
                     got += len(wire.chunk_from_frame(await call.read()))
-                await call.write(wire.VETO_FRAME)
                 await call.done_writing()
                 assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "refused" in (await call.details() or "")
+                assert "without committing" in (await call.details() or "")
             assert torch.equal(node.flat.segments["float32"], torch.full((n,), 3.0))
             assert not node._busy and node.stats.exchanges_served == 0
         finally:

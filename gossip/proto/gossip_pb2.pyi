@@ -19,6 +19,7 @@ class ExchangeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_UNSPECIFIED: _ClassVar[ExchangeOutcome]
     OUTCOME_ACCEPTED: _ClassVar[ExchangeOutcome]
     OUTCOME_BUSY: _ClassVar[ExchangeOutcome]
+    OUTCOME_COMMIT: _ClassVar[ExchangeOutcome]
 
 class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,6 +35,7 @@ CODEC_BF16: Codec
 OUTCOME_UNSPECIFIED: ExchangeOutcome
 OUTCOME_ACCEPTED: ExchangeOutcome
 OUTCOME_BUSY: ExchangeOutcome
+OUTCOME_COMMIT: ExchangeOutcome
 STATE_UNSPECIFIED: MemberState
 STATE_ALIVE: MemberState
 STATE_SUSPECT: MemberState

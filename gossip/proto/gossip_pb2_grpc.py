@@ -72,8 +72,8 @@ class GossipServicer:
     def Exchange(self, request_iterator, context):
         """Pairwise push-pull: the caller streams its snapshot, the callee answers
         with a header (ACCEPTED or BUSY) and, if accepted, its own snapshot. The
-        caller closes its side only after it read the whole answer: that close is
-        the commit, and the callee applies its half only then.
+        caller then sends a COMMIT header frame and closes; the callee applies its
+        half only on that frame, so a cancel or a timeout never commits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
