@@ -135,9 +135,7 @@ def pairwise_round_(x: Tensor, pairs: Sequence[tuple[int, int]]) -> None:
     ends = [v for p in pairs for v in p]
     if len(set(ends)) == len(ends):
         idx = torch.tensor(pairs, dtype=torch.long, device=x.device)
-        mean = (x[idx[:, 0]] + x[idx[:, 1]]) * 0.5
-        x[idx[:, 0]] = mean
-        x[idx[:, 1]] = mean
+        average_pairs_(x, idx[:, 0], idx[:, 1])
         return
     for i, j in pairs:
         mean = (x[i] + x[j]) * 0.5
@@ -165,4 +163,88 @@ def push_sum_round_(x: Tensor, w: Tensor, out_peer: Sequence[int] | Tensor) -> N
     half_num = x * half_w.to(x.dtype).view(col)
     num = half_num.index_add(0, peers, half_num)
     w.copy_(half_w.index_add(0, peers, half_w))
+    x.copy_(num / w.to(x.dtype).view(col))
+
+
+def random_matching_edges(u: Tensor, v: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random maximal matching of the edges (u[k], v[k]) on nodes 0..n-1, as a boolean edge mask.
+
+    The vectorized counterpart of :func:`random_matching` for the simulator
+    (Luby's algorithm): every remaining edge draws a distinct random rank and
+    joins the matching when it ranks first among the remaining edges at both its
+    ends; edges that touch a matched node drop out; repeat until none remain,
+    in O(log edges) passes of tensor operations and no loop over nodes. Like
+    :func:`random_matching` the result is maximal; the two draw matchings with
+    somewhat different probabilities.
+    """
+    if u.shape != v.shape or u.dim() != 1:
+        raise ValueError(
+            f"random_matching_edges: u and v must be 1-D of one length, got {u.shape} and {v.shape}"
+        )
+    chosen = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+    matched = torch.zeros(n, dtype=torch.bool, device=u.device)
+    remaining = torch.nonzero(u != v).flatten()
+    while remaining.numel():
+        ru, rv = u[remaining], v[remaining]
+        # A permutation gives distinct ranks: two edges at one node can never both win.
+        rank = torch.randperm(remaining.numel(), generator=generator, device=u.device)
+        best = torch.full((n,), remaining.numel(), dtype=rank.dtype, device=u.device)
+        best.scatter_reduce_(0, ru, rank, "amin").scatter_reduce_(0, rv, rank, "amin")
+        win = (best[ru] == rank) & (best[rv] == rank)
+        chosen[remaining[win]] = True
+        matched[ru[win]] = True
+        matched[rv[win]] = True
+        remaining = remaining[~(matched[ru] | matched[rv])]
+    return chosen
+
+
+def average_pairs_(
+    x: Tensor,
+    first: Tensor,
+    second: Tensor,
+    update_first: Tensor | None = None,
+    update_second: Tensor | None = None,
+) -> None:
+    """Average rows first[k] and second[k] of stacked ``x`` in place, for disjoint pairs.
+
+    The matching form of :func:`pairwise_round_`. ``update_first`` and
+    ``update_second`` (boolean, one per pair) say which side takes the mean: an
+    exchange whose last message was lost leaves one side averaged and the other
+    as it was, which is what the push-pull protocol does when its commit is lost.
+    """
+    if first.shape != second.shape:
+        raise ValueError(f"average_pairs_: {first.numel()} first ends but {second.numel()} second ends")
+    mean = (x[first] + x[second]) * 0.5
+    if update_first is None:
+        x[first] = mean
+    else:
+        x[first[update_first]] = mean[update_first]
+    if update_second is None:
+        x[second] = mean
+    else:
+        x[second[update_second]] = mean[update_second]
+
+
+def push_sum_round_lossy_(x: Tensor, w: Tensor, out_peer: Tensor, delivered: Tensor, acked: Tensor) -> None:
+    """One push-sum round in which messages and acknowledgements may be lost.
+
+    Node i sends half of its weight, with its de-biased ``x[i]``, to
+    ``out_peer[i]``. The receiver merges it only if ``delivered[i]``; the
+    sender gives up its half only if ``acked[i]`` (and the message was
+    delivered), as a real node keeps its half until the send is acknowledged.
+    So a lost message changes nothing, and a lost acknowledgement duplicates
+    the half: numerator and weight always travel together, so every ``x[i]``
+    stays a weighted mean of the models (no bias towards zero), while the sums
+    of weight and mass grow by the duplicate. With everything delivered and
+    acknowledged this is :func:`push_sum_round_`.
+    """
+    n = x.shape[0]
+    if w.shape != (n,) or out_peer.shape != (n,) or delivered.shape != (n,) or acked.shape != (n,):
+        raise ValueError(f"push_sum_round_lossy_: weights, peers and masks must have shape ({n},)")
+    col = (-1,) + (1,) * (x.dim() - 1)
+    sent = w * 0.5 * delivered.to(w.dtype)
+    kept = w - sent * acked.to(w.dtype)
+    num = x * kept.to(x.dtype).view(col)
+    num.index_add_(0, out_peer, x * sent.to(x.dtype).view(col))
+    w.copy_(kept.index_add(0, out_peer, sent))
     x.copy_(num / w.to(x.dtype).view(col))

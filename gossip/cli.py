@@ -1,4 +1,4 @@
-"""The ``gossip`` command: node, simulate, status, topology.
+"""The ``gossip`` command: node, simulate, status, topology, consensus, experiment.
 
 The CLI owns the terminal. Bad arguments or config files end with one line on
 stderr and exit code 2; an unreachable peer with one line and exit code 1.
@@ -175,6 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw", metavar="FILE.png", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "consensus",
+        help="gossip averaging of random vectors: measured vs theoretical rate",
+        description="Average random vectors by gossip (no training) and compare the measured "
+        "per-round contraction of the consensus distance with |lambda2(W)|^2.",
+    )
+    p.add_argument("--topology", required=True, help="topology name or graph file")
+    p.add_argument("--nodes", type=int, default=None, help="number of nodes (a graph file sets its own)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=100,
+        help="rounds (default: 100); the rate is fitted over the last half, so a graph whose "
+        "|lambda2|^2 is 1 - g wants about 5/g rounds",
+    )
+    p.add_argument("--strategy", default="sync", choices=("sync", "pairwise", "push-sum"))
+    p.add_argument("--rule", default="metropolis", choices=("metropolis", "uniform"))
+    p.add_argument("--dim", type=int, default=16, help="length of each node's random vector")
+    p.add_argument("--seed", type=int, default=0, help="seed of the vectors, the matchings and random graphs")
+    p.add_argument("--loss", type=float, default=0.0, help="probability that a message is lost")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+
+    p = sub.add_parser(
+        "experiment",
+        help="run a grid of simulations from a TOML file",
+        description="Run the grid of an experiment file on the vectorized simulator; write results.csv, "
+        "summary.md and plots.",
+    )
+    p.add_argument("file", metavar="FILE.toml", help="experiment file, e.g. simulations/topologies.toml")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="output folder (default runs/<name>-<timestamp>)"
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return parser
 
 
@@ -340,10 +374,55 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consensus(args: argparse.Namespace) -> int:
+    from gossip.sim.consensus import format_result, run_consensus
+    from gossip.topology import Topology, TopologyError
+
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.dim < 1:
+        raise ConfigError(f"--dim must be at least 1, got {args.dim}")
+    if not 0.0 <= args.loss < 1.0:
+        raise ConfigError(f"--loss must be in [0, 1), got {args.loss}")
+    try:
+        top = Topology.parse(args.topology, args.nodes, seed=args.seed)
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
+    if top.n < 2:
+        raise ConfigError(f"consensus needs at least 2 nodes, got {top.n}")
+    result = run_consensus(top, args.rounds, args.strategy, args.rule, args.seed, args.dim, args.loss)
+    print(json.dumps(result.to_json()) if args.json else format_result(result))
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from gossip.sim.experiment import load_experiment, run_experiment
+
+    _setup_logging(args.verbose)
+    exp = load_experiment(args.file)
+    out = args.out or os.path.join("runs", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"experiment {exp.name}: {len(exp.configs())} runs, writing to {out}/", file=sys.stderr)
+    bar = _ProgressLine()
+    try:
+        run_experiment(exp, out, progress=bar)
+    finally:
+        bar.close()
+    with open(os.path.join(out, "summary.md")) as fh:
+        print(fh.read(), end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"node": cmd_node, "simulate": cmd_simulate, "status": cmd_status, "topology": cmd_topology}
+    handlers = {
+        "node": cmd_node,
+        "simulate": cmd_simulate,
+        "status": cmd_status,
+        "topology": cmd_topology,
+        "consensus": cmd_consensus,
+        "experiment": cmd_experiment,
+    }
     from gossip.data import DataError
     from gossip.models import ModelError
     from gossip.params import LayoutError

@@ -233,6 +233,24 @@ class Node:
         if launch and self._loop is not None:
             self._loop.call_soon_threadsafe(self._launch_exchange)
 
+    def gossip_now(self) -> bool:
+        """Start an averaging-only exchange now (from the event loop, when nobody trains)."""
+        with self._lock:
+            if self.phase != "running" or self._busy or self._training:
+                return False
+            self._busy = True
+            self._own_inflight = True
+            self._own_done.clear()
+            self._launched_step = self._step
+            self._snap.copy_(self.flat)
+        self._launch_exchange()
+        return True
+
+    async def wait_own_exchange(self) -> None:
+        """Wait (from the event loop) until this node's own exchange in flight has ended."""
+        while self._own_inflight:
+            await asyncio.sleep(0.002)
+
     def finish_training(self) -> None:
         """Training is over: averaging results are applied by the node itself from now on."""
         with self._lock:

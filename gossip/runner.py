@@ -41,6 +41,7 @@ class RunOptions:
     wait_timeout: float = 60.0
     exit_when_done: bool = False
     threads: int = 1  # torch threads: N nodes share a small machine fairly
+    idle_gossip: float = 0.02  # seconds between averaging-only exchanges once training is done
 
 
 async def _wait_for_seed_file(path: Path, timeout: float) -> str:
@@ -85,56 +86,69 @@ class _Metrics:
             self._fh.close()
 
 
-def _train_thread(
-    node: Node,
-    trainer: LocalTrainer,
-    ds: Dataset,
-    metrics: _Metrics,
-    opts: RunOptions,
-    stop: threading.Event,
-) -> None:
-    torch.set_num_threads(max(1, opts.threads))
-    evals = 0
-    last_loss: float | None = None  # null in JSON until the first step
+class _Recorder:
+    """Evaluations: test loss and accuracy, counters, and optionally the flat parameters."""
 
-    def record(final: bool) -> None:
-        nonlocal evals
-        loss, acc = evaluate(trainer.model, ds.x_test, ds.y_test)
+    def __init__(
+        self, node: Node, trainer: LocalTrainer, ds: Dataset, metrics: _Metrics, opts: RunOptions
+    ) -> None:
+        self.node, self.trainer, self.ds, self.metrics, self.opts = node, trainer, ds, metrics, opts
+        self.evals = 0
+        self.last_loss: float | None = None  # null in JSON until the first step
+
+    def record(self, **flags: bool) -> None:
+        loss, acc = evaluate(self.trainer.model, self.ds.x_test, self.ds.y_test)
+        stats = self.node.stats
         rec: dict[str, Any] = {
-            "step": trainer.step_count,
-            "epoch": round(trainer.epoch, 4),
-            "eval": evals,
+            "step": self.trainer.step_count,
+            "epoch": round(self.trainer.epoch, 4),
+            "eval": self.evals,
             "loss": loss,
-            "train_loss": last_loss,
+            "train_loss": self.last_loss,
             "accuracy": acc,
-            "bytes_sent": node.stats.bytes_out,
-            "bytes_received": node.stats.bytes_in,
-            "exchanges": node.stats.exchanges_ok + node.stats.exchanges_served,
+            "bytes_sent": stats.bytes_out,
+            "bytes_received": stats.bytes_in,
+            "exchanges": stats.exchanges_ok + stats.exchanges_served,
+            **{k: True for k, v in flags.items() if v},
         }
-        if final:
-            rec["final"] = True
-        if opts.dump_params:
-            folder = Path(opts.dump_params)
+        if self.opts.dump_params:
+            folder = Path(self.opts.dump_params)
             folder.mkdir(parents=True, exist_ok=True)
-            flat = torch.cat([s.float() for s in node.flat]).numpy()
-            np.save(folder / f"eval{evals:04d}.npy", flat)
-        metrics.write(rec)
-        evals += 1
+            flat = torch.cat([s.float() for s in self.node.flat]).numpy()
+            np.save(folder / f"eval{self.evals:04d}.npy", flat)
+        self.metrics.write(rec)
+        self.evals += 1
 
+
+def _train_thread(trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+    node = rec.node
     try:
-        record(final=False)  # the starting point
+        rec.record()  # the starting point
         while not trainer.done() and not stop.is_set():
-            last_loss = trainer.step()
+            rec.last_loss = trainer.step()
             node.step()
             if trainer.evaluation_due() and not trainer.done():
-                record(final=False)
+                rec.record()
         node.finish_training()
         if not stop.is_set():
-            record(final=True)
+            rec.record(done=True)
     except Exception:
         log.exception("training failed")
         stop.set()
         raise
+
+
+async def _gossip_while_serving(node: Node, pause: float) -> None:
+    """After training: keep averaging with neighbours (no more SGD) until stopped.
+
+    Nodes that finish early would otherwise freeze their model while slower
+    ones still move; averaging on pulls every replica towards the consensus.
+    """
+    while True:
+        if node.gossip_now():
+            await node.wait_own_exchange()
+        await asyncio.sleep(pause)
 
 
 async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> int:
@@ -187,9 +201,10 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
                     opts.wait_for,
                     opts.wait_timeout,
                 )
+        rec = _Recorder(node, trainer, ds, metrics, opts)
         if not stopping.is_set():
             train_task = asyncio.ensure_future(
-                asyncio.to_thread(_train_thread, node, trainer, ds, metrics, opts, stop_training)
+                asyncio.to_thread(_train_thread, trainer, rec, stop_training, opts.threads)
             )
             stopper = asyncio.ensure_future(stopping.wait())
             await asyncio.wait([train_task, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -200,8 +215,14 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
                 stopper.cancel()
                 train_task.result()
             log.info("node %s finished training at step %d", node.node_id, trainer.step_count)
-            if not opts.exit_when_done:
+            if not opts.exit_when_done and not stopping.is_set():
+                idle = asyncio.ensure_future(_gossip_while_serving(node, opts.idle_gossip))
                 await stopping.wait()
+                idle.cancel()
+                await asyncio.gather(idle, return_exceptions=True)
+        await node.stop()
+        # The model as it leaves the network: after training and any averaging since.
+        await asyncio.to_thread(rec.record, final=True)
     finally:
         stop_training.set()
         await node.stop()

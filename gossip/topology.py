@@ -88,6 +88,11 @@ def one_peer_exponential_partner(rank: int, n: int, t: int) -> int:
     return (rank + (1 << (t % max(1, _ceil_log2(n))))) % n
 
 
+def one_peer_exponential_partners(n: int, t: int) -> np.ndarray:
+    """The out-peers of all ranks at round ``t``, as :func:`one_peer_exponential_partner` for each."""
+    return (np.arange(n, dtype=np.int64) + (1 << (t % max(1, _ceil_log2(n))))) % n
+
+
 def _one_peer_in_peer(rank: int, n: int, t: int) -> int:
     return (rank - (1 << (t % max(1, _ceil_log2(n))))) % n
 
@@ -412,6 +417,40 @@ class Topology:
             self._cache[key] = w
         # A copy: callers (the simulator) may scale or cast it in place.
         return np.array(self._cache[key])
+
+    def mixing_entries(
+        self, t: int = 0, rule: str = "metropolis"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of :meth:`mixing_matrix` as (rows, cols, values), sorted by row then column.
+
+        Every off-diagonal edge weight and every diagonal entry is listed, so
+        a simulator can rescale them per round (lost messages, dead nodes)
+        without building the dense n x n matrix, which at thousands of nodes
+        costs far more than the graph.
+        """
+        if rule not in MIXING_RULES:
+            raise TopologyError(f"unknown mixing rule {rule!r}; expected one of {', '.join(MIXING_RULES)}")
+        n = self.n
+        diag = np.arange(n, dtype=np.int64)
+        if self.time_varying or self.name in _COMPLETE:
+            w = self.mixing_matrix(t, rule)
+            rows, cols = np.nonzero(w)
+            rows = np.concatenate([rows, diag])
+            cols = np.concatenate([cols, diag])
+            keep = np.unique(rows * n + cols)
+            rows, cols = keep // n, keep % n
+            return rows, cols, w[rows, cols]
+        _, u, v, deg = _edge_index(self._static())
+        if rule == "metropolis":
+            weights = 1.0 / (1.0 + np.maximum(deg[u], deg[v]))
+        else:
+            weights = np.full(len(u), 1.0 / (1.0 + (int(deg.max()) if n else 0)))
+        self_weight = 1.0 - np.bincount(u, weights, minlength=n) - np.bincount(v, weights, minlength=n)
+        rows = np.concatenate([u, v, diag])
+        cols = np.concatenate([v, u, diag])
+        values = np.concatenate([weights, weights, self_weight])
+        order = np.lexsort((cols, rows))
+        return rows[order], cols[order], values[order]
 
 
 def _edge_index(g: nx.Graph) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:

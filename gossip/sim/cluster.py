@@ -183,7 +183,7 @@ def run_cluster(
         while True:
             cluster.check_alive()
             records = {r: _read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes)}
-            finished = sum(1 for recs in records.values() if recs and recs[-1].get("final"))
+            finished = sum(1 for recs in records.values() if recs and recs[-1].get("done"))
             if progress is not None:
                 epochs = [recs[-1]["epoch"] for recs in records.values() if recs]
                 done = (sum(epochs) / (sim.nodes * train.epochs)) if epochs else 0.0
@@ -194,12 +194,14 @@ def run_cluster(
                 progress(min(done, 1.0), text)
             if finished == sim.nodes:
                 log.info("all %d nodes finished training after %.1f s", sim.nodes, time.monotonic() - t_start)
-                return records
+                break
             if time.monotonic() > deadline:
                 raise SimulationError(f"the run did not finish within {sim.run_timeout:.0f} s")
             time.sleep(0.25)
     finally:
         cluster.stop()
+    # Each node writes its final evaluation as it leaves (after the averaging it kept doing).
+    return {r: _read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes)}
 
 
 def consensus_by_eval(out: Path, nodes: int) -> dict[int, dict[int, float]]:
@@ -216,7 +218,21 @@ def consensus_by_eval(out: Path, nodes: int) -> dict[int, dict[int, float]]:
     return result
 
 
+def final_distances(out: Path, ranks: list[int]) -> dict[int, float]:
+    """||x_r - mean||^2 over every node's last saved parameters (the model it left with)."""
+    last = {}
+    for r in ranks:
+        files = sorted((out / "params" / str(r)).glob("eval*.npy"))
+        if files:
+            last[r] = np.load(files[-1])
+    if len(last) < 2:
+        return {}
+    mean = np.mean(np.stack(list(last.values())), axis=0)
+    return {r: float(np.sum((x - mean) ** 2)) for r, x in last.items()}
+
+
 def summarize(
+    out: Path,
     records: dict[int, list[dict[str, Any]]],
     distances: dict[int, dict[int, float]],
     train: TrainConfig,
@@ -230,15 +246,9 @@ def summarize(
             d = distances.get(int(rec.get("eval", -1)), {}).get(rank)
             merged.append({**rec, "node": rank, "consensus_distance": d})
     merged.sort(key=lambda r: (r["time"], r["node"]))
-    finals = {rank: recs[-1] for rank, recs in records.items()}
-    # The final consensus distance: every node's model as it finished training.
+    finals = {rank: recs[-1] for rank, recs in records.items() if recs}
     accs = [float(finals[r]["accuracy"]) for r in sorted(finals)]
-    last_eval = {r: int(finals[r]["eval"]) for r in finals}
-    final_d: dict[int, float] = {}
-    if all(last_eval[r] in distances and r in distances[last_eval[r]] for r in finals):
-        common = set(last_eval.values())
-        if len(common) == 1:
-            final_d = distances[common.pop()]
+    final_d = final_distances(out, sorted(finals))
     summary: dict[str, Any] = {
         "nodes": sim.nodes,
         "topology": gossip.topology,
@@ -303,7 +313,7 @@ def run_simulation(
     wall = time.monotonic() - t0
     log.info("cluster ran %.1f s", wall)
     distances = consensus_by_eval(out, sim.nodes)
-    summary, merged = summarize(records, distances, train, gossip, sim, wall)
+    summary, merged = summarize(out, records, distances, train, gossip, sim, wall)
     if sim.baseline:
         from gossip.data import load_dataset
         from gossip.train import train_baseline
