@@ -64,8 +64,8 @@ class NodeProc:
         return out
 
     def finished(self) -> bool:
-        recs = self.records()
-        return bool(recs) and bool(recs[-1].get("final"))
+        """Training is over: the node wrote its 'done' record (and 'final' once it leaves)."""
+        return any(r.get("done") or r.get("final") for r in self.records())
 
 
 class Launcher:
