@@ -15,11 +15,23 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from gossip.config import ConfigError, GossipConfig, NodeConfig, check_address, coerce, load_toml
+from gossip.config import (
+    ConfigError,
+    GossipConfig,
+    NodeConfig,
+    SecurityConfig,
+    StoreConfig,
+    check_address,
+    coerce,
+    load_toml,
+)
 from gossip.membership import MembershipConfig
 from gossip.train import TrainConfig
+
+if TYPE_CHECKING:
+    from gossip.security import Security
 
 # knob -> (section, help). Sections: train, gossip, node, run, sim. One table feeds
 # both the flags and the TOML keys, so the two cannot drift apart.
@@ -53,6 +65,11 @@ KNOBS: dict[str, tuple[str, str]] = {
     "rank": ("node", "this node's rank in the topology"),
     "world_size": ("node", "number of ranks in the topology; with --rank picks slice RANK of N of the data"),
     "join_timeout": ("node", "seconds to keep trying the seeds"),
+    "tls_cert": ("node", "PEM certificate to serve TLS with and to present to peers (with --tls-key)"),
+    "tls_key": ("node", "PEM private key of --tls-cert"),
+    "tls_ca": ("node", "PEM CA of the cluster: verifies peers and requires their certificates (mutual TLS)"),
+    "token_file": ("node", "file holding the shared secret every call must carry"),
+    "peer_call_rate": ("node", "control calls per second one peer connection gets; more wait (0 = no limit)"),
     "metrics": ("run", "append metrics as JSON lines to this file"),
     "wait_for": ("run", "nodes (this one included) to wait for before training"),
     "exit_when_done": ("run", "exit after training instead of serving on"),
@@ -60,20 +77,34 @@ KNOBS: dict[str, tuple[str, str]] = {
     "dump_params": ("run", "save flat parameters at every evaluation into this folder"),
     "ready_file": ("run", "write the bound address to this file once serving"),
     "seed_file": ("run", "another node's --ready-file: wait for it, then join through that node"),
+    "init_from_network": (
+        "run",
+        "start from the newest snapshot in the model store, not the initial weights",
+    ),
+    "replication": ("store", "copies of every snapshot shard, on its ring owners"),
+    "publish_every": ("store", "steps between published snapshots (0: never)"),
+    "shard_bytes": ("store", "snapshot shard size in bytes"),
+    "keep_versions": ("store", "snapshot versions kept per model"),
+    "model_id": ("store", "name snapshots are published under (default: the --model name)"),
     "nodes": ("sim", "number of node processes"),
     "out": ("sim", "output folder (default runs/<timestamp>)"),
     "baseline": ("sim", "also train centrally on the union of the data and report the gap"),
+    "kill": ("sim", "N@STEP: SIGKILL N random nodes when rank 0 reaches STEP, then rebuild from survivors"),
+    "reconstruct": (
+        "sim",
+        "after the run, rebuild the model from the store, save it and report its accuracy",
+    ),
 }
 
-NODE_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "run")]
-SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "sim")] + ["threads"]
+NODE_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "run", "store")]
+SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "sim", "store")] + ["threads"]
 
-_BOOL_KNOBS = {"exit_when_done", "baseline"}
+_BOOL_KNOBS = {"exit_when_done", "baseline", "init_from_network", "reconstruct"}
 
 
 def _defaults() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for cls in (TrainConfig, GossipConfig, NodeConfig):
+    for cls in (TrainConfig, GossipConfig, NodeConfig, SecurityConfig, StoreConfig):
         obj = cls()
         for f in fields(cls):
             if f.name in KNOBS:
@@ -91,6 +122,9 @@ def _defaults() -> dict[str, Any]:
         baseline=False,
         advertise="",
         node_id="",
+        init_from_network=False,
+        kill="",
+        reconstruct=False,
     )
     return out
 
@@ -151,6 +185,30 @@ def _gossip_config(v: dict[str, Any]) -> GossipConfig:
     return g
 
 
+def _store_config(v: dict[str, Any]) -> StoreConfig:
+    st = StoreConfig(**{f.name: v[f.name] for f in fields(StoreConfig) if f.name in v})
+    st.validate()
+    return st
+
+
+def add_client_security(p: argparse.ArgumentParser) -> None:
+    """The options of a command that calls a node (status, reconstruct): TLS and the token."""
+    p.add_argument("--tls-ca", default="", metavar="FILE", help="PEM CA to verify the node with (TLS)")
+    p.add_argument("--tls-cert", default="", metavar="FILE", help="PEM certificate to present (mutual TLS)")
+    p.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--token-file", default="", metavar="FILE", help="file holding the cluster's token")
+
+
+def client_security(args: argparse.Namespace) -> Security:
+    """What :func:`add_client_security`'s options ask for; ConfigError (exit 2) on a bad file."""
+    from gossip.security import load as load_security
+
+    cfg = SecurityConfig(
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, token_file=args.token_file
+    )
+    return load_security(cfg, serving=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gossip", description="Peer-to-peer gossip SGD over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -167,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", required=True, metavar="HOST:PORT")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--timeout", type=float, default=3.0)
+    add_client_security(p)
+
+    p = sub.add_parser(
+        "reconstruct",
+        help="rebuild the model from the shard store through one peer",
+        description="Find the newest complete snapshot through one peer, fetch its shards from their "
+        "owners in parallel, check every digest and write the state_dict. Exit 1 when no complete "
+        "snapshot can be rebuilt.",
+    )
+    p.add_argument("--peer", required=True, metavar="HOST:PORT", help="any node of the network")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict")
+    p.add_argument("--model-id", default="", help="model to rebuild (default: the peer's own)")
+    p.add_argument("--version", default="latest", help="latest (newest complete) or a version number")
+    p.add_argument(
+        "--format", default=None, choices=("pt", "safetensors"), help="default: from --out's suffix"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--timeout", type=float, default=10.0, help="base deadline of each call in seconds")
+    add_client_security(p)
 
     p = sub.add_parser("topology", help="describe a topology")
     p.add_argument("name", help="topology name or graph file")
@@ -222,6 +299,7 @@ def _setup_logging(verbose: int, default: int = logging.WARNING) -> None:
 def cmd_node(args: argparse.Namespace) -> int:
     from gossip.node import JoinError
     from gossip.runner import RunOptions, run_node
+    from gossip.security import load as load_security
 
     v = _resolve(args, NODE_KNOBS, {})
     train = _train_config(v)
@@ -233,12 +311,22 @@ def cmd_node(args: argparse.Namespace) -> int:
         rank=v["rank"],
         world_size=v["world_size"],
         join_timeout=v["join_timeout"],
+        security=SecurityConfig(
+            tls_cert=v["tls_cert"],
+            tls_key=v["tls_key"],
+            tls_ca=v["tls_ca"],
+            token_file=v["token_file"],
+            peer_call_rate=v["peer_call_rate"],
+        ),
         gossip=_gossip_config(v),
         membership=MembershipConfig(),
+        store=_store_config(v),
     )
     config.validate()
     if (config.rank >= 0) != (config.world_size > 0):
         raise ConfigError("--rank and --world-size go together")
+    # Unreadable or unusable files: exit 2 now, not after the data has loaded.
+    load_security(config.security, serving=True)
     opts = RunOptions(
         metrics=v["metrics"] or None,
         dump_params=v["dump_params"] or None,
@@ -247,6 +335,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         wait_for=v["wait_for"],
         exit_when_done=bool(v["exit_when_done"]),
         threads=v["threads"],
+        init_from_network=bool(v["init_from_network"]),
     )
     _setup_logging(args.verbose, logging.INFO)
     try:
@@ -274,8 +363,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             Topology.parse(gossip.topology, v["nodes"])
         except TopologyError as exc:
             raise ConfigError(str(exc)) from None
+    from gossip.sim.rebuild import parse_kill
+
+    parse_kill(v["kill"], v["nodes"])
     sim = SimulateConfig(
-        nodes=v["nodes"], out=v["out"] or None, baseline=bool(v["baseline"]), threads=v["threads"]
+        nodes=v["nodes"],
+        out=v["out"] or None,
+        baseline=bool(v["baseline"]),
+        threads=v["threads"],
+        store=_store_config(v),
+        kill=v["kill"],
+        reconstruct=bool(v["reconstruct"]),
     )
     _setup_logging(args.verbose)
     bar = _ProgressLine()
@@ -319,7 +417,8 @@ class _ProgressLine:
 def _summary_table(s: dict[str, Any]) -> str:
     lines = [f"{'node':>4}  {'accuracy':>8}  {'bytes sent':>12}  {'exchanges':>9}"]
     for i, acc in enumerate(s["accuracies"]):
-        lines.append(f"{i:>4}  {acc:>8.4f}  {s['bytes_sent_per_node'][i]:>12,}  {s['exchanges'][i]:>9}")
+        rank = s["ranks"][i] if "ranks" in s else i
+        lines.append(f"{rank:>4}  {acc:>8.4f}  {s['bytes_sent_per_node'][i]:>12,}  {s['exchanges'][i]:>9}")
     cd = s["consensus_distance"]
     lines += [
         "",
@@ -331,8 +430,54 @@ def _summary_table(s: dict[str, Any]) -> str:
     ]
     if "baseline_accuracy" in s:
         lines.append(f"baseline accuracy   {s['baseline_accuracy']:.4f} (gap {s['gap'] * 100:+.2f} points)")
+    if s.get("killed"):
+        lines.append(f"killed (SIGKILL)    nodes {', '.join(map(str, s['killed']))}")
+    if s.get("rebuilt"):
+        line = f"rebuilt from store  v{s['rebuilt_version']} (step {s['rebuilt_step']}) in {s['rebuild_seconds']:.2f} s"
+        if "rebuilt_accuracy" in s:
+            line += f", test accuracy {s['rebuilt_accuracy']:.4f} -> {s['rebuilt_model']}"
+        lines.append(line)
+    elif "rebuilt" in s:
+        lines.append(f"rebuilt from store  NO: {s.get('rebuild_error', '')}")
     lines.append(f"written to          {s['out']}/ (metrics.jsonl, summary.json, plot.png)")
     return "\n".join(lines)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from gossip.reconstruct import SnapshotUnavailable, fetch_snapshot, format_rebuilt, rebuilt_to_json, save
+    from gossip.rpc import PeerClient
+
+    check_address(args.peer, "--peer")
+    if args.version != "latest" and not (args.version.isascii() and args.version.isdigit()):
+        raise ConfigError(f"--version must be latest or a number, got {args.version!r}")
+    version = None if args.version == "latest" else int(args.version)
+    fmt = args.format or ("safetensors" if args.out.endswith(".safetensors") else "pt")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be > 0")
+    sec = client_security(args)
+
+    async def rebuild() -> Any:
+        client = PeerClient(sec.channel_credentials, sec.metadata)
+        try:
+            return await fetch_snapshot(args.peer, args.model_id, version, args.timeout, client)
+        finally:
+            await client.close()
+
+    try:
+        rebuilt = asyncio.run(rebuild())
+        save(rebuilt, args.out, fmt)
+    except (ConnectionError, SnapshotUnavailable, OSError) as exc:
+        if args.json:
+            missing = getattr(exc, "missing", {})
+            print(json.dumps({"error": str(exc), "missing": {str(k): v for k, v in missing.items()}}))
+        print(f"gossip reconstruct: {exc}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(rebuilt_to_json(rebuilt, args.out, fmt))
+        if args.json
+        else format_rebuilt(rebuilt, args.out, fmt)
+    )
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -340,7 +485,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     check_address(args.peer, "--peer")
     try:
-        status = asyncio.run(fetch_status(args.peer, args.timeout))
+        status = asyncio.run(fetch_status(args.peer, args.timeout, client_security(args)))
     except ConnectionError as exc:
         print(f"gossip status: {exc}", file=sys.stderr)
         return 1
@@ -419,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "node": cmd_node,
         "simulate": cmd_simulate,
         "status": cmd_status,
+        "reconstruct": cmd_reconstruct,
         "topology": cmd_topology,
         "consensus": cmd_consensus,
         "experiment": cmd_experiment,
@@ -444,9 +590,13 @@ def run() -> None:
     interpreter exit (grpc/grpc#38679), and ``gossip simulate`` stops N of them
     at once. Everything of ours is closed by the time ``main`` returns, so the
     node and status commands flush and leave with ``os._exit``.
+
+    gRPC's core logs to stderr on its own (a failed bind, for one), beside our one
+    line; it stays quiet unless GRPC_VERBOSITY asks otherwise.
     """
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     code = main()
-    if len(sys.argv) > 1 and sys.argv[1] in ("node", "status"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("node", "status", "reconstruct"):
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

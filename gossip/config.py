@@ -14,6 +14,7 @@ from typing import Any
 import tomllib
 
 from gossip.membership import MembershipConfig
+from gossip.ring import DEFAULT_VNODES
 
 STRATEGIES = ("pairwise", "push-sum")
 
@@ -67,6 +68,100 @@ class GossipConfig:
             raise ConfigError("backoff must be >= 0 and busy_retries >= 1")
 
 
+# Bounds of the shard store that configuration and the wire share.
+MAX_SHARD_BYTES = 64 << 20  # a shard is held in memory whole while it is checked
+MAX_STORE_ID_CHARS = 128
+MAX_REPLICATION = 16
+
+
+@dataclass
+class StoreConfig:
+    """The shard store every node runs (see ``gossip.store``)."""
+
+    # Three copies survive any two simultaneous crashes: the usual choice of
+    # Dynamo-style stores, and what the issue asks for.
+    replication: int = 3
+    # Steps between snapshots; 0 disables publishing. The default run (digits, mlp,
+    # 8 nodes, 180 steps each) publishes 9 versions; a publish (40 KB to 3 owners,
+    # the manifest to every member) costs the publisher a few ms of its event loop:
+    # measured well under 5 % of training time (README, "Model store").
+    publish_every: int = 20
+    # 1 MiB shards: a 100 MiB model gives 100 shards, enough for the ring to spread
+    # them evenly and for a rebuild to fetch from every peer at once.
+    shard_bytes: int = 1 << 20
+    # The newest two versions: a rebuild still finds a complete one while the newest
+    # is being replicated, and memory stays at 2 x R / N of the model per node.
+    keep_versions: int = 2
+    # Seconds between repair rounds (one small Holdings call per peer); a membership
+    # change, or a manifest naming a shard this node should hold but lacks, starts one
+    # at once, so this only paces scrubbing and catching up on missed manifests.
+    repair_interval: float = 5.0
+    # Seconds after which a held shard is hashed again to catch silent corruption.
+    scrub_interval: float = 10.0
+    # Shards received without their manifest (a publish in progress) are dropped
+    # after this long if none arrives.
+    orphan_ttl: float = 60.0
+    # Bytes of shards one node accepts: bounds the memory peers can make it spend.
+    capacity_bytes: int = 4 << 30
+    # Name the node publishes under; empty = the model's name (--model) for `gossip node`.
+    model_id: str = ""
+    # Virtual points per node on the ring (see gossip.ring for the measured balance).
+    vnodes: int = DEFAULT_VNODES
+
+    def validate(self) -> None:
+        if not 1 <= self.replication <= MAX_REPLICATION:
+            raise ConfigError(f"replication must be between 1 and {MAX_REPLICATION}, got {self.replication}")
+        if self.publish_every < 0:
+            raise ConfigError(f"publish_every must be >= 0 (0 disables it), got {self.publish_every}")
+        if not 4096 <= self.shard_bytes <= MAX_SHARD_BYTES:
+            raise ConfigError(
+                f"shard_bytes must be between 4096 and {MAX_SHARD_BYTES}, got {self.shard_bytes}"
+            )
+        if self.keep_versions < 1:
+            raise ConfigError(f"keep_versions must be >= 1, got {self.keep_versions}")
+        for name in ("repair_interval", "scrub_interval", "orphan_ttl"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.capacity_bytes < self.shard_bytes:
+            raise ConfigError("capacity_bytes must hold at least one shard")
+        mid = self.model_id
+        if mid and (len(mid) > MAX_STORE_ID_CHARS or not mid.isprintable() or "/" in mid):
+            raise ConfigError(f"model_id must be 1-{MAX_STORE_ID_CHARS} printable characters without '/'")
+        if self.vnodes < 1:
+            raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
+
+
+@dataclass
+class SecurityConfig:
+    """Files that secure a node's traffic (see ``gossip.security``); empty = not used."""
+
+    # PEM certificate (chain) and its private key: the node serves TLS, and its own
+    # calls present them. The advertised host must be one of the certificate's SANs.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # PEM CA that signs the cluster's certificates: verifies peers and, when set,
+    # makes the server require a client certificate it signed (mutual TLS). Unset,
+    # outgoing calls trust the system's roots and no client certificate is asked for.
+    tls_ca: str = ""
+    # A file holding the shared secret every RPC must carry; unset = no token.
+    token_file: str = ""
+    # Control calls (status, membership, store queries) one connection may make per
+    # second, and at once; the rest wait their turn. Ordinary traffic is a few per
+    # second per peer; at 50/s a flooding peer costs a training node of the default
+    # MLP well under 10 % of its steps (README, "Security"). 0 = no limit.
+    peer_call_rate: float = 50.0
+    peer_call_burst: int = 100
+
+    def validate(self, serving: bool = True) -> None:
+        """``serving``: a node, which needs its own certificate to use TLS at all."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if serving and self.tls_ca and not self.tls_cert:
+            raise ConfigError("--tls-ca needs --tls-cert and --tls-key: a node serves its own")
+        if self.peer_call_rate < 0 or self.peer_call_burst < 1:
+            raise ConfigError("peer_call_rate must be >= 0 (0 = no limit) and peer_call_burst >= 1")
+
+
 @dataclass
 class NodeConfig:
     # Loopback unless told otherwise: nothing is exposed by accident.
@@ -86,6 +181,8 @@ class NodeConfig:
     rpc_timeout: float = 2.0
     gossip: GossipConfig = field(default_factory=GossipConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def validate(self) -> None:
         check_address(self.listen, "listen")
@@ -100,6 +197,8 @@ class NodeConfig:
         if self.join_timeout <= 0 or self.rpc_timeout <= 0:
             raise ConfigError("join_timeout and rpc_timeout must be > 0")
         self.gossip.validate()
+        self.store.validate()
+        self.security.validate()
 
 
 def check_address(addr: str, what: str) -> None:

@@ -31,6 +31,9 @@ class MembershipConfig:
     suspect_after: float = 4.0  # 8 missed intervals: tolerates a busy 2-core machine with many nodes
     dead_after: float = 10.0  # suspect long enough that a GC pause or CPU burst is not a death
     left_ttl: float = 30.0  # how long a leave notice keeps travelling
+    # Members kept at most: a peer's table of thousands of fake members must not make
+    # this node dial (or place shards on) all of them.
+    max_members: int = 1024
 
 
 class Membership:
@@ -75,6 +78,8 @@ class Membership:
                 ends_life = rec.state == "left" and cur.state != "left" and rec.incarnation == cur.incarnation
                 if version <= cur_version and not ends_life:
                     continue
+            if cur is None and len(self.members) >= self.config.max_members:
+                continue
             if not self._replace_same_address(rec):
                 continue
             was_alive = cur is not None and cur.state in ("alive", "suspect")

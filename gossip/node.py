@@ -29,11 +29,12 @@ import grpc
 import grpc.aio
 import torch
 
-from gossip import averaging, rpc, wire
+from gossip import averaging, rpc, security, store_server, wire
 from gossip.config import ConfigError, NodeConfig
 from gossip.membership import Membership
 from gossip.params import FlatParams, LayoutError, PayloadReceiver, encode, payload_nbytes
 from gossip.proto import gossip_pb2 as pb
+from gossip.store_service import StoreService
 from gossip.topology import Topology, TopologyError
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,15 @@ class Node:
         self._client = rpc.PeerClient()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.membership: Membership | None = None
+        # The shard store: serves its RPCs on this node's port, publishes and repairs.
+        self.store = StoreService(
+            self.node_id,
+            self.config.store,
+            self._client,
+            fingerprint=flat.fingerprint,
+            rpc_timeout=self.config.rpc_timeout,
+            chunk_bytes=g.chunk_bytes,
+        )
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -131,7 +141,17 @@ class Node:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._server, port = await rpc.start_server(self, self.config.listen)
+        sec = security.load(self.config.security, serving=True)
+        self._client.secure(sec.channel_credentials, sec.metadata)
+        self._server, port = await rpc.start_server(
+            self,
+            self.config.listen,
+            interceptors=sec.server_interceptors(),
+            credentials=sec.server_credentials,
+            extra_handlers=[store_server.generic_handler(store_server.StoreServer(self.store))],
+        )
+        if warning := security.exposure_warning(self.config.listen, sec):
+            log.warning("%s", warning)
         host = self.config.listen.rpartition(":")[0]
         self.address = self.config.advertise or f"{host}:{port}"
         rank = self.config.rank
@@ -158,6 +178,7 @@ class Node:
             raise
         self.phase = "running"
         self._spawn(self._membership_loop())
+        self.store.start(self._store_view, self._spawn)
         log.info("node %s listening on %s (rank %d)", self.node_id, self.address, rank)
 
     async def stop(self, leave: bool = True) -> None:
@@ -179,6 +200,7 @@ class Node:
         with self._lock:
             self._apply_pending_locked()
         if leave and self.membership is not None:
+            await self.store.hand_off(timeout=5.0)
             req = pb.LeaveRequest(node_id=self.node_id, incarnation=self.membership.me.incarnation)
             targets = [m.address for m in self.membership.members.values() if m.state in ("alive", "suspect")]
             await asyncio.gather(
@@ -232,6 +254,7 @@ class Node:
                 launch = True
         if launch and self._loop is not None:
             self._loop.call_soon_threadsafe(self._launch_exchange)
+        self._maybe_publish(final=False)
 
     def gossip_now(self) -> bool:
         """Start an averaging-only exchange now (from the event loop, when nobody trains)."""
@@ -253,9 +276,38 @@ class Node:
 
     def finish_training(self) -> None:
         """Training is over: averaging results are applied by the node itself from now on."""
+        self._maybe_publish(final=True)
         with self._lock:
             self._training = False
             self._apply_pending_locked()
+
+    def _maybe_publish(self, final: bool) -> None:
+        """Hand a snapshot to the store when this node publishes the version due now.
+
+        Copied here, between two optimizer steps, so the snapshot is one step's
+        model and not a mix of two.
+        """
+        version = self.store.publish_due(self._step, final=final)
+        if version is None or self._loop is None or self.phase != "running":
+            return
+        with self._lock:
+            snap, step = self.flat.clone(), self._step
+        self._loop.call_soon_threadsafe(self.store.start_publish, snap, version, step)
+
+    def load_params(self, flat: FlatParams) -> None:
+        """Replace the model's values by ``flat``'s (same layout), e.g. a snapshot from the store."""
+        if flat.fingerprint != self.flat.fingerprint:
+            raise LayoutError("the snapshot is of another model: its layout fingerprint differs")
+        with self._lock:
+            self.flat.copy_(flat)
+
+    def _store_view(self) -> list[tuple[str, str, bytes, bool]]:
+        """The store's members: every one not known dead, this node included, and whether it is alive."""
+        assert self.membership is not None
+        live = [m for m in self.membership.members.values() if m.state in ("alive", "suspect")]
+        return [(self.node_id, self.address, self.flat.fingerprint, True)] + [
+            (m.node_id, m.address, m.fingerprint, m.state == "alive") for m in live
+        ]
 
     @property
     def step_count(self) -> int:
@@ -720,6 +772,7 @@ class Node:
             for node_id in self.membership.sweep():
                 m = self.membership.members[node_id]
                 log.warning("member %s (%s) declared dead", node_id, m.address)
+            self.store.refresh()
             target = self.membership.pick_gossip_target(self._rng)
             address = target.address if target is not None else None
             if address is None and self.config.peers:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -38,6 +39,10 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
     ("grpc.so_reuseport", 0),
+    # Calls one connection (one peer) may have open at once, enforced by gRPC's core
+    # before any Python runs: a flooding peer's extra calls wait on its side.
+    # gossip.security's rate limit relies on it.
+    ("grpc.max_concurrent_streams", 32),
 ]
 
 
@@ -104,21 +109,38 @@ async def start_server(
     listen: str,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    """Start a server on ``listen`` (port 0 picks a free port); returns it and the bound port."""
+    """Start a server on ``listen`` (port 0 picks a free port); returns it and the bound port.
+
+    ``extra_handlers`` serve further services on the same port (the shard store).
+    """
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
-    server.add_generic_rpc_handlers((generic_handler(servicer),))
+    server.add_generic_rpc_handlers((generic_handler(servicer), *extra_handlers))
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)
         else:
             port = server.add_secure_port(listen, credentials)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {listen}: {exc}") from None
+    except RuntimeError:
+        raise OSError(f"cannot listen on {listen}: {_bind_error(listen)}") from None
     if port == 0:
-        raise OSError(f"cannot listen on {listen}: address in use or not available")
+        raise OSError(f"cannot listen on {listen}: {_bind_error(listen)}")
     await server.start()
     return server, port
+
+
+def _bind_error(listen: str) -> str:
+    """Why ``listen`` cannot be bound, as the OS tells it (gRPC's own message does not)."""
+    host, _, port = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(addr)
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    return "address in use or not available"
 
 
 async def _raise_status(call: Any, address: str) -> None:
@@ -141,6 +163,20 @@ class PeerClient:
         self._metadata = tuple(metadata)
         self._interceptors = list(interceptors)
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata every call carries (the token, when one is set)."""
+        return self._metadata
+
+    def secure(
+        self, credentials: grpc.ChannelCredentials | None, metadata: Sequence[tuple[str, str]]
+    ) -> None:
+        """Set TLS credentials and call metadata (a node learns them in ``start``); before any call."""
+        if self._channels:
+            raise RuntimeError("PeerClient.secure() after channels were opened")
+        self._credentials = credentials
+        self._metadata = tuple(metadata)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)

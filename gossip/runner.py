@@ -21,10 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossip import security
 from gossip.config import NodeConfig
 from gossip.data import Dataset, load_dataset, node_data
 from gossip.models import build_model
 from gossip.node import JoinError, Node
+from gossip.params import Layout
+from gossip.reconstruct import Rebuilt, SnapshotUnavailable, fetch_snapshot
+from gossip.rpc import PeerClient
 from gossip.sysutil import tune_malloc
 from gossip.train import LocalTrainer, TrainConfig, evaluate
 
@@ -42,6 +46,11 @@ class RunOptions:
     exit_when_done: bool = False
     threads: int = 1  # torch threads: N nodes share a small machine fairly
     idle_gossip: float = 0.02  # seconds between averaging-only exchanges once training is done
+    init_from_network: bool = False  # start from the newest snapshot in the store, not the initial weights
+
+
+class InitError(JoinError):
+    """``--init-from-network`` found no snapshot to start from."""
 
 
 async def _wait_for_seed_file(path: Path, timeout: float) -> str:
@@ -95,6 +104,7 @@ class _Recorder:
         self.node, self.trainer, self.ds, self.metrics, self.opts = node, trainer, ds, metrics, opts
         self.evals = 0
         self.last_loss: float | None = None  # null in JSON until the first step
+        self.extra: dict[str, Any] = {}  # fields for the next record only
 
     def record(self, **flags: bool) -> None:
         loss, acc = evaluate(self.trainer.model, self.ds.x_test, self.ds.y_test)
@@ -110,7 +120,9 @@ class _Recorder:
             "bytes_received": stats.bytes_in,
             "exchanges": stats.exchanges_ok + stats.exchanges_served,
             **{k: True for k, v in flags.items() if v},
+            **self.extra,
         }
+        self.extra = {}
         if self.opts.dump_params:
             folder = Path(self.opts.dump_params)
             folder.mkdir(parents=True, exist_ok=True)
@@ -167,6 +179,33 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
     evaluate(model, ds.x_test[:1], ds.y_test[:1])
     if opts.seed_file:
         config.peers = (*config.peers, await _wait_for_seed_file(Path(opts.seed_file), config.join_timeout))
+    if not config.store.model_id:
+        config.store.model_id = train.model.replace("/", "_")[:128]
+    init: dict[str, Any] = {}
+    if opts.init_from_network:
+        # Before the node serves: nothing can average into the model while it loads.
+        rebuilt = await _init_from_network(model, config)
+        m = rebuilt.manifest
+        loss, acc = evaluate(model, ds.x_test, ds.y_test)
+        init = {
+            "init_from": {
+                "model_id": m.model_id,
+                "version": m.version,
+                "step": m.step,
+                "publisher": m.publisher,
+            },
+            "init_accuracy": acc,
+            "init_loss": loss,
+        }
+        log.info(
+            "starting from snapshot %s v%d (publisher %s, step %d): test accuracy %.4f, rebuilt in %.2f s",
+            m.model_id,
+            m.version,
+            m.publisher,
+            m.step,
+            acc,
+            rebuilt.seconds,
+        )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -202,6 +241,7 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
                     opts.wait_timeout,
                 )
         rec = _Recorder(node, trainer, ds, metrics, opts)
+        rec.extra = init
         if not stopping.is_set():
             train_task = asyncio.ensure_future(
                 asyncio.to_thread(_train_thread, trainer, rec, stop_training, opts.threads)
@@ -228,6 +268,44 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
         await node.stop()
         metrics.close()
     return 0
+
+
+async def _init_from_network(model: torch.nn.Module, config: NodeConfig) -> Rebuilt:
+    """Load the newest snapshot of this model through the seeds into ``model``'s parameters."""
+    if not config.peers:
+        raise InitError("--init-from-network needs --peers or --seed-file to reach the network")
+    fingerprint = Layout.of_model(model).fingerprint()
+    deadline = time.monotonic() + config.join_timeout
+    errors: dict[str, str] = {}
+    sec = security.load(config.security, serving=False)
+    while True:
+        for seed in config.peers:
+            client = PeerClient(sec.channel_credentials, sec.metadata)
+            try:
+                rebuilt = await fetch_snapshot(
+                    seed, config.store.model_id, timeout=5 * config.rpc_timeout, client=client
+                )
+            except ConnectionError as exc:
+                errors[seed] = str(exc)
+                continue
+            except SnapshotUnavailable as exc:
+                raise InitError(f"--init-from-network: {exc}") from None
+            finally:
+                await client.close()
+            if rebuilt.manifest.fingerprint != fingerprint:
+                raise InitError(
+                    f"--init-from-network: snapshot {rebuilt.manifest.key} has another parameter layout "
+                    "than this node's model"
+                )
+            state = rebuilt.state_dict()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(state[name])
+            return rebuilt
+        if time.monotonic() >= deadline:
+            raise InitError(f"--init-from-network: no seed answered: {'; '.join(errors.values())}")
+        await asyncio.sleep(0.5)
 
 
 def describe_run(train: TrainConfig, config: NodeConfig) -> dict[str, Any]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import grpc
+
 from gossip import rpc, wire
 from gossip.proto import gossip_pb2 as pb
+from gossip.security import Security
+from gossip.store_rpc import StoreClient, store_status_to_dict
 
 
 def status_to_dict(s: pb.StatusReply) -> dict[str, Any]:
@@ -43,12 +47,22 @@ def status_to_dict(s: pb.StatusReply) -> dict[str, Any]:
     }
 
 
-async def fetch_status(address: str, timeout: float) -> dict[str, Any]:
+async def fetch_status(address: str, timeout: float, sec: Security | None = None) -> dict[str, Any]:
     """The node's status as a plain dict; ConnectionError with one line when it cannot be asked."""
-    client = rpc.PeerClient()
+    sec = sec or Security()
+    client = rpc.PeerClient(sec.channel_credentials, sec.metadata)
     t0 = time.monotonic()
     try:
         reply = await client.status(address, timeout)
+        rtt = time.monotonic() - t0
+        try:
+            store: dict[str, Any] | None = store_status_to_dict(
+                await StoreClient(client).status(address, timeout)
+            )
+        except rpc.PeerError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            store = None  # a node without the shard store
     except rpc.PeerError as exc:
         raise ConnectionError(
             f"cannot reach {address}: {exc.code.name} {exc.details[:200]}".strip()
@@ -56,7 +70,9 @@ async def fetch_status(address: str, timeout: float) -> dict[str, Any]:
     finally:
         await client.close()
     out = status_to_dict(reply)
-    out["rtt_ms"] = round((time.monotonic() - t0) * 1000, 2)
+    out["rtt_ms"] = round(rtt * 1000, 2)
+    if store is not None:
+        out["store"] = store
     return out
 
 
@@ -76,4 +92,19 @@ def format_status(s: dict[str, Any]) -> str:
             f"  {m['node_id']:<14} {m['address']:<22} {m['state']:<8} rank {m['rank']:>3}"
             f"  heartbeat {m['heartbeat']:>6} ({m['seconds_since_heartbeat']:.1f} s ago)"
         )
+    st = s.get("store")
+    if st is not None:
+        under = st["under_replicated"]
+        lines += [
+            f"store       {st['model_id']}: versions {', '.join(f'v{v}' for v in st['versions']) or '-'}"
+            f"  (R={st['replication']}, publish every {st['publish_every'] or '-'} steps)",
+            f"ring        share {st['ring_share'] * 100:.1f} % of the keys, {st['ring_members']} members,"
+            f" {st['vnodes']} points each",
+            f"shards      {st['shards_held']} held ({st['bytes_held']:,} bytes), {st['shards_pending']} pending,"
+            f" published {st['published']}, repaired {st['repaired']}, corrupt dropped {st['corrupt_dropped']}",
+            f"under-replicated  {len(under)}" + (f": {', '.join(under[:8])}" if under else ""),
+        ]
+        for snap in st["snapshots"]:
+            held = snap["shards_held"]
+            lines.append(f"  {snap['model_id']} v{snap['version']}: {len(held)} shards held {held[:16]}")
     return "\n".join(lines)

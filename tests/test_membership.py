@@ -487,3 +487,16 @@ def test_pick_gossip_target_on_an_empty_table_is_none() -> None:
     m, _ = _table()
 
     assert m.pick_gossip_target(random.Random(0)) is None
+
+
+def test_members_beyond_the_cap_are_ignored() -> None:
+    from gossip.membership import Membership, MembershipConfig
+    from gossip.wire import MemberRecord
+
+    me = MemberRecord("me", "127.0.0.1:1", 1, 0)
+    ms = Membership(me, MembershipConfig(max_members=3), clock=lambda: 0.0)
+    ms.merge([MemberRecord(f"n{i}", f"127.0.0.1:{100 + i}", 1, 1) for i in range(10)])
+    assert len(ms.members) == 3
+    # Known members still update.
+    ms.merge([MemberRecord("n0", "127.0.0.1:100", 1, 5)])
+    assert ms.members["n0"].heartbeat == 5

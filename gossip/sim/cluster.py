@@ -18,13 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gossip.config import GossipConfig
+from gossip.config import GossipConfig, StoreConfig
 from gossip.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class SimulateConfig:
     host: str = "127.0.0.1"
     start_timeout: float = 90.0  # slow imports on a loaded machine still start in time
     run_timeout: float = 1800.0
+    store: StoreConfig = field(default_factory=StoreConfig)
+    kill: str = ""  # N@STEP: SIGKILL N random nodes once rank 0 reaches STEP
+    reconstruct: bool = False  # rebuild the model from the survivors, save and test it
 
 
 class SimulationError(RuntimeError):
@@ -83,6 +86,11 @@ def _node_command(
         "exchange_timeout",
     ):
         cmd += ["--" + key.replace("_", "-"), str(knobs[key])]
+    st = sim.store
+    cmd += ["--replication", str(st.replication), "--publish-every", str(st.publish_every)]
+    cmd += ["--shard-bytes", str(st.shard_bytes), "--keep-versions", str(st.keep_versions)]
+    if st.model_id:
+        cmd += ["--model-id", st.model_id]
     return cmd
 
 
@@ -114,6 +122,7 @@ class _Cluster:
         self.sim, self.train, self.gossip, self.out = sim, train, gossip, out
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, Any] = {}
+        self.killed: list[int] = []
 
     def start(self, rank: int, seed_file: str | None) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.sim.threads), MKL_NUM_THREADS=str(self.sim.threads))
@@ -128,7 +137,7 @@ class _Cluster:
     def check_alive(self) -> None:
         for rank, p in self.procs.items():
             code = p.poll()
-            if code is not None:
+            if code is not None and rank not in self.killed:
                 raise SimulationError(
                     f"node {rank} exited with code {code}; last lines of {self.out / 'nodes' / f'{rank}.log'}:\n"
                     + _tail(self.out / "nodes" / f"{rank}.log")
@@ -163,13 +172,29 @@ class _Cluster:
             fh.close()
         log.info("nodes stopped in %.1f s", time.monotonic() - t0)
 
+    def kill(self, ranks: list[int]) -> None:
+        for rank in ranks:
+            self.procs[rank].send_signal(signal.SIGKILL)
+            self.procs[rank].wait()
+            self.killed.append(rank)
+        log.warning("killed nodes %s (SIGKILL)", ranks)
+
 
 def run_cluster(
     train: TrainConfig, gossip: GossipConfig, sim: SimulateConfig, out: Path, progress: Progress | None = None
 ) -> dict[int, list[dict[str, Any]]]:
-    """Start the nodes, wait until every one finished training, stop them; returns per-rank metrics."""
+    """Start the nodes, wait until every one finished training, stop them; returns per-rank metrics.
+
+    With ``sim.kill`` some nodes are SIGKILLed on the way and left out of the
+    result; with it or ``sim.reconstruct`` the survivors are asked to rebuild the
+    model before they stop (``out/rebuild.json``).
+    """
+    from gossip.sim.rebuild import node_step, parse_kill, pick_victims, rebuild_from
+
     (out / "nodes").mkdir(parents=True, exist_ok=True)
     cluster = _Cluster(sim, train, gossip, out)
+    kill = parse_kill(sim.kill, sim.nodes)
+    victims = pick_victims(sim.nodes, kill[0], train.seed) if kill else []
     try:
         # All at once: the others wait for rank 0's ready file, so their imports
         # overlap with rank 0's instead of queueing behind it.
@@ -177,12 +202,18 @@ def run_cluster(
         seed = str(out / "nodes" / "0.ready")
         for rank in range(sim.nodes):
             cluster.start(rank, seed if rank else None)
-        cluster.wait_ready(0, sim.start_timeout)
+        first = cluster.wait_ready(0, sim.start_timeout)
         log.info("rank 0 serving after %.1f s", time.monotonic() - t_start)
         deadline = time.monotonic() + sim.run_timeout
         while True:
             cluster.check_alive()
-            records = {r: _read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes)}
+            if kill and not cluster.killed and (node_step(first) or 0) >= kill[1]:
+                cluster.kill(victims)
+            records = {
+                r: _read_jsonl(out / "nodes" / f"{r}.jsonl")
+                for r in range(sim.nodes)
+                if r not in cluster.killed
+            }
             finished = sum(1 for recs in records.values() if recs and recs[-1].get("done"))
             if progress is not None:
                 epochs = [recs[-1]["epoch"] for recs in records.values() if recs]
@@ -192,16 +223,28 @@ def run_cluster(
                 if accs:
                     text += f", mean accuracy {sum(accs) / len(accs):.3f}"
                 progress(min(done, 1.0), text)
-            if finished == sim.nodes:
-                log.info("all %d nodes finished training after %.1f s", sim.nodes, time.monotonic() - t_start)
+            if finished == len(records):
+                log.info(
+                    "all %d nodes finished training after %.1f s", len(records), time.monotonic() - t_start
+                )
                 break
             if time.monotonic() > deadline:
                 raise SimulationError(f"the run did not finish within {sim.run_timeout:.0f} s")
             time.sleep(0.25)
+        if kill and not cluster.killed:
+            log.warning("the run ended before step %d: nothing was killed", kill[1])
+        if kill or sim.reconstruct:
+            survivor = min(r for r in range(sim.nodes) if r not in cluster.killed)
+            address = cluster.wait_ready(survivor, sim.start_timeout)
+            if progress is not None:
+                progress(1.0, f"rebuilding the model through node {survivor}")
+            result = rebuild_from(address, sim.store.model_id or train.model, train, out, sim.reconstruct)
+            result["killed"] = cluster.killed
+            (out / "rebuild.json").write_text(json.dumps(result, indent=2))
     finally:
         cluster.stop()
     # Each node writes its final evaluation as it leaves (after the averaging it kept doing).
-    return {r: _read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes)}
+    return {r: _read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes) if r not in cluster.killed}
 
 
 def consensus_by_eval(out: Path, nodes: int) -> dict[int, dict[int, float]]:
@@ -314,6 +357,9 @@ def run_simulation(
     log.info("cluster ran %.1f s", wall)
     distances = consensus_by_eval(out, sim.nodes)
     summary, merged = summarize(out, records, distances, train, gossip, sim, wall)
+    summary["ranks"] = sorted(records)
+    if (out / "rebuild.json").exists():
+        summary.update(json.loads((out / "rebuild.json").read_text()))
     if sim.baseline:
         from gossip.data import load_dataset
         from gossip.train import train_baseline
