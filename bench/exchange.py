@@ -41,24 +41,14 @@ import threading
 import time
 from typing import Any
 
+from _common import recv_exact, watch_parent
+
 MiB = 1 << 20
 CALL_TIMEOUT = 30.0  # any single exchange or command
 STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
 
 
 # --- helpers shared by the processes ---------------------------------------------------
-
-
-def _watch_parent(ppid: int) -> None:
-    """Exit this child as soon as its parent is gone (no orphans, whatever happens)."""
-
-    def loop() -> None:
-        while True:
-            if os.getppid() != ppid:
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=loop, daemon=True).start()
 
 
 def _setup_process(mallopt: bool) -> None:
@@ -72,20 +62,11 @@ def _setup_process(mallopt: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s: %(message)s")
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise ConnectionError("peer closed the connection")
-        got += k
-
-
 # --- raw TCP peer (own process) --------------------------------------------------------
 
 
 def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
-    _watch_parent(ppid)
+    watch_parent(ppid)
     _setup_process(mallopt)
     import torch
 
@@ -100,7 +81,7 @@ def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
     hdr = bytearray(8)
     while True:
         try:
-            _recv_exact(c, memoryview(hdr))
+            recv_exact(c, memoryview(hdr))
         except ConnectionError:
             return
         n = int.from_bytes(hdr, "little")
@@ -108,7 +89,7 @@ def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
             src, dst = torch.full((n // 4,), 3.0), torch.empty(n // 4)
             bufs[n] = (memoryview(src.numpy()).cast("B"), memoryview(dst.numpy()).cast("B"), src, dst)
         send, recv, _, _ = bufs[n]
-        _recv_exact(c, recv)
+        recv_exact(c, recv)
         c.sendall(send)
 
 
@@ -116,7 +97,7 @@ def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
 
 
 def node_peer(conn: Any, ppid: int, mallopt: bool) -> None:
-    _watch_parent(ppid)
+    watch_parent(ppid)
     _setup_process(mallopt)
     asyncio.run(_node_peer(conn))
 
@@ -197,7 +178,7 @@ class Child:
 def _raw_exchange(sock: socket.socket, send: memoryview, recv: memoryview) -> None:
     sock.sendall(len(send).to_bytes(8, "little"))
     sock.sendall(send)
-    _recv_exact(sock, recv)
+    recv_exact(sock, recv)
 
 
 async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:

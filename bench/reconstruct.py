@@ -39,23 +39,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from _common import recv_exact, watch_parent
+
 MiB = 1 << 20
 STARTUP_TIMEOUT = 120.0
-
-
-def _watch_parent(ppid: int) -> None:
-    def loop() -> None:
-        while True:
-            if os.getppid() != ppid:
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=loop, daemon=True).start()
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -120,15 +111,6 @@ def _raw_child(mib: int, workdir: Path) -> None:
 # --- the measuring side (this process) --------------------------------------------------
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        k = sock.recv_into(view[got:], len(view) - got)
-        if k == 0:
-            raise ConnectionError("raw peer closed the connection")
-        got += k
-
-
 async def _replicated(addresses: list[str], replication: int) -> bool:
     from gossip.status import fetch_status
 
@@ -157,7 +139,7 @@ def main() -> int:
     ap.add_argument("--ppid", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _watch_parent(args.ppid)
+        watch_parent(args.ppid)
         if args.child == "raw":
             _raw_child(args.mib, Path(args.workdir))
         else:
@@ -217,7 +199,7 @@ def main() -> int:
                 for r in range(args.repeats + 1):
                     t = time.perf_counter()
                     sock.sendall(b"x")
-                    _recv_exact(sock, raw_buf)
+                    recv_exact(sock, raw_buf)
                     raw = time.perf_counter() - t
                     t = time.perf_counter()
                     rebuilt = await fetch_snapshot(

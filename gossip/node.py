@@ -246,11 +246,7 @@ class Node:
         launch = False
         with self._lock:
             if self.phase == "running" and not self._busy and self._step % g.gossip_every == 0:
-                self._busy = True
-                self._own_inflight = True
-                self._own_done.clear()
-                self._launched_step = self._step
-                self._snap.copy_(self.flat)
+                self._claim_own_exchange_locked()
                 launch = True
         if launch and self._loop is not None:
             self._loop.call_soon_threadsafe(self._launch_exchange)
@@ -261,13 +257,17 @@ class Node:
         with self._lock:
             if self.phase != "running" or self._busy or self._training:
                 return False
-            self._busy = True
-            self._own_inflight = True
-            self._own_done.clear()
-            self._launched_step = self._step
-            self._snap.copy_(self.flat)
+            self._claim_own_exchange_locked()
         self._launch_exchange()
         return True
+
+    def _claim_own_exchange_locked(self) -> None:
+        """Hold the busy flag for an exchange of our own, from a snapshot taken now."""
+        self._busy = True
+        self._own_inflight = True
+        self._own_done.clear()
+        self._launched_step = self._step
+        self._snap.copy_(self.flat)
 
     async def wait_own_exchange(self) -> None:
         """Wait (from the event loop) until this node's own exchange in flight has ended."""
@@ -429,8 +429,8 @@ class Node:
             # in cache: exactly averaging.pairwise_delta, without a copy or a later pass.
             torch.sub(other, snap[i][start:stop], out=recv[i][start:stop]).mul_(0.5)
 
-        # Every element is checked (length, finiteness) as it arrives, so the commit,
-        # the close of our stream, happens only for an answer known to be good.
+        # Every element is checked (length, finiteness) as it arrives, so the commit
+        # frame is sent only for an answer known to be good.
         receiver = PayloadReceiver(
             self.flat.layout,
             codec,
