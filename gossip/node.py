@@ -92,6 +92,11 @@ class Node:
         self._own_inflight = False  # this node's own exchange (as caller) is running
         self._own_done = threading.Event()
         self._launched_step = 0
+        # An exchange another node started with this one: max_lag bounds the steps run
+        # ahead of it too, or a node kept busy answering others would hardly mix.
+        self._incoming_inflight = False
+        self._incoming_done = threading.Event()
+        self._incoming_step = 0
         self._step = 0
         self._round = 0
         self._snap = FlatParams.zeros(flat.layout)
@@ -229,18 +234,20 @@ class Node:
     def step(self, n: int = 1) -> None:
         """Call after each optimizer step: applies arrived averaging, maybe starts an exchange.
 
-        When this node's own exchange has been in flight for ``max_lag`` steps,
-        ``step`` waits for it (at most its deadline): a node whose compute is much
-        faster than its link still mixes at least once every ``max_lag`` steps.
+        When an exchange this node takes part in (its own, or one a neighbour
+        started with it) has been in flight for ``max_lag`` steps, ``step`` waits
+        for it (at most its deadline): a node whose compute is much faster than its
+        link still mixes at least once every ``max_lag`` steps.
         """
         g = self.config.gossip
         self._training = True
         with self._lock:
             self._apply_pending_locked()
             self._step += n
-            wait = self._own_inflight and self._step - self._launched_step >= g.max_lag
-        if wait:
-            self._own_done.wait(self._deadline() + 1.0)
+            wait_own = self._own_inflight and self._step - self._launched_step >= g.max_lag
+            wait_in = self._incoming_inflight and self._step - self._incoming_step >= g.max_lag
+        if wait_own or wait_in:
+            (self._own_done if wait_own else self._incoming_done).wait(self._deadline() + 1.0)
             with self._lock:
                 self._apply_pending_locked()
         launch = False
@@ -530,6 +537,9 @@ class Node:
             declined = self._busy or self.phase != "running"
             if not declined:
                 self._busy = True
+                self._incoming_inflight = True
+                self._incoming_done.clear()
+                self._incoming_step = self._step
                 if codec != "raw":
                     self._snap.copy_(self.flat)
         reply = wire.Header(
@@ -608,6 +618,8 @@ class Node:
             if not committed:
                 with self._lock:
                     self._busy = False
+            self._incoming_inflight = False
+            self._incoming_done.set()
 
     # --- push-sum ------------------------------------------------------------------
 

@@ -725,3 +725,24 @@ def test_dead_peer_costs_one_timeout_and_is_avoided(how: str) -> None:
                     await c.stop(leave=False)
 
     run(main())
+
+
+def test_a_node_answering_a_slow_exchange_waits_for_it_after_max_lag_steps() -> None:
+    """max_lag bounds the steps run ahead of an incoming exchange too, not only of its own."""
+
+    async def go() -> None:
+        g = GossipConfig(exchange_timeout=1.0, max_lag=2)
+        async with cluster([[1.0] * D], gossip=g) as (node,), grpc.aio.insecure_channel(node.address) as ch:
+            # A caller that sends its header, is accepted, then sends nothing more.
+            call = ch.stream_stream(SERVICE + "Exchange")(timeout=CALL_TIMEOUT)
+            await call.write(good_header(node.flat))
+            assert wire.header_from_frame(await call.read()).outcome == "accepted"
+            await asyncio.to_thread(node.step)  # one step ahead: runs on
+            assert node._incoming_inflight, "the first step should not wait"
+            await asyncio.to_thread(node.step)  # two steps ahead: waits for the exchange to end
+            assert not node._incoming_inflight
+            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.to_thread(node.step)  # nothing in flight: no wait, and no harm done
+            assert torch.equal(vec(node), torch.ones(D))
+
+    run(go())
