@@ -148,9 +148,18 @@ class SecurityConfig:
     # Control calls (status, membership, store queries) one connection may make per
     # second, and at once; the rest wait their turn. Ordinary traffic is a few per
     # second per peer; at 50/s a flooding peer costs a training node of the default
-    # MLP well under 10 % of its steps (README, "Security"). 0 = no limit.
+    # MLP well under 10 % of its steps (README, "Security"). 0 = no limit (neither
+    # this nor the node's below).
     peer_call_rate: float = 50.0
     peer_call_burst: int = 100
+    # The same for all connections together, shared fairly among those calling: many
+    # flooding connections get 100/s between them, not 50/s each, while a peer that
+    # calls less than its share is never held. At 100 calls/s from one unlimited
+    # flooder a training node kept 0.98 of its step rate (README, "Security"); a node
+    # of a 100-node cluster gets ~25 control calls/s (member syncs, a store repair
+    # round every 5 s). 0 = per connection only.
+    node_call_rate: float = 100.0
+    node_call_burst: int = 200
 
     def validate(self, serving: bool = True) -> None:
         """``serving``: a node, which needs its own certificate to use TLS at all."""
@@ -160,6 +169,8 @@ class SecurityConfig:
             raise ConfigError("--tls-ca needs --tls-cert and --tls-key: a node serves its own")
         if self.peer_call_rate < 0 or self.peer_call_burst < 1:
             raise ConfigError("peer_call_rate must be >= 0 (0 = no limit) and peer_call_burst >= 1")
+        if self.node_call_rate < 0 or self.node_call_burst < 1:
+            raise ConfigError("node_call_rate must be >= 0 (0 = no limit) and node_call_burst >= 1")
 
 
 @dataclass

@@ -3,10 +3,14 @@
 Each node bumps its own heartbeat every gossip interval and swaps tables with a
 random peer. A member whose (incarnation, heartbeat) has not grown for
 ``suspect_after`` seconds is suspect, after ``dead_after`` dead; dead members
-are not picked and not gossiped. A restarted node has a larger incarnation and
-so replaces its old record, also when it comes back under a new id at the same
-address. Records never move backwards: a tombstone of the newest version seen
-keeps stale gossip from resurrecting a dead or departed member.
+are not picked and not gossiped, only probed now and then (:meth:`pick_dead`),
+so a member that was paused, or cut off, is found again when it answers. A
+restarted node has a larger incarnation and so replaces its old record, also
+when it comes back under a new id at the same address. Records never move
+backwards: a tombstone of the newest version seen keeps stale gossip from
+resurrecting a dead or departed member. Time this node itself could not listen
+(paused, or its loop blocked) is :meth:`discount`-ed: silence it did not hear
+is no one's fault but its own.
 """
 
 from __future__ import annotations
@@ -116,6 +120,17 @@ class Membership:
         self._tombstones[node_id] = (m.incarnation, _LIFE_OVER)
         return True
 
+    def discount(self, seconds: float) -> None:
+        """This node could not listen for ``seconds``: nobody's silence over that time counts.
+
+        A process that was stopped, or whose event loop was blocked, heard no
+        gossip meanwhile; without this, it would declare every peer dead the moment
+        it resumes, and one without seeds would then have no one left to ask.
+        """
+        now = self.clock()
+        for node_id, seen in self._seen.items():
+            self._seen[node_id] = min(now, seen + seconds)
+
     def sweep(self) -> list[str]:
         """Advance suspicion by the clock; returns ids newly declared dead."""
         now = self.clock()
@@ -160,6 +175,11 @@ class Membership:
 
     def pick_gossip_target(self, rng: random.Random) -> MemberRecord | None:
         candidates = [m for m in self.members.values() if m.state in ("alive", "suspect")]
+        return rng.choice(candidates) if candidates else None
+
+    def pick_dead(self, rng: random.Random) -> MemberRecord | None:
+        """A member declared dead, to probe: its answer brings it back if it was only paused or cut off."""
+        candidates = [m for m in self.members.values() if m.state == "dead"]
         return rng.choice(candidates) if candidates else None
 
     def all(self) -> list[MemberRecord]:

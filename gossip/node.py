@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 _DEADLINE_BYTES_PER_S = 20e6
 # Concurrent push-sum receives one node accepts; more get RESOURCE_EXHAUSTED.
 _MAX_CONCURRENT_PUSHES = 4
+# Member syncs of this node's own in flight at once: a peer that takes the call and
+# never answers (paused, overloaded) holds one until its deadline, the others go on.
+_MAX_SYNCS_IN_FLIGHT = 3
+# Chance per round that the sync goes to a member declared dead: a probe every
+# ~10 rounds (5 s) finds a paused or cut-off member again, at the cost of one call.
+_PROBE_DEAD = 0.1
 
 
 class JoinError(RuntimeError):
@@ -776,28 +782,64 @@ class Node:
         return True
 
     async def _membership_loop(self) -> None:
+        """Beat, sweep and start a sync every round, on time whatever the peers do.
+
+        A sync runs as its own task (its deadline is ``rpc_timeout``): a peer that
+        accepts the call and never answers holds one of the few sync slots, not
+        the heartbeat.
+        """
         assert self.membership is not None
+        ms = self.membership
         interval = self.config.membership.interval
+        loop = asyncio.get_running_loop()
+        syncing: set[str] = set()
         while True:
-            await asyncio.sleep(interval * self._rng.uniform(0.8, 1.2))
-            self.membership.beat()
-            for node_id in self.membership.sweep():
-                m = self.membership.members[node_id]
+            pause = interval * self._rng.uniform(0.8, 1.2)
+            woke = loop.time() + pause
+            await asyncio.sleep(pause)
+            late = loop.time() - woke
+            if late > interval:
+                # Paused (SIGSTOP), starved or blocked: no gossip was heard meanwhile.
+                ms.discount(late)
+                level = logging.WARNING if late > ms.config.suspect_after / 2 else logging.DEBUG
+                log.log(level, "membership loop %.1f s late; that silence is not held against peers", late)
+            ms.beat()
+            for node_id in ms.sweep():
+                m = ms.members[node_id]
                 log.warning("member %s (%s) declared dead", node_id, m.address)
             self.store.refresh()
-            target = self.membership.pick_gossip_target(self._rng)
-            address = target.address if target is not None else None
-            if address is None and self.config.peers:
-                address = self._rng.choice(self.config.peers)
-            if address is None or address == self.address:
+            if len(syncing) >= _MAX_SYNCS_IN_FLIGHT:
                 continue
-            try:
-                reply = await self._client.sync(address, self._table(), self.config.rpc_timeout)
-                self._merge(reply)
-            except rpc.PeerError as exc:
-                log.debug("member sync with %s failed: %s", address, exc.code.name)
-            except wire.WireError as exc:
-                log.warning("bad member table from %s: %s", address, exc)
+            address = self._sync_target()
+            if address is None or address in syncing:
+                continue
+            syncing.add(address)
+            self._spawn(self._sync_with(address, syncing))
+
+    def _sync_target(self) -> str | None:
+        """A random member to swap tables with: alive or suspect, now and then a dead one, else a seed."""
+        assert self.membership is not None
+        target = None
+        if self._rng.random() < _PROBE_DEAD:
+            target = self.membership.pick_dead(self._rng)
+        if target is None:
+            target = self.membership.pick_gossip_target(self._rng)
+        address = target.address if target is not None else None
+        if address is None and self.config.peers:
+            address = self._rng.choice(self.config.peers)
+        return None if address == self.address else address
+
+    async def _sync_with(self, address: str, syncing: set[str]) -> None:
+        """Swap tables with ``address``, which stays in ``syncing`` until the call ended."""
+        try:
+            reply = await self._client.sync(address, self._table(), self.config.rpc_timeout)
+            self._merge(reply)
+        except rpc.PeerError as exc:
+            log.debug("member sync with %s failed: %s", address, exc.code.name)
+        except wire.WireError as exc:
+            log.warning("bad member table from %s: %s", address, exc)
+        finally:
+            syncing.discard(address)
 
     async def join(
         self, request: pb.MemberTable, context: grpc.aio.ServicerContext[Any, Any]

@@ -43,7 +43,15 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     # before any Python runs: a flooding peer's extra calls wait on its side.
     # gossip.security's rate limit relies on it.
     ("grpc.max_concurrent_streams", 32),
+    # Connections at once, closed by gRPC's core beyond this: room for a full member
+    # table (membership.max_members, 1024) twice over, for clients and reconnects.
+    ("grpc.max_allowed_incoming_connections", 2048),
 ]
+# Calls open at once on the whole server, all connections and methods together;
+# beyond it gRPC answers RESOURCE_EXHAUSTED before any handler runs. A last resort:
+# gossip.security holds at most MAX_HELD_CALLS control calls, and a node's own
+# traffic keeps a few dozen open.
+MAX_OPEN_CALLS = 1024
 
 
 class PeerError(Exception):
@@ -115,7 +123,9 @@ async def start_server(
 
     ``extra_handlers`` serve further services on the same port (the shard store).
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=list(interceptors), maximum_concurrent_rpcs=MAX_OPEN_CALLS
+    )
     server.add_generic_rpc_handlers((generic_handler(servicer), *extra_handlers))
     try:
         if credentials is None:

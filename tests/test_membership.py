@@ -205,6 +205,58 @@ def test_recovered_member_restarts_its_timer() -> None:
     assert m.seconds_since_heartbeat("a") == pytest.approx(CONFIG.suspect_after - 0.1)
 
 
+def test_time_this_node_could_not_listen_is_not_held_against_members() -> None:
+    m, clock = _table()
+    m.merge([_rec("a", 9001)])
+    clock.now += CONFIG.dead_after + 5.0  # e.g. this process was stopped
+
+    m.discount(CONFIG.dead_after + 5.0)
+    died = m.sweep()
+
+    assert died == []
+    assert _state(m, "a") == "alive"
+
+
+def test_discounted_members_are_suspected_again_once_quiet_for_long_enough() -> None:
+    m, clock = _table()
+    m.merge([_rec("a", 9001)])
+    clock.now += 20.0
+    m.discount(20.0)
+
+    clock.now += CONFIG.suspect_after + 0.1
+    m.sweep()
+
+    assert _state(m, "a") == "suspect"
+
+
+def test_discount_gives_no_credit_beyond_now() -> None:
+    m, clock = _table()
+    m.merge([_rec("a", 9001)])
+    clock.now += 1.0
+
+    m.discount(100.0)
+
+    assert m.seconds_since_heartbeat("a") == 0.0
+    clock.now += CONFIG.dead_after + 0.1
+    assert m.sweep() == ["a"]
+
+
+def test_pick_dead_picks_only_dead_members() -> None:
+    m = _mixed_table()
+    rng = random.Random(0)
+
+    picks = {m.pick_dead(rng).node_id for _ in range(20)}  # type: ignore[union-attr]
+
+    assert picks == {"d"}
+
+
+def test_pick_dead_without_dead_members_is_none() -> None:
+    m, _ = _table()
+    m.merge([_rec("a", 9001)])
+
+    assert m.pick_dead(random.Random(0)) is None
+
+
 @pytest.mark.parametrize("heartbeat", [3, 2])
 def test_dead_member_is_not_revived_by_stale_gossip(heartbeat: int) -> None:
     m, clock = _table()
