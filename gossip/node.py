@@ -29,7 +29,7 @@ import grpc
 import grpc.aio
 import torch
 
-from gossip import averaging, rpc, security, store_server, wire
+from gossip import averaging, faults, rpc, security, store_server, wire
 from gossip.config import ConfigError, NodeConfig
 from gossip.membership import Membership
 from gossip.params import FlatParams, LayoutError, PayloadReceiver, encode, payload_nbytes
@@ -434,7 +434,15 @@ class Node:
             total_bytes=payload_nbytes(self.flat.layout, codec),
             chunk_bytes=g.chunk_bytes,
         )
-        chunks = wire.iter_chunks(encode(self._snap, codec), g.chunk_bytes)
+
+        def detail() -> dict[str, Any]:
+            return self._fault_detail(peer.node_id)
+
+        chunks = faults.tap(
+            wire.iter_chunks(encode(self._snap, codec), g.chunk_bytes),
+            "pairwise.caller.mid_stream",
+            detail=detail,
+        )
         snap, recv = list(self._snap), list(self._recv)
 
         def to_delta(i: int, start: int, stop: int, other: torch.Tensor) -> None:
@@ -460,12 +468,17 @@ class Node:
             return True
 
         def on_chunk(data: bytes) -> bool:
+            first = receiver.received == 0
             receiver.write(wire.chunk_from_frame(data))
+            if first:
+                faults.failpoint("pairwise.caller.reply_mid", detail)
             if receiver.received < receiver.expected:
                 return False
             receiver.finish()
+            faults.failpoint("pairwise.caller.before_commit", detail)
             return True
 
+        faults.failpoint("pairwise.caller.before_send", detail)
         try:
             ok = await self._client.exchange(
                 peer.address, wire.header_to_frame(header), chunks, on_header, on_chunk, self._deadline()
@@ -476,6 +489,7 @@ class Node:
         if not ok:
             self.stats.busy_replies += 1
             return "busy"
+        faults.failpoint("pairwise.caller.after_commit", detail)
         self.stats.bytes_out += header.total_bytes
         self.stats.bytes_in += receiver.received
         self.stats.exchanges_ok += 1
@@ -502,6 +516,21 @@ class Node:
             self._busy = False
 
         self._deliver(apply)
+
+    def _fault_detail(self, peer: str, **extra: float) -> dict[str, Any]:
+        """What a failpoint logs of this node as it dies: the survivor's books are checked against it."""
+        s = self.stats
+        return {
+            "node": self.node_id,
+            "peer": peer,
+            "step": self._step,
+            "weight": self.weight,
+            "ok": s.exchanges_ok,
+            "served": s.exchanges_served,
+            "failed": s.exchanges_failed,
+            "busy_replies": s.busy_replies,
+            **extra,
+        }
 
     def _check_header(self, h: wire.Header, codec: str | None = None) -> None:
         if h.fingerprint != self.flat.fingerprint:
@@ -580,7 +609,11 @@ class Node:
             consume=to_delta if codec == "raw" else None,
         )
 
+        def detail() -> dict[str, Any]:
+            return self._fault_detail(header.sender)
+
         async def serve() -> None:
+            faults.failpoint("pairwise.callee.before_send", detail)
             await context.write(wire.header_to_frame(reply))
             # The caller's whole payload first, checked chunk by chunk, then our answer:
             # one direction at a time costs less CPU than both at once on a small
@@ -589,15 +622,19 @@ class Node:
                 frame = await context.read()
                 if frame is grpc.aio.EOF:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "payload ended early")
+                first = receiver.received == 0
                 try:
                     receiver.write(wire.chunk_from_frame(frame))
                 except (wire.WireError, LayoutError) as exc:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                if first:
+                    faults.failpoint("pairwise.callee.mid_stream", detail)
             try:
                 receiver.finish()
             except LayoutError as exc:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            for c in wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes):
+            chunks = wire.iter_chunks(encode(self._snap, codec), self.config.gossip.chunk_bytes)
+            for c in faults.tap(chunks, "pairwise.callee.answering", "pairwise.callee.answered", detail):
                 await context.write(wire.chunk_frame(c))
             # The caller commits only after it read and checked our whole answer.
             last = await context.read()
@@ -616,6 +653,7 @@ class Node:
             committed = True
             self._delta_ready = codec == "raw"
             self._commit_pairwise(codec)
+            faults.failpoint("pairwise.callee.applied", detail)
         except _Reject as rej:
             await rej.abort(context, self.node_id)
         except TimeoutError:
@@ -624,6 +662,8 @@ class Node:
             if not committed:
                 with self._lock:
                     self._busy = False
+                # Refused, timed out, or the caller vanished (its call was cancelled).
+                log.warning("exchange from %s ended without a commit; nothing applied", header.sender)
             self._incoming_inflight = False
             self._incoming_done.set()
 
@@ -646,7 +686,17 @@ class Node:
                 weight=w_send,
                 chunk_bytes=g.chunk_bytes,
             )
-            chunks = wire.iter_chunks(encode(self._snap, g.codec), g.chunk_bytes)
+
+            def detail() -> dict[str, Any]:
+                return self._fault_detail(peer.node_id, w_send=w_send)
+
+            chunks = faults.tap(
+                wire.iter_chunks(encode(self._snap, g.codec), g.chunk_bytes),
+                "push.caller.mid_stream",
+                "push.caller.sent",
+                detail,
+            )
+            faults.failpoint("push.caller.before_send", detail)
             try:
                 ack = await self._client.push(
                     peer.address, wire.header_to_frame(header), chunks, self._deadline()
@@ -658,6 +708,7 @@ class Node:
             if not accepted:
                 self.stats.busy_replies += 1
                 return
+            faults.failpoint("push.caller.acked", detail)
 
             # Keep half only now that the peer holds the other half: mass is never lost.
             # Merges (and SGD) may have moved z since the snapshot was sent, so remove
@@ -685,12 +736,14 @@ class Node:
         timeout = self._deadline()
         if self._push_slots.locked():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many pushes in flight")
+        sender, whole = "an unknown sender", False
         async with self._push_slots:
             try:
                 first = await asyncio.wait_for(context.read(), timeout)
                 if first is grpc.aio.EOF:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty push")
                 header = _header_or_reject(first)
+                sender = header.sender
                 self._check_header(header)
                 if self.config.gossip.strategy != "push-sum":
                     raise _Reject(
@@ -698,27 +751,40 @@ class Node:
                     )
                 if not header.weight > 0:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "push-sum weight must be positive")
+
+                def detail() -> dict[str, Any]:
+                    return self._fault_detail(header.sender, w_in=header.weight)
+
+                faults.failpoint("push.callee.header", detail)
                 receiver = PayloadReceiver(self.flat.layout, header.codec)
                 while True:
                     frame = await asyncio.wait_for(context.read(), timeout)
                     if frame is grpc.aio.EOF:
                         break
+                    first_chunk = receiver.received == 0
                     try:
                         receiver.write(wire.chunk_from_frame(frame))
                     except (wire.WireError, LayoutError) as exc:
                         raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                    if first_chunk:
+                        faults.failpoint("push.callee.mid_stream", detail)
                 try:
                     z_in = receiver.finish()
                 except LayoutError as exc:
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
                 if not z_in.is_finite():
                     raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "payload holds NaN or Inf")
+                whole = True
             except _Reject as rej:
                 await rej.abort(context, self.node_id)
                 raise AssertionError("unreachable") from None
             except TimeoutError:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "push stalled")
                 raise AssertionError("unreachable") from None
+            finally:
+                if not whole:
+                    # Refused, timed out, or the sender vanished (its call was cancelled).
+                    log.warning("push from %s ended before it was whole and checked; nothing merged", sender)
         w_in = header.weight
 
         def apply() -> None:
@@ -728,6 +794,7 @@ class Node:
             self.weight = w_new
 
         self._deliver(apply)
+        faults.failpoint("push.callee.applied", detail)
         self.stats.bytes_in += receiver.received
         self.stats.exchanges_served += 1
         return bytes(pb.PushAck(accepted=True).SerializeToString())

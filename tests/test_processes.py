@@ -1,112 +1,25 @@
 """Real `python -m gossip node` processes on loopback: crashes, signals, status, exit.
 
-Every process is started by the ``launcher`` fixture, which kills (by pid) and
-reaps whatever is still running when the test ends, pass or fail.
+Every process is started by the ``launcher`` fixture (``tests/procs.py``), which
+kills (by pid) and reaps whatever is still running when the test ends, pass or fail.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from procs import Launcher, NodeProc, stop, wait_for
 
-from gossip.status import fetch_status
-
-START_TIMEOUT = 120.0  # imports and the dataset on a loaded 2-core machine
 STEPS_PER_EPOCH = 90  # digits: 1437 training samples in batches of 16, every node the whole set
-
-
-@dataclass
-class NodeProc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    workdir: Path
-    logfile: IO[bytes]
-    address: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ready_file(self) -> Path:
-        return self.workdir / f"{self.name}.ready"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.workdir / f"{self.name}.jsonl"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"{self.name}.log"
-
-    def tail(self, lines: int = 25) -> str:
-        self.logfile.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- last lines of {self.name}'s log ---\n" + "\n".join(text)
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        if self.metrics_file.exists():
-            for line in self.metrics_file.read_text().splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line being written right now
-        return out
-
-    def finished(self) -> bool:
-        """Training is over: the node wrote its 'done' record (and 'final' once it leaves)."""
-        return any(r.get("done") or r.get("final") for r in self.records())
-
-
-class Launcher:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[NodeProc] = []
-
-    def start(self, name: str, *args: str, peers: str | None = None) -> NodeProc:
-        cmd = [sys.executable, "-m", "gossip", "node", "--listen", "127.0.0.1:0", "--node-id", name]
-        cmd += ["--dataset", "digits", "--threads", "1"]
-        cmd += ["--ready-file", str(self.workdir / f"{name}.ready")]
-        cmd += ["--metrics", str(self.workdir / f"{name}.jsonl")]
-        if peers:
-            cmd += ["--peers", peers]
-        cmd += list(args)
-        logfile = (self.workdir / f"{name}.log").open("wb")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        popen = subprocess.Popen(
-            cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-        proc = NodeProc(name, popen, self.workdir, logfile)
-        self.procs.append(proc)
-        return proc
-
-    def wait_ready(self, *procs: NodeProc) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        for p in procs:
-            while not p.ready_file.exists():
-                code = p.popen.poll()
-                assert code is None, f"{p.name} exited with {code} before serving\n{p.tail()}"
-                assert time.monotonic() < deadline, f"{p.name} did not start in time\n{p.tail()}"
-                time.sleep(0.05)
-            p.address = json.loads(p.ready_file.read_text())["address"]
-
-    def cleanup(self) -> None:
-        for p in self.procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-        for p in self.procs:
-            p.popen.wait(30)
-            p.logfile.close()
 
 
 @pytest.fixture
@@ -119,7 +32,7 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
 
 
 def status(p: NodeProc) -> dict[str, Any]:
-    return asyncio.run(fetch_status(p.address, 10.0))
+    return p.status()
 
 
 def member_state(st: dict[str, Any], node_id: str) -> str | None:
@@ -127,27 +40,6 @@ def member_state(st: dict[str, Any], node_id: str) -> str | None:
         if m["node_id"] == node_id:
             return str(m["state"])
     return None
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, *procs: NodeProc) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        for p in procs:
-            code = p.popen.poll()
-            assert code is None, f"{p.name} exited with {code} while waiting for {what}\n{p.tail()}"
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout} s waiting for {what}\n" + "\n".join(p.tail() for p in procs)
-            )
-        time.sleep(0.1)
-
-
-def stop(p: NodeProc, timeout: float = 60.0) -> int:
-    p.popen.send_signal(signal.SIGTERM)
-    try:
-        return p.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{p.name} did not exit within {timeout} s of SIGTERM\n{p.tail()}") from None
 
 
 def start_cluster(launcher: Launcher, count: int, *args: str) -> list[NodeProc]:

@@ -1,96 +1,41 @@
 """The model store across real `python -m gossip node` processes: SIGKILL, repair, rebuild.
 
-Every process is started through the ``procs`` fixture, which kills (by pid) and
-reaps whatever still runs when the test ends, pass or fail. Nodes train one
-epoch on 1/8 of digits (12 steps) and publish every 3 steps, in 4 KiB shards
-(10 per snapshot), so snapshots exist within seconds; the store and membership
-run on their default settings (a death is noticed after 10 s).
+Every process is started through the ``procs`` fixture (a ``tests/procs.py``
+launcher), which kills (by pid) and reaps whatever still runs when the test ends,
+pass or fail. Nodes train one epoch on 1/8 of digits (12 steps) and publish every
+3 steps, in 4 KiB shards (10 per snapshot), so snapshots exist within seconds; the
+store and membership run on their default settings (a death is noticed after 10 s).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import torch
+from procs import Launcher, NodeProc
 
-from gossip.status import fetch_status
-
-START_TIMEOUT = 120.0
 STORE_ARGS = ["--shard-bytes", "4096", "--publish-every", "3", "--replication", "3"]
 SHARDS = 10  # the mlp on digits: 38 440 bytes
 
 
-class Proc:
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], workdir: Path, log: IO[bytes]) -> None:
-        self.name, self.popen, self.workdir, self.log = name, popen, workdir, log
-        self.address = ""
+class Procs(Launcher):
+    def start(self, name: str, *args: str, **kwargs: Any) -> NodeProc:
+        return super().start(name, "--epochs", "1", *args, **kwargs)
 
-    def records(self) -> list[dict[str, Any]]:
-        path = self.workdir / f"{self.name}.jsonl"
-        out = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return out
-
-    def tail(self) -> str:
-        self.log.flush()
-        lines = (self.workdir / f"{self.name}.log").read_text(errors="replace").splitlines()[-20:]
-        return f"--- {self.name} ---\n" + "\n".join(lines)
-
-    def status(self) -> dict[str, Any]:
-        return asyncio.run(fetch_status(self.address, 10.0))
-
-    def kill(self) -> None:
-        os.kill(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(30)
-
-
-class Procs:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.all: list[Proc] = []
-
-    def start(self, name: str, *args: str) -> Proc:
-        cmd = [sys.executable, "-m", "gossip", "node", "--listen", "127.0.0.1:0", "--node-id", name]
-        cmd += ["--dataset", "digits", "--threads", "1", "--epochs", "1"]
-        cmd += ["--ready-file", str(self.workdir / f"{name}.ready")]
-        cmd += ["--metrics", str(self.workdir / f"{name}.jsonl"), *args]
-        log = (self.workdir / f"{name}.log").open("wb")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        proc = Proc(name, popen, self.workdir, log)
-        self.all.append(proc)
-        return proc
-
-    def wait_ready(self, *procs: Proc) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        for p in procs:
-            ready = self.workdir / f"{p.name}.ready"
-            while not ready.exists():
-                assert p.popen.poll() is None, f"{p.name} exited early\n{p.tail()}"
-                assert time.monotonic() < deadline, f"{p.name} did not start\n{p.tail()}"
-                time.sleep(0.05)
-            p.address = json.loads(ready.read_text())["address"]
-
-    def cluster(self, n: int, *args: str) -> list[Proc]:
+    def cluster(self, n: int, *args: str) -> list[NodeProc]:
         """n ranked nodes (1/n of the data each), started at once, joined through the first."""
         seed = str(self.workdir / "n0.ready")
         procs = []
@@ -99,14 +44,6 @@ class Procs:
             procs.append(self.start(f"n{i}", *ranked, *([] if i == 0 else ["--seed-file", seed])))
         self.wait_ready(*procs)
         return procs
-
-    def cleanup(self) -> None:
-        for p in self.all:
-            if p.popen.poll() is None:
-                p.popen.kill()
-        for p in self.all:
-            p.popen.wait(30)
-            p.log.close()
 
 
 @pytest.fixture
@@ -118,7 +55,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         la.cleanup()
 
 
-def wait_for(pred: Callable[[], bool], timeout: float, what: str, procs: list[Proc]) -> float:
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, procs: list[NodeProc]) -> float:
     t0 = time.monotonic()
     while not pred():
         for p in procs:
@@ -129,7 +66,7 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, procs: list[Pr
     return time.monotonic() - t0
 
 
-def holders(procs: list[Proc], version: int) -> dict[int, set[str]]:
+def holders(procs: list[NodeProc], version: int) -> dict[int, set[str]]:
     """shard index -> names of the processes holding a verified copy of it."""
     out: dict[int, set[str]] = {}
     for p in procs:
@@ -140,7 +77,7 @@ def holders(procs: list[Proc], version: int) -> dict[int, set[str]]:
     return out
 
 
-def fully_replicated(procs: list[Proc], version: int, exact: bool = False) -> bool:
+def fully_replicated(procs: list[NodeProc], version: int, exact: bool = False) -> bool:
     """Every shard of ``version`` has R copies among ``procs`` (exactly R with ``exact``)."""
     want = min(3, len(procs))
     counts = [len(h) for h in holders(procs, version).values()]
@@ -148,7 +85,7 @@ def fully_replicated(procs: list[Proc], version: int, exact: bool = False) -> bo
     return ok and (not exact or all(c == want for c in counts))
 
 
-def settled(procs: list[Proc]) -> int | None:
+def settled(procs: list[NodeProc]) -> int | None:
     """The newest version once every node knows the same ones and each has R copies, else None."""
     versions = {tuple(p.status()["store"]["versions"]) for p in procs}
     if len(versions) != 1 or not (newest := versions.pop()):
@@ -156,7 +93,7 @@ def settled(procs: list[Proc]) -> int | None:
     return newest[0] if fully_replicated(procs, newest[0]) else None
 
 
-def reconstruct(peer: Proc, out: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+def reconstruct(peer: NodeProc, out: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     cmd = [sys.executable, "-m", "gossip", "reconstruct", "--peer", peer.address, "--out", str(out), "--json"]
     done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, check=False)
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}, done.stderr
