@@ -94,6 +94,17 @@ KNOBS: dict[str, tuple[str, str]] = {
         "sim",
         "after the run, rebuild the model from the store, save it and report its accuracy",
     ),
+    "churn": (
+        "sim",
+        "kills per node per minute: while the nodes train, SIGKILL a random one at Poisson times "
+        "(RATE x nodes / 60 per second, drawn from --seed; at most a quarter of the nodes down at once) "
+        "and restart it on its address and rank after --churn-downtime, from the newest snapshot if "
+        "the store publishes (--publish-every > 0), else from scratch; 0 = off",
+    ),
+    "churn_downtime": (
+        "sim",
+        "seconds a churned node stays down before it rejoins (longer if its process starts slower)",
+    ),
 }
 
 NODE_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "run", "store")]
@@ -125,6 +136,8 @@ def _defaults() -> dict[str, Any]:
         init_from_network=False,
         kill="",
         reconstruct=False,
+        churn=0.0,
+        churn_downtime=2.0,
     )
     return out
 
@@ -363,9 +376,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             Topology.parse(gossip.topology, v["nodes"])
         except TopologyError as exc:
             raise ConfigError(str(exc)) from None
+    from gossip.sim.churn import check_churn
     from gossip.sim.rebuild import parse_kill
 
     parse_kill(v["kill"], v["nodes"])
+    check_churn(v["churn"], v["churn_downtime"], v["nodes"], v["kill"])
     sim = SimulateConfig(
         nodes=v["nodes"],
         out=v["out"] or None,
@@ -374,6 +389,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         store=_store_config(v),
         kill=v["kill"],
         reconstruct=bool(v["reconstruct"]),
+        churn=v["churn"],
+        churn_downtime=v["churn_downtime"],
     )
     _setup_logging(args.verbose)
     bar = _ProgressLine()
@@ -432,6 +449,13 @@ def _summary_table(s: dict[str, Any]) -> str:
         lines.append(f"baseline accuracy   {s['baseline_accuracy']:.4f} (gap {s['gap'] * 100:+.2f} points)")
     if s.get("killed"):
         lines.append(f"killed (SIGKILL)    nodes {', '.join(map(str, s['killed']))}")
+    if "churn" in s:
+        c = s["churn"]
+        lines.append(
+            f"churn               {c['kills']} kills, {c['restarts']} restarts, {c['skipped']} skipped "
+            f"({c['rate_per_node_per_minute']:g}/node/min = {c['kills_per_second']:.2f}/s, "
+            f"{c['downtime']:g} s down, restarts from {'the store' if c['init'] == 'network' else 'scratch'})"
+        )
     if s.get("rebuilt"):
         line = f"rebuilt from store  v{s['rebuilt_version']} (step {s['rebuilt_step']}) in {s['rebuild_seconds']:.2f} s"
         if "rebuilt_accuracy" in s:
