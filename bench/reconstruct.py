@@ -8,7 +8,7 @@ snapshot of a random float32 model of --mib MiB in 1 MiB shards, so every shard
 lives on 3 of the 8. This process then rebuilds it through one node (a
 different one each repeat) exactly as ``gossip reconstruct`` does: locate,
 fetch every shard from its owners in parallel straight into one buffer, check
-each shard's sha256 and the whole buffer's, build the tensors. The baseline is
+each shard's sha256 as it lands, build the tensors. The baseline is
 a raw TCP transfer of the same number of bytes from another process
 (``sendall`` of a memoryview into ``recv_into`` a preallocated buffer, on a
 connection already open). Methods alternate within each repeat; medians are

@@ -5,8 +5,9 @@ the chosen snapshot every shard is fetched from one of its owners (the least
 busy first, so the load spreads over all of them), streamed straight into one
 preallocated buffer and checked against the manifest's digest; a copy that does
 not match is reported to its holder and fetched from another owner. Only when
-every shard matches and the whole buffer hashes to the manifest's sha256 is a
-model returned: never a partial or a mixed one. Tensors are built from the raw
+every shard matches is a model returned: never a partial or a mixed one. The
+manifest's sha256 is the root of its shard digests (checked when the manifest
+arrives), so matching shards pin every byte without a second pass. Tensors are built from the raw
 bytes and the manifest's layout; nothing received is ever unpickled.
 
     state_dict = reconstruct("10.0.0.1:7070")          # the newest complete snapshot
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import struct
 import time
@@ -31,7 +31,7 @@ import torch
 from gossip.params import FlatParams, Layout
 from gossip.ring import Ring
 from gossip.rpc import PeerClient, PeerError
-from gossip.store import Manifest, describe, flat_from_bytes
+from gossip.store import Manifest, describe, flat_from_bytes, root_digest
 from gossip.store_rpc import StoreClient, transfer_timeout
 
 FORMATS = ("pt", "safetensors")
@@ -124,31 +124,17 @@ async def _fetch(
     served: Counter[str] = Counter()
     bad: list[str] = []
     lost: list[str] = []
-    arrived = [asyncio.Event() for _ in range(m.num_shards)]
     streams = asyncio.Semaphore(concurrency)
 
     def place(i: int) -> memoryview:
         start, stop = m.shard_range(i)
         return view[start:stop]
 
-    async def hash_in_order() -> bytes:
-        # The whole buffer's sha256, shard by shard in order as they arrive: it overlaps
-        # the transfer (on a worker thread: hashlib lets go of the GIL) instead of following it.
-        whole = hashlib.sha256()
-        for i in range(m.num_shards):
-            await arrived[i].wait()
-            if lost:
-                return b""
-            await asyncio.to_thread(whole.update, place(i))
-        return whole.digest()
-
     async def batch(node: str, indices: list[int]) -> list[int]:
         address = addresses[node]
         async with streams:
             nbytes = sum(m.shard_length(i) for i in indices)
-            got = await store.get_shards(
-                address, m, indices, place, transfer_timeout(timeout, nbytes), lambda i: arrived[i].set()
-            )
+            got = await store.get_shards(address, m, indices, place, transfer_timeout(timeout, nbytes))
         if got.ok:
             served[address] += sum(m.shard_length(i) for i in got.ok)
         for i in got.corrupt:
@@ -163,7 +149,6 @@ async def _fetch(
     }
     tried: dict[int, set[str]] = {i: set() for i in range(m.num_shards)}
     pending = set(range(m.num_shards))
-    hasher = asyncio.ensure_future(hash_in_order())
     while pending:
         # One stream per peer: each shard goes to its least loaded untried owner, then to
         # anyone else (a copy may still sit on a former owner during a handoff).
@@ -183,14 +168,10 @@ async def _fetch(
         for done in await asyncio.gather(*(batch(n, idx) for n, idx in batches.items())):
             pending -= set(done)
     if lost:
-        for event in arrived:
-            event.set()  # ends the whole-buffer hash: this snapshot will not be returned
-    digest = await hasher
-    if lost:
         missing[m.version] = sorted(lost, key=lambda k: int(k.rpartition("/s")[2]))
         return None
-    if digest != m.sha256:  # every shard matched: only a manifest at odds with itself gets here
-        missing[m.version] = ["(the whole buffer does not match the manifest's sha256)"]
+    if root_digest(m.shard_digests) != m.sha256:  # checked on arrival too; costs microseconds
+        missing[m.version] = ["(the manifest's sha256 is not the root of its shard digests)"]
         return None
     return Rebuilt(m, flat_from_bytes(m.layout, view), 0.0, dict(served), bad)
 

@@ -2,8 +2,8 @@
 
 A snapshot of a model is its flat parameter buffer (every dtype segment, in
 order) cut into shards of ``shard_bytes``, plus an immutable manifest that names
-the model, the version, the publisher, the layout and the sha256 of every shard
-and of the whole buffer. Shard ``i`` of version ``v`` lives on the R ring owners
+the model, the version, the publisher, the layout, the sha256 of every shard
+and their root (the sha256 of those digests). Shard ``i`` of version ``v`` lives on the R ring owners
 of ``shard_key(model, v, i)``; the publisher of ``v`` is the owner of
 ``snapshot_key(model, v)``. :class:`ShardStore` is one node's holdings, with the
 rules every node applies alike: manifests never change (a conflict between two
@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -67,6 +67,17 @@ def shard_key(model_id: str, version: int, index: int) -> str:
 
 def sha256(data: memoryview | bytes | bytearray) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def root_digest(shard_digests: Sequence[bytes]) -> bytes:
+    """The snapshot's digest: sha256 over its shard digests in order.
+
+    Every shard checked against its digest pins every byte of the buffer, so the
+    root needs no second pass over the data (a hash of the whole buffer would
+    cost a rebuild as much again as the shard checks), and a manifest whose
+    digests disagree with each other is refused on arrival, for free.
+    """
+    return hashlib.sha256(b"".join(shard_digests)).digest()
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,8 @@ class Manifest:
             raise StoreError("invalid", f"manifest lists {self.num_shards} shards, its sizes make {expected}")
         if any(len(d) != DIGEST_BYTES for d in (*self.shard_digests, self.sha256)):
             raise StoreError("invalid", "manifest digests must be 32-byte sha256")
+        if root_digest(self.shard_digests) != self.sha256:
+            raise StoreError("invalid", "manifest sha256 is not the root of its shard digests")
 
 
 def wins(a: Manifest, b: Manifest) -> bool:
@@ -178,6 +191,7 @@ def cut(
     """A snapshot of ``flat``: its manifest and its shards (views into one buffer, no copies)."""
     data = concat_bytes(flat)
     shards = [data[s : s + shard_bytes] for s in range(0, len(data), shard_bytes)]
+    digests = tuple(sha256(s) for s in shards)
     manifest = Manifest(
         model_id=model_id,
         version=version,
@@ -186,8 +200,8 @@ def cut(
         layout_json=json.dumps(flat.layout.to_json(), separators=(",", ":")),
         shard_bytes=shard_bytes,
         total_bytes=len(data),
-        shard_digests=tuple(sha256(s) for s in shards),
-        sha256=sha256(data),
+        shard_digests=digests,
+        sha256=root_digest(digests),
         replication=replication,
         fingerprint=flat.fingerprint,
     )

@@ -9,19 +9,22 @@ in its destination buffer and is hashed there before anyone uses it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from gossip import wire
 from gossip.proto import store_pb2 as spb
 from gossip.rpc import PeerClient, PeerError
-from gossip.store import MAX_SHARDS, Holding, Located, Manifest, ShardHeader, StoreError, StoreInfo, sha256
+from gossip.store import MAX_SHARDS, Holding, Located, Manifest, ShardHeader, StoreError, StoreInfo
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +229,11 @@ class StoreClient:
         address: str,
         m: Manifest,
         indices: list[int],
-        dest: Callable[[int], memoryview],
+        place: Callable[[int], memoryview],
         timeout: float,
         on_ok: Callable[[int], None] | None = None,
     ) -> Fetched:
-        """Stream shards ``indices`` of ``m`` from one peer, each into ``dest(i)``, each checked.
+        """Stream shards ``indices`` of ``m`` from one peer, each into ``place(i)``, each checked.
 
         One call for them all. A shard that arrives and hashes to its digest is
         ``ok`` (and ``on_ok(i)`` is called at once), one that does not is
@@ -246,11 +249,20 @@ class StoreClient:
         out = Fetched()
         wanted = set(indices)
         checks: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
+        # Each chunk is copied into place and hashed by one worker thread, in arrival order,
+        # while the event loop reads the next frames: numpy's copy and hashlib let go of
+        # the GIL, so on two cores receiving and checking overlap, and the chunk is hashed
+        # from the frame gRPC just wrote (warm) rather than from the buffer later.
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-in")
 
-        async def check(i: int, view: memoryview) -> None:
-            # Off the event loop for a large shard: the next ones keep arriving meanwhile.
-            digest = sha256(view) if len(view) <= 1 << 18 else await asyncio.to_thread(sha256, view)
-            if digest == m.shard_digests[i]:
+        def take(dest: np.ndarray, hasher: Any, chunk: bytes | memoryview) -> None:
+            src = np.frombuffer(chunk, dtype=np.uint8)
+            dest[:] = src
+            hasher.update(src)
+
+        async def check(i: int, digest: asyncio.Future[bytes]) -> None:
+            if await digest == m.shard_digests[i]:
                 out.ok.append(i)
                 if on_ok is not None:
                     on_ok(i)
@@ -259,6 +271,8 @@ class StoreClient:
 
         call = self._call(address, "GetShards", "us")(req, timeout=timeout, metadata=self.peers.metadata)
         index, view, got = -1, memoryview(b""), 0
+        dest = np.empty(0, dtype=np.uint8)
+        hasher = hashlib.sha256()
         try:
             while (frame := await call.read()) is not grpc.aio.EOF:
                 if index < 0:
@@ -271,15 +285,18 @@ class StoreClient:
                     ):
                         raise StoreError("invalid", f"unasked or mislabelled shard {h.index} from {address}")
                     wanted.discard(h.index)
-                    index, view, got = h.index, dest(h.index), 0
+                    index, view, got = h.index, place(h.index), 0
+                    dest, hasher = np.frombuffer(view, dtype=np.uint8), hashlib.sha256()
                     continue
                 chunk = wire.chunk_from_frame(frame)
                 if got + len(chunk) > len(view):
                     raise StoreError("invalid", f"{address} sent more than shard {index}'s {len(view)} bytes")
-                view[got : got + len(chunk)] = chunk
+                loop.run_in_executor(worker, take, dest[got : got + len(chunk)], hasher, chunk)
                 got += len(chunk)
                 if got == len(view):
-                    checks.append(asyncio.ensure_future(check(index, view)))
+                    checks.append(
+                        asyncio.ensure_future(check(index, loop.run_in_executor(worker, hasher.digest)))
+                    )
                     index = -1
             code = await call.code()
             if code != grpc.StatusCode.OK:
@@ -291,6 +308,10 @@ class StoreClient:
         except (StoreError, wire.WireError) as exc:
             call.cancel()
             out.error = PeerError(address, grpc.StatusCode.INTERNAL, str(exc))
+        finally:
+            # Every copy queued has landed before the caller may refetch a shard elsewhere.
+            await loop.run_in_executor(worker, _nothing)
+            worker.shutdown(wait=False)
         await asyncio.gather(*checks)
         return out
 
@@ -362,6 +383,10 @@ def store_status_to_dict(s: spb.StoreStatusReply) -> dict[str, Any]:
         "repaired": s.repaired,
         "corrupt_dropped": s.corrupt_dropped,
     }
+
+
+def _nothing() -> None:
+    """A no-op job: once it ran, every job queued before it on that worker has."""
 
 
 def transfer_timeout(base: float, nbytes: int) -> float:

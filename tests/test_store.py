@@ -49,7 +49,7 @@ def test_cut_covers_the_buffer_with_digested_shards() -> None:
     assert m.total_bytes == flat.nbytes == sum(len(s) for s in shards)
     assert m.num_shards == len(shards) == -(-flat.nbytes // 4096)
     assert all(sha256(s) == d for s, d in zip(shards, m.shard_digests, strict=True))
-    assert m.sha256 == hashlib.sha256(b"".join(shards)).digest()
+    assert m.sha256 == hashlib.sha256(b"".join(m.shard_digests)).digest()
     assert [m.shard_length(i) for i in range(m.num_shards)] == [len(s) for s in shards]
     m.validate()
 
@@ -76,6 +76,7 @@ def test_manifest_survives_its_wire_form() -> None:
         ({"replication": 0}, "replication"),
         ({"fingerprint": b"x" * 16}, "fingerprint"),
         ({"sha256": b"short"}, "digests"),
+        ({"sha256": bytes(32)}, "root"),
     ],
 )
 def test_a_bad_manifest_is_refused_with_a_reason(change: dict[str, object], words: str) -> None:

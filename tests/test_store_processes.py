@@ -100,9 +100,12 @@ def reconstruct(peer: NodeProc, out: Path, *args: str) -> tuple[int, dict[str, A
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of the flat buffer a .pt state_dict holds (one float32 segment, layout order)."""
+    """The root digest of the flat buffer a .pt state_dict holds (one float32 segment, layout
+    order): the sha256 over the sha256 of each of its 4 KiB shards."""
     state = torch.load(path, weights_only=True)
-    return hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in state.values())).hexdigest()
+    data = b"".join(t.contiguous().numpy().tobytes() for t in state.values())
+    digests = b"".join(hashlib.sha256(data[i : i + 4096]).digest() for i in range(0, len(data), 4096))
+    return hashlib.sha256(digests).hexdigest()
 
 
 @pytest.mark.timeout(300)
