@@ -70,6 +70,11 @@ KNOBS: dict[str, tuple[str, str]] = {
     "tls_ca": ("node", "PEM CA of the cluster: verifies peers and requires their certificates (mutual TLS)"),
     "token_file": ("node", "file holding the shared secret every call must carry"),
     "peer_call_rate": ("node", "control calls per second one peer connection gets; more wait (0 = no limit)"),
+    "node_call_rate": (
+        "node",
+        "control calls per second all connections get together, shared among those calling "
+        "(0 = per connection only; raise it for clusters of hundreds of nodes)",
+    ),
     "metrics": ("run", "append metrics as JSON lines to this file"),
     "wait_for": ("run", "nodes (this one included) to wait for before training"),
     "exit_when_done": ("run", "exit after training instead of serving on"),
@@ -330,6 +335,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             tls_ca=v["tls_ca"],
             token_file=v["token_file"],
             peer_call_rate=v["peer_call_rate"],
+            node_call_rate=v["node_call_rate"],
+            node_call_burst=max(1, round(2 * v["node_call_rate"])),
         ),
         gossip=_gossip_config(v),
         membership=MembershipConfig(),

@@ -170,7 +170,9 @@ class SecurityConfig:
         if self.peer_call_rate < 0 or self.peer_call_burst < 1:
             raise ConfigError("peer_call_rate must be >= 0 (0 = no limit) and peer_call_burst >= 1")
         if self.node_call_rate < 0 or self.node_call_burst < 1:
-            raise ConfigError("node_call_rate must be >= 0 (0 = no limit) and node_call_burst >= 1")
+            raise ConfigError(
+                "node_call_rate must be >= 0 (0 = per connection only) and node_call_burst >= 1"
+            )
 
 
 @dataclass
