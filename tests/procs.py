@@ -148,3 +148,13 @@ def stop(p: NodeProc, timeout: float = 60.0) -> int:
 def log_time(line: str) -> float:
     """The wall-clock time (epoch seconds) of a node's log line (``gossip``'s format, local time)."""
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def run_simulate(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m gossip simulate ... --out OUT`` to its end, output captured.
+
+    On timeout subprocess.run kills the launcher, and the launcher stops its own nodes.
+    """
+    cmd = [sys.executable, "-m", "gossip", "simulate", *args, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from procs import run_simulate
 
 from gossip.cli import main
 from gossip.config import ConfigError
@@ -32,12 +31,8 @@ EPOCHS = 8
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """One short run under heavy churn (40 arrivals/s, one node down at a time), shared below."""
     out = tmp_path_factory.mktemp("churn") / "run"
-    cmd = [sys.executable, "-m", "gossip", "simulate", "--nodes", str(NODES), "--epochs", str(EPOCHS)]
-    cmd += ["--churn", "600", "--churn-downtime", "0.5", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    # subprocess.run kills the launcher on timeout; the launcher stops its own nodes.
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env, check=False)
-    return proc, out
+    args = ["--nodes", str(NODES), "--epochs", str(EPOCHS), "--churn", "600", "--churn-downtime", "0.5"]
+    return run_simulate(out, *args, timeout=200), out
 
 
 def _summary(out: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -204,9 +205,6 @@ print(sorted(times)[10] * 1000, 8 * 8 / (time.monotonic() - t))
 
 def _loopback_accuracy(tmp_path: Path, args: list[str]) -> list[float]:
     """The same four nodes on 127.0.0.1 in this namespace: the band to match."""
-    import os
-    import subprocess
-
     work = tmp_path / "loopback"
     work.mkdir()
     procs = []

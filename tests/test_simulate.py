@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import run_simulate
 
 NODES = 4
 EPOCHS = 2
@@ -20,12 +19,7 @@ EPOCHS = 2
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     """One run with --baseline shared by the tests below (a run costs tens of seconds)."""
     out = tmp_path_factory.mktemp("sim") / "run"
-    cmd = [sys.executable, "-m", "gossip", "simulate", "--nodes", str(NODES), "--epochs", str(EPOCHS)]
-    cmd += ["--out", str(out), "--baseline"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    # subprocess.run kills the launcher on timeout; the launcher stops its own nodes.
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, check=False)
-    return proc, out
+    return run_simulate(out, "--nodes", str(NODES), "--epochs", str(EPOCHS), "--baseline", timeout=280), out
 
 
 def _summary(out: Path) -> dict[str, Any]:
