@@ -65,6 +65,11 @@ KNOBS: dict[str, tuple[str, str]] = {
     "rank": ("node", "this node's rank in the topology"),
     "world_size": ("node", "number of ranks in the topology; with --rank picks slice RANK of N of the data"),
     "join_timeout": ("node", "seconds to keep trying the seeds"),
+    "suspect_after": ("node", "seconds of silence before a member is suspect (not picked)"),
+    "dead_after": (
+        "node",
+        "seconds of silence before a member is declared dead (raise both on slow or lossy links)",
+    ),
     "tls_cert": ("node", "PEM certificate to serve TLS with and to present to peers (with --tls-key)"),
     "tls_key": ("node", "PEM private key of --tls-cert"),
     "tls_ca": ("node", "PEM CA of the cluster: verifies peers and requires their certificates (mutual TLS)"),
@@ -120,7 +125,7 @@ _BOOL_KNOBS = {"exit_when_done", "baseline", "init_from_network", "reconstruct"}
 
 def _defaults() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for cls in (TrainConfig, GossipConfig, NodeConfig, SecurityConfig, StoreConfig):
+    for cls in (TrainConfig, GossipConfig, NodeConfig, SecurityConfig, StoreConfig, MembershipConfig):
         obj = cls()
         for f in fields(cls):
             if f.name in KNOBS:
@@ -339,7 +344,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             node_call_burst=max(1, round(2 * v["node_call_rate"])),
         ),
         gossip=_gossip_config(v),
-        membership=MembershipConfig(),
+        membership=MembershipConfig(suspect_after=v["suspect_after"], dead_after=v["dead_after"]),
         store=_store_config(v),
     )
     config.validate()

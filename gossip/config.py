@@ -209,6 +209,12 @@ class NodeConfig:
             raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.join_timeout <= 0 or self.rpc_timeout <= 0:
             raise ConfigError("join_timeout and rpc_timeout must be > 0")
+        m = self.membership
+        if not m.interval < m.suspect_after < m.dead_after < 1e6:
+            raise ConfigError(
+                f"suspect_after must be above the {m.interval} s gossip interval and dead_after above "
+                f"suspect_after, got {m.suspect_after} and {m.dead_after}"
+            )
         self.gossip.validate()
         self.store.validate()
         self.security.validate()

@@ -80,6 +80,9 @@ BAD_INPUTS = {
     "listen port not ascii": ["node", "--listen", "127.0.0.1:\u00b2"],
     "missing dataset": ["node", "--dataset", "/nonexistent.npz"],
     "unknown model module": ["node", "--model", "nosuch.module:factory"],
+    "dead before suspect": ["node", "--suspect-after", "5", "--dead-after", "3"],
+    "dead after nan": ["node", "--dead-after", "nan"],
+    "node call rate negative": ["node", "--node-call-rate", "-1"],
 }
 
 
