@@ -57,14 +57,7 @@ class NodeProc:
         return f"--- last lines of {self.name}'s log ---\n" + "\n".join(text)
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        if self.metrics_file.exists():
-            for line in self.metrics_file.read_text().splitlines():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line being written right now
-        return out
+        return read_records(self.metrics_file)
 
     def finished(self) -> bool:
         """Training is over: the node wrote its 'done' record (and 'final' once it leaves)."""
@@ -120,6 +113,17 @@ class Launcher:
         for p in self.procs:
             p.popen.wait(30)
             p.logfile.close()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """A node's metrics file so far: one JSON object per line, up to a line being written."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written right now
+    return out
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, *procs: NodeProc) -> None:

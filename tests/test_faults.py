@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import grpc
 import grpc.aio
 import pytest
 import torch
+from inproc import wait_until
 
 from gossip import node as node_module
 from gossip.config import NodeConfig
@@ -62,14 +62,6 @@ def state_of(node: Node, node_id: str) -> str:
     assert node.membership is not None
     m = node.membership.members.get(node_id)
     return m.state if m is not None else "absent"
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP and SIGCONT")

@@ -30,12 +30,12 @@ import grpc
 import grpc.aio
 import pytest
 import torch
+from inproc import vector
 
 from gossip import rpc, wire
 from gossip.config import NodeConfig, SecurityConfig
 from gossip.membership import MembershipConfig
 from gossip.node import Node
-from gossip.params import FlatParams, Layout
 from gossip.proto import gossip_pb2 as pb
 
 GOSSIP = "/gossip.proto.Gossip/"
@@ -183,12 +183,6 @@ FLOOD_CONNECTIONS = 16
 SLOW = MembershipConfig(interval=1.0, suspect_after=60.0, dead_after=120.0)
 
 
-def vector(value: float) -> FlatParams:
-    flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(4))]))
-    flat.segments["float32"].fill_(value)
-    return flat
-
-
 async def flood(address: str, seconds: float, per_connection: int) -> dict[str, int]:
     """Status, Sync, junk and unknown calls from FLOOD_CONNECTIONS connections, ``per_connection`` in flight each."""
     codes: dict[str, int] = {}
@@ -232,9 +226,13 @@ def test_a_flood_from_many_connections_is_bounded_and_peers_are_still_answered()
     sec = SecurityConfig(peer_call_rate=50.0, peer_call_burst=10, node_call_rate=rate, node_call_burst=burst)
 
     async def main() -> tuple[dict[str, int], float, list[str]]:
-        a = await Node.create(vector(1.0), NodeConfig(node_id="a", membership=SLOW, security=sec), seed=0)
+        a = await Node.create(
+            vector([1.0] * 4), NodeConfig(node_id="a", membership=SLOW, security=sec), seed=0
+        )
         b = await Node.create(
-            vector(3.0), NodeConfig(node_id="b", peers=(a.address,), membership=SLOW, security=sec), seed=1
+            vector([3.0] * 4),
+            NodeConfig(node_id="b", peers=(a.address,), membership=SLOW, security=sec),
+            seed=1,
         )
         client = rpc.PeerClient()
         try:
@@ -288,7 +286,7 @@ def test_calls_beyond_the_servers_open_call_cap_are_refused_before_any_handler(
     monkeypatch.setattr(rpc, "MAX_OPEN_CALLS", cap)
 
     async def main() -> tuple[list[str], str]:
-        node = await Node.create(vector(1.0), NodeConfig(node_id="a", membership=SLOW))
+        node = await Node.create(vector([1.0] * 4), NodeConfig(node_id="a", membership=SLOW))
         held: list[Any] = []
         try:
             async with grpc.aio.insecure_channel(node.address, options=OWN_CONNECTION) as ch:

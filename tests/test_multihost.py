@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from netns import Host, NetLab, Proc, missing_requirements
+from procs import read_records
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"multi-host lab unavailable: {REASON}")
@@ -79,14 +80,7 @@ class Cluster:
         return self.nodes
 
     def records(self, p: Proc) -> list[dict[str, Any]]:
-        path = self.workdir / f"{p.name}.jsonl"
-        out = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # being written
-        return out
+        return read_records(self.workdir / f"{p.name}.jsonl")
 
     def status(self, p: Proc) -> dict[str, Any]:
         agent = self._agents.get(p.host.ns)

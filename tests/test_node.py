@@ -22,13 +22,14 @@ import grpc
 import grpc.aio
 import pytest
 import torch
+from inproc import vec, vector, wait_until
 
 from gossip import wire
 from gossip.averaging import consensus_distance
 from gossip.config import GossipConfig, NodeConfig
 from gossip.membership import MembershipConfig
 from gossip.node import Node
-from gossip.params import FlatParams, Layout, encode, payload_nbytes
+from gossip.params import FlatParams, encode, payload_nbytes
 from gossip.proto import gossip_pb2 as pb
 from gossip.status import fetch_status
 
@@ -45,17 +46,6 @@ CALL_TIMEOUT = 10.0
 def run(coro: Coroutine[Any, Any, T], timeout: float = 90.0) -> T:
     """Run a test coroutine on a fresh loop; a hang becomes a TimeoutError (and the finally blocks run)."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def vector(values: torch.Tensor | Sequence[float]) -> FlatParams:
-    t = torch.as_tensor(values, dtype=torch.float32)
-    flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(len(t)))]))
-    flat.segments["float32"].copy_(t)
-    return flat
-
-
-def vec(node: Node) -> torch.Tensor:
-    return node.flat.segments["float32"]
 
 
 def config(
@@ -94,14 +84,6 @@ async def cluster(
         yield nodes
     finally:
         await asyncio.gather(*(n.stop(leave=False) for n in nodes), return_exceptions=True)
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def drive(nodes: Sequence[Node], steps: int, compute: float = 0.0, barrier: bool = False) -> None:

@@ -28,6 +28,7 @@ import grpc
 import grpc.aio
 import pytest
 import torch
+from inproc import vec, vector, wait_until
 
 import gossip.proto
 from gossip import rpc, security, wire
@@ -36,7 +37,7 @@ from gossip.cli import main as cli_main
 from gossip.config import ConfigError, GossipConfig, NodeConfig, SecurityConfig
 from gossip.membership import MembershipConfig
 from gossip.node import JoinError, Node
-from gossip.params import FlatParams, Layout, payload_nbytes
+from gossip.params import payload_nbytes
 from gossip.status import fetch_status
 
 T = TypeVar("T")
@@ -114,17 +115,6 @@ def token_file(tmp_path: Path) -> str:
 # --- nodes ------------------------------------------------------------------------------
 
 
-def vector(values: Sequence[float]) -> FlatParams:
-    t = torch.as_tensor(values, dtype=torch.float32)
-    flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(len(t)))]))
-    flat.segments["float32"].copy_(t)
-    return flat
-
-
-def vec(node: Node) -> torch.Tensor:
-    return node.flat.segments["float32"]
-
-
 def node_config(i: int, sec: SecurityConfig, seed: str | None = None, **kw: Any) -> NodeConfig:
     return NodeConfig(node_id=f"n{i}", peers=(seed,) if seed else (), membership=SLOW, security=sec, **kw)
 
@@ -142,14 +132,6 @@ async def nodes_with(*secs: SecurityConfig, values: float = 1.0) -> AsyncIterato
         yield started
     finally:
         await asyncio.gather(*(n.stop(leave=False) for n in started), return_exceptions=True)
-
-
-async def wait_until(pred: Any, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def snapshot(node: Node) -> tuple[bytes, dict[str, tuple[str, str]], tuple[int, ...]]:

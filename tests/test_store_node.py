@@ -12,12 +12,13 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 import torch
+from inproc import wait_until
 
 from gossip import wire
 from gossip.config import NodeConfig, StoreConfig
@@ -73,15 +74,6 @@ async def cluster(
         yield nodes
     finally:
         await asyncio.gather(*(node.stop(leave=False) for node in nodes), return_exceptions=True)
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def put_shard_sync(address: str, frames: list[bytes]) -> grpc.StatusCode:
