@@ -4,7 +4,7 @@
 
 Node A (this process) exchanges a float32 parameter vector of each size with
 node B (its own process) the way the node does it: a snapshot, then
-``Node._exchange_with`` (the body of ``_initiate_pairwise``), timed from the
+``gossip.node.pairwise.call`` (what a node's own exchange runs), timed from the
 start of the call until A's exchange is committed (answer received and checked,
 commit acknowledged by B, delta computed and applied). The baseline is a raw TCP
 push-pull of the same bytes between A and a raw peer in a third process:
@@ -54,7 +54,7 @@ STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
 def _setup_process(mallopt: bool) -> None:
     import torch
 
-    from gossip.sysutil import tune_malloc
+    from gossip.cluster.sysutil import tune_malloc
 
     torch.set_num_threads(1)  # as gossip's runner does: one thread per node process
     if mallopt:
@@ -106,8 +106,8 @@ async def _node_peer(conn: Any) -> None:
     import torch
 
     from gossip.config import NodeConfig
-    from gossip.node import Node
-    from gossip.params import FlatParams, Layout
+    from gossip.core.params import FlatParams, Layout
+    from gossip.node.node import Node
 
     loop = asyncio.get_running_loop()
     nodes: dict[int, Node] = {}
@@ -183,24 +183,25 @@ def _raw_exchange(sock: socket.socket, send: memoryview, recv: memoryview) -> No
 
 async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
     """One exchange started as the node starts its own: (snapshot ms, exchange ms to committed)."""
+    from gossip.node import pairwise
+    from gossip.transport.channels import GOSSIP
+
+    def connect(address: str) -> Any:
+        return node.channels.stream(address, GOSSIP + "Exchange", node.party.deadline)
+
     t0 = time.perf_counter()
-    with node._lock:
-        if node._busy:
-            raise RuntimeError("node A is busy before its exchange")
-        node._busy = True
-        node._own_inflight = True
-        node._snap.copy_(node.flat)
+    if not node.slot.claim_own(running=True):  # the snapshot copy, as Node.step takes it
+        raise RuntimeError("node A is busy before its exchange")
     t1 = time.perf_counter()
     try:
-        outcome = await asyncio.wait_for(node._exchange_with(peer), CALL_TIMEOUT)
+        outcome = await asyncio.wait_for(pairwise.call(node.party, peer, connect), CALL_TIMEOUT)
     finally:
-        node._own_inflight = False
+        node.slot.own_finished()
     t2 = time.perf_counter()
     if outcome != "ok":
-        with node._lock:
-            node._busy = False
+        node.slot.release()
         raise RuntimeError(f"exchange ended {outcome!r}")
-    if node._busy:
+    if node.slot.busy:
         raise RuntimeError("node A did not apply its delta at once (it should: it is not training)")
     return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -211,8 +212,8 @@ async def _run_size(
     import torch
 
     from gossip.config import NodeConfig
-    from gossip.node import Node
-    from gossip.params import FlatParams, Layout
+    from gossip.core.params import FlatParams, Layout
+    from gossip.node.node import Node
 
     nbytes = size_mib * MiB
     n = nbytes // 4

@@ -51,8 +51,9 @@ import grpc
 import grpc.aio
 from _common import watch_parent
 
-from gossip import wire
+from gossip.core.membership import MemberRecord
 from gossip.proto import gossip_pb2 as pb
+from gossip.transport import serde
 
 SERVICE = "/gossip.proto.Gossip/"
 CALL_TIMEOUT = 5.0
@@ -85,7 +86,7 @@ class _Flooder:
 
     def __init__(self, ch: grpc.aio.Channel, k: int, mixed: bool) -> None:
         self.mixed = mixed
-        self.sender = wire.MemberRecord(
+        self.sender = MemberRecord(
             f"flooder-{k}", f"127.0.0.1:{10 + k}", incarnation=1, heartbeat=0, fingerprint=b"other"
         )
         self.status = ch.unary_unary(
@@ -93,11 +94,7 @@ class _Flooder:
             request_serializer=pb.Empty.SerializeToString,
             response_deserializer=pb.StatusReply.FromString,
         )
-        self.sync = ch.unary_unary(
-            SERVICE + "Sync",
-            request_serializer=pb.MemberTable.SerializeToString,
-            response_deserializer=pb.MemberTable.FromString,
-        )
+        self.sync = ch.unary_unary(SERVICE + "Sync")
         self.raw_sync = ch.unary_unary(SERVICE + "Sync")
         self.nope = ch.unary_unary(SERVICE + "NoSuchMethod")
 
@@ -105,7 +102,7 @@ class _Flooder:
         kind = i % 4 if self.mixed else i % 2
         if kind == 1:
             self.sender.heartbeat += 1
-            await self.sync(wire.table_to_pb(self.sender, []), timeout=CALL_TIMEOUT)
+            await self.sync(serde.table_to_bytes(self.sender, []), timeout=CALL_TIMEOUT)
         elif kind == 2:
             await self.raw_sync(os.urandom(64), timeout=CALL_TIMEOUT)
         elif kind == 3:

@@ -73,10 +73,10 @@ def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float 
 async def _node_child(index: int, nodes: int, mib: int, workdir: Path) -> None:
     import torch
 
+    from gossip.cluster.sysutil import tune_malloc
     from gossip.config import NodeConfig, StoreConfig
-    from gossip.node import Node
-    from gossip.params import FlatParams, Layout
-    from gossip.sysutil import tune_malloc
+    from gossip.core.params import FlatParams, Layout
+    from gossip.node.node import Node
 
     torch.set_num_threads(1)
     tune_malloc()  # as the runner does for every node process
@@ -112,7 +112,7 @@ def _raw_child(mib: int, workdir: Path) -> None:
 
 
 async def _replicated(addresses: list[str], replication: int) -> bool:
-    from gossip.status import fetch_status
+    from gossip.observe.status import fetch_status
 
     copies: dict[int, int] = {}
     shards = 0
@@ -148,9 +148,9 @@ def main() -> int:
 
     import torch
 
-    from gossip.reconstruct import fetch_snapshot
-    from gossip.rpc import PeerClient
-    from gossip.sysutil import tune_malloc
+    from gossip.cluster.sysutil import tune_malloc
+    from gossip.store.reconstruct import fetch_snapshot
+    from gossip.transport.channels import Channels
 
     torch.set_num_threads(1)
     tune_malloc()
@@ -194,7 +194,7 @@ def main() -> int:
             t = time.perf_counter()
             await fetch_snapshot(addresses[0], "big", timeout=30.0)
             cold_times.append(time.perf_counter() - t)
-            client = PeerClient()
+            client = Channels()
             try:
                 for r in range(args.repeats + 1):
                     t = time.perf_counter()
@@ -203,7 +203,7 @@ def main() -> int:
                     raw = time.perf_counter() - t
                     t = time.perf_counter()
                     rebuilt = await fetch_snapshot(
-                        addresses[r % args.nodes], "big", timeout=30.0, client=client
+                        addresses[r % args.nodes], "big", timeout=30.0, channels=client
                     )
                     took = time.perf_counter() - t
                     correct &= rebuilt.manifest.sha256.hex() == published["sha256"]

@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gossip.data import load_dataset, partition
+from gossip.config import TrainConfig
 from gossip.sim.engine import SimConfig, Simulator
-from gossip.train import TrainConfig
+from gossip.train.data import load_dataset, partition
 
 NODES = 8
 TOLERANCE_POINTS = 2.0

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from gossip.data import Dataset, load_dataset
 from gossip.sim.engine import SimConfig, Simulator
+from gossip.train.data import Dataset, load_dataset
 
 TOPOLOGY = "random-regular:4"
 BLOCKS = 4  # alternating blocks per method
@@ -89,10 +89,10 @@ class Bare:
     def step(self) -> None:
         ds, n, b = self.sim.dataset, self.sim.n, self.sim.cfg.batch_size
         idx = torch.randint(len(ds.y_train), (n, b))
-        grads = self.grad(self.sim._views(self.x), ds.x_train[idx], ds.y_train[idx])
+        grads = self.grad(self.sim.views(self.x), ds.x_train[idx], ds.y_train[idx])
         y = torch.sparse.mm(self.w, self.x)
         offset = 0
-        for name, size in zip(self.sim._names, self.sim._sizes, strict=True):
+        for name, size in zip(self.sim.names, self.sim.sizes, strict=True):
             y[:, offset : offset + size].add_(grads[name].reshape(n, size), alpha=-self.lr)
             offset += size
         self.x = y

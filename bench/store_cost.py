@@ -38,8 +38,8 @@ async def _cluster_cpu(repair_interval: float, publishes: int) -> tuple[float, f
     import torch
 
     from gossip.config import NodeConfig, StoreConfig
-    from gossip.node import Node
-    from gossip.params import FlatParams, Layout
+    from gossip.core.params import FlatParams, Layout
+    from gossip.node.node import Node
 
     layout = Layout.from_named([("w", torch.empty(9610))])
     nodes: list[Node] = []

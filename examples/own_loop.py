@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gossip
-from gossip.data import load_dataset, node_data
+from gossip.train.data import load_dataset, node_data
 
 
 def train(node: gossip.BackgroundNode, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ __all__ = ["BackgroundNode", "GossipConfig", "Node", "NodeConfig"]
 if TYPE_CHECKING:
     from gossip.api import BackgroundNode
     from gossip.config import GossipConfig, NodeConfig
-    from gossip.node import Node
+    from gossip.node.node import Node
 
 
 def __getattr__(name: str) -> Any:
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(config, name)
     if name == "Node":
-        from gossip.node import Node
+        from gossip.node.node import Node
 
         return Node
     raise AttributeError(f"module 'gossip' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from gossip.cli import run
+from gossip.cli.main import run
 
 run()

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from gossip.config import NodeConfig
-from gossip.node import Node
-from gossip.params import FlatParams
-from gossip.status import status_to_dict
+from gossip.core.params import FlatParams
+from gossip.node.node import Node
 
 
 class BackgroundNode:
@@ -75,8 +74,12 @@ class BackgroundNode:
         return bool(self._call(self.node.wait_for_members(count, timeout)))
 
     def status(self) -> dict[str, Any]:
-        reply = self._call(self.node.status(None, None))  # type: ignore[arg-type]
-        return status_to_dict(reply)
+        """What ``gossip status --json`` shows of this node (without the store part)."""
+        status: dict[str, Any] = self._call(self._status())
+        return status
+
+    async def _status(self) -> dict[str, Any]:
+        return self.node.status().to_json()
 
     def close(self) -> None:
         if self._loop.is_closed():

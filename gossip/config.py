@@ -7,14 +7,15 @@ error naming the key, never silently ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from gossip.membership import MembershipConfig
-from gossip.ring import DEFAULT_VNODES
+from gossip.core.membership import MembershipConfig
+from gossip.core.ring import DEFAULT_VNODES
 
 STRATEGIES = ("pairwise", "push-sum")
 
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used; the message names the culprit."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GossipConfig:
     # Any alive member: needs no ranks, so a bare `gossip node` works out of the box.
     topology: str = "random"
@@ -49,6 +50,15 @@ class GossipConfig:
     backoff: float = 0.01
     # How long a peer that failed an exchange is left out of the picks (seconds).
     avoid_after_failure: float = 3.0
+    # After training, a node keeps averaging with its neighbours so replicas that
+    # finished at different times still meet: first every 20 ms (0 = not at all) ...
+    idle_pause: float = 0.02
+    # ... and once an exchange moves it by less than rest_tolerance of its norm, the
+    # pause doubles up to rest_pause: a settled pair then costs about one exchange in
+    # 5 s each (measured: docs, "Measurements"). 1e-6 is below float32 resolution
+    # of the default models' weights, so stopping there loses no consensus.
+    rest_pause: float = 10.0
+    rest_tolerance: float = 1e-6
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -61,9 +71,15 @@ class GossipConfig:
             raise ConfigError(f"codec must be raw, fp16 or bf16, got {self.codec!r}")
         if not 4096 <= self.chunk_bytes <= 4 << 20:
             raise ConfigError(f"chunk_bytes must be between 4096 and {4 << 20}, got {self.chunk_bytes}")
-        for name in ("exchange_timeout", "avoid_after_failure"):
-            if getattr(self, name) <= 0:
+        for name in ("exchange_timeout", "avoid_after_failure", "rest_pause"):
+            if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        if not 0 <= self.idle_pause <= self.rest_pause:
+            raise ConfigError(
+                f"idle_pause must be between 0 and rest_pause ({self.rest_pause}), got {self.idle_pause}"
+            )
+        if not self.rest_tolerance >= 0:
+            raise ConfigError(f"rest_tolerance must be >= 0, got {self.rest_tolerance}")
         if self.backoff < 0 or self.busy_retries < 1:
             raise ConfigError("backoff must be >= 0 and busy_retries >= 1")
 
@@ -74,9 +90,9 @@ MAX_STORE_ID_CHARS = 128
 MAX_REPLICATION = 16
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoreConfig:
-    """The shard store every node runs (see ``gossip.store``)."""
+    """The shard store every node runs (see ``gossip.store.shards``)."""
 
     # Three copies survive any two simultaneous crashes: the usual choice of
     # Dynamo-style stores, and what the issue asks for.
@@ -84,7 +100,7 @@ class StoreConfig:
     # Steps between snapshots; 0 disables publishing. The default run (digits, mlp,
     # 8 nodes, 180 steps each) publishes 9 versions; a publish (40 KB to 3 owners,
     # the manifest to every member) costs the publisher a few ms of its event loop:
-    # measured well under 5 % of training time (README, "Model store").
+    # measured well under 5 % of training time (docs, "Measurements").
     publish_every: int = 20
     # 1 MiB shards: a 100 MiB model gives 100 shards, enough for the ring to spread
     # them evenly and for a rebuild to fetch from every peer at once.
@@ -105,7 +121,7 @@ class StoreConfig:
     capacity_bytes: int = 4 << 30
     # Name the node publishes under; empty = the model's name (--model) for `gossip node`.
     model_id: str = ""
-    # Virtual points per node on the ring (see gossip.ring for the measured balance).
+    # Virtual points per node on the ring (see gossip.core.ring for the measured balance).
     vnodes: int = DEFAULT_VNODES
 
     def validate(self) -> None:
@@ -131,9 +147,9 @@ class StoreConfig:
             raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SecurityConfig:
-    """Files that secure a node's traffic (see ``gossip.security``); empty = not used."""
+    """Files that secure a node's traffic (see ``gossip.transport.security``); empty = not used."""
 
     # PEM certificate (chain) and its private key: the node serves TLS, and its own
     # calls present them. The advertised host must be one of the certificate's SANs.
@@ -148,14 +164,14 @@ class SecurityConfig:
     # Control calls (status, membership, store queries) one connection may make per
     # second, and at once; the rest wait their turn. Ordinary traffic is a few per
     # second per peer; at 50/s a flooding peer costs a training node of the default
-    # MLP well under 10 % of its steps (README, "Security"). 0 = no limit (neither
+    # MLP well under 10 % of its steps (docs, "Measurements"). 0 = no limit (neither
     # this nor the node's below).
     peer_call_rate: float = 50.0
     peer_call_burst: int = 100
     # The same for all connections together, shared fairly among those calling: many
     # flooding connections get 100/s between them, not 50/s each, while a peer that
     # calls less than its share is never held. At 100 calls/s from one unlimited
-    # flooder a training node kept 0.98 of its step rate (README, "Security"); a node
+    # flooder a training node kept 0.98 of its step rate (docs, "Measurements"); a node
     # of a 100-node cluster gets ~25 control calls/s (member syncs, a store repair
     # round every 5 s). 0 = per connection only.
     node_call_rate: float = 100.0
@@ -175,7 +191,7 @@ class SecurityConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodeConfig:
     # Loopback unless told otherwise: nothing is exposed by accident.
     listen: str = "127.0.0.1:0"
@@ -218,6 +234,109 @@ class NodeConfig:
         self.gossip.validate()
         self.store.validate()
         self.security.validate()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a node trains and how; the defaults are tuned on digits + mlp (see each reason)."""
+
+    dataset: str = "digits"  # ships with scikit-learn: runs offline, trains in seconds
+    model: str = "mlp"  # reaches 97 %+ on digits, about 10k parameters: cheap to gossip
+    partition: str = "iid"  # the case where gossip should match the centralised baseline
+    # digits + mlp, 3 seeds, 8 IID nodes averaged exactly after every step: 10 epochs give
+    # the nodes 0.961-0.967 against a 0.972-0.975 baseline, 15 epochs 0.967-0.972 against
+    # 0.975: nodes take 8x fewer steps than the baseline, so they need the extra epochs.
+    epochs: int = 15
+    # A node with 1/8 of digits gets 12 steps per epoch: enough exchanges to mix between.
+    # 32 halves them and cost the baseline 0.5 points.
+    batch_size: int = 16
+    # Averaged nodes act like one large-batch run and want a large rate; 0.3 with momentum
+    # 0.5 was the best for both sides; 0.4 let one baseline seed drop below 0.97. The cnn
+    # diverges at 0.3 on the union and wants about 0.1.
+    lr: float = 0.3
+    momentum: float = 0.5  # beat 0.9 at a smaller lr and 0 at the same lr (+0.5 points for nodes)
+    weight_decay: float = 0.0  # 10 epochs on these datasets do not overfit; decay only slows them
+    seed: int = 0  # same seed on every node: identical initial weights and one shared partition
+    eval_every: float = 1.0  # epochs between evaluations; fractional for finer curves on short runs
+    # Constant: with cosine decay the same runs ended ~0.8 points lower for the nodes
+    # (their few large steps need the rate); cosine shrinks the consensus distance 10x.
+    lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        check_sgd(self.lr, self.momentum, self.weight_decay, self.lr_schedule)
+        if not (math.isfinite(self.eval_every) and self.eval_every > 0):
+            raise ConfigError(f"eval_every must be positive, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    nodes: int = 8  # 8 processes share 2 cores fairly with one torch thread each
+    out: str | None = None  # default runs/<timestamp>
+    baseline: bool = False
+    threads: int = 1
+    host: str = "127.0.0.1"
+    # Seconds the nodes may take to start; None = 60 + 3 per node: on 2 cores each process
+    # imports torch and gRPC (~1.5 s of CPU) while all the others do too.
+    start_timeout: float | None = None
+    run_timeout: float = 1800.0
+    store: StoreConfig = field(default_factory=StoreConfig)
+    kill: str = ""  # N@STEP: SIGKILL N random nodes once rank 0 reaches STEP
+    reconstruct: bool = False  # rebuild the model from the survivors, save and test it
+    churn: float = 0.0  # kills per node per minute while the nodes train (gossip.cluster.churn); 0 = none
+    # Seconds a churned node stays down: under the membership's 4 s suspicion, so the
+    # others see a crash and a reboot (failed exchanges), not a departure.
+    churn_downtime: float = 2.0
+
+    @property
+    def start_seconds(self) -> float:
+        return self.start_timeout if self.start_timeout is not None else 60.0 + 3.0 * self.nodes
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes must be at least 1, got {self.nodes}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.start_timeout is not None and not self.start_timeout > 0:
+            raise ConfigError(f"--start-timeout must be > 0, got {self.start_timeout}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``gossip node`` runs one node process around its training (``gossip.cluster.runner``)."""
+
+    metrics: str | None = None  # JSON lines, one object per evaluation
+    dump_params: str | None = None  # folder for the flat parameters at every evaluation (consensus)
+    ready_file: str | None = None  # written with the bound address once serving
+    seed_file: str | None = None  # a seed's ready file: wait for it, then join through its address
+    wait_for: int = 1  # nodes (this one included) to wait for before training; 1 = none
+    wait_timeout: float = 60.0  # then train anyway, with a warning
+    exit_when_done: bool = False
+    threads: int = 1  # torch threads: N nodes share a small machine fairly
+    init_from_network: bool = False  # start from the newest snapshot in the store, not the initial weights
+
+    def validate(self) -> None:
+        if self.wait_for < 0:
+            raise ConfigError(f"--wait-for must be >= 0, got {self.wait_for}")
+        if not self.wait_timeout > 0:
+            raise ConfigError(f"--wait-timeout must be > 0, got {self.wait_timeout}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+
+
+def check_sgd(lr: float, momentum: float, weight_decay: float, lr_schedule: str) -> None:
+    """The SGD knobs a node and the simulator share; ConfigError names the first bad one."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be positive, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be non-negative, got {weight_decay}")
+    if lr_schedule not in ("cosine", "constant"):
+        raise ConfigError(f"lr_schedule must be cosine or constant, got {lr_schedule!r}")
 
 
 def check_address(addr: str, what: str) -> None:

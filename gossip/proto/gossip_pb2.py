@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gossip/proto/gossip.proto\x12\x0cgossip.proto\"\xc9\x01\n\x06Header\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.gossip.proto.Codec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12.\n\x07outcome\x18\x08 \x01(\x0e\x32\x1d.gossip.proto.ExchangeOutcome\"H\n\x05\x46rame\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.gossip.proto.HeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x1b\n\x07PushAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x9f\x01\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x11\n\theartbeat\x18\x04 \x01(\x04\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.gossip.proto.MemberState\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\x0c\"Z\n\x0bMemberTable\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.gossip.proto.Member\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.gossip.proto.Member\"4\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"\x07\n\x05\x45mpty\"\x9a\x01\n\nMemberView\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.gossip.proto.MemberState\x12\x11\n\theartbeat\x18\x04 \x01(\x04\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"\x99\x03\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x10\n\x08topology\x18\x05 \x01(\t\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12)\n\x07members\x18\x07 \x03(\x0b\x32\x18.gossip.proto.MemberView\x12\x12\n\nneighbours\x18\x08 \x03(\t\x12\x14\n\x0c\x65xchanges_ok\x18\t \x01(\x04\x12\x18\n\x10\x65xchanges_failed\x18\n \x01(\x04\x12\x1a\n\x12\x65xchanges_declined\x18\x0b \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x04\x12\x11\n\tbytes_out\x18\r \x01(\x04\x12\x0e\n\x06weight\x18\x0e \x01(\x01\x12\r\n\x05phase\x18\x0f \x01(\t\x12\x12\n\nparameters\x18\x10 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x11 \x01(\x0c\x12\x16\n\x0euptime_seconds\x18\x12 \x01(\x01\x12\x18\n\x10\x65xchanges_served\x18\x13 \x01(\x04*M\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03*f\n\x0f\x45xchangeOutcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x10\n\x0cOUTCOME_BUSY\x10\x02\x12\x12\n\x0eOUTCOME_COMMIT\x10\x03*h\n\x0bMemberState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_ALIVE\x10\x01\x12\x11\n\rSTATE_SUSPECT\x10\x02\x12\x0e\n\nSTATE_DEAD\x10\x03\x12\x0e\n\nSTATE_LEFT\x10\x04\x32\xe8\x02\n\x06Gossip\x12\x38\n\x08\x45xchange\x12\x13.gossip.proto.Frame\x1a\x13.gossip.proto.Frame(\x01\x30\x01\x12\x34\n\x04Push\x12\x13.gossip.proto.Frame\x1a\x15.gossip.proto.PushAck(\x01\x12<\n\x04Join\x12\x19.gossip.proto.MemberTable\x1a\x19.gossip.proto.MemberTable\x12<\n\x04Sync\x12\x19.gossip.proto.MemberTable\x1a\x19.gossip.proto.MemberTable\x12\x38\n\x05Leave\x12\x1a.gossip.proto.LeaveRequest\x1a\x13.gossip.proto.Empty\x12\x38\n\x06Status\x12\x13.gossip.proto.Empty\x1a\x19.gossip.proto.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gossip/proto/gossip.proto\x12\x0cgossip.proto\"\xdb\x01\n\x06Header\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\"\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x13.gossip.proto.Codec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12.\n\x07outcome\x18\x08 \x01(\x0e\x32\x1d.gossip.proto.ExchangeOutcome\x12\x10\n\x08pipeline\x18\t \x01(\t\"H\n\x05\x46rame\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.gossip.proto.HeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x1b\n\x07PushAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x9f\x01\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x11\n\theartbeat\x18\x04 \x01(\x04\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.gossip.proto.MemberState\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\x0c\"Z\n\x0bMemberTable\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.gossip.proto.Member\x12%\n\x07members\x18\x02 \x03(\x0b\x32\x14.gossip.proto.Member\"4\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"\x07\n\x05\x45mpty\"\x9a\x01\n\nMemberView\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.gossip.proto.MemberState\x12\x11\n\theartbeat\x18\x04 \x01(\x04\x12\x1f\n\x17seconds_since_heartbeat\x18\x05 \x01(\x01\x12\x0c\n\x04rank\x18\x06 \x01(\x05\"\xbc\x03\n\x0bStatusReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x10\n\x08topology\x18\x05 \x01(\t\x12\x10\n\x08strategy\x18\x06 \x01(\t\x12)\n\x07members\x18\x07 \x03(\x0b\x32\x18.gossip.proto.MemberView\x12\x12\n\nneighbours\x18\x08 \x03(\t\x12\x14\n\x0c\x65xchanges_ok\x18\t \x01(\x04\x12\x18\n\x10\x65xchanges_failed\x18\n \x01(\x04\x12\x1a\n\x12\x65xchanges_declined\x18\x0b \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x0c \x01(\x04\x12\x11\n\tbytes_out\x18\r \x01(\x04\x12\x0e\n\x06weight\x18\x0e \x01(\x01\x12\r\n\x05phase\x18\x0f \x01(\t\x12\x12\n\nparameters\x18\x10 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x11 \x01(\x0c\x12\x16\n\x0euptime_seconds\x18\x12 \x01(\x01\x12\x18\n\x10\x65xchanges_served\x18\x13 \x01(\x04\x12\x10\n\x08training\x18\x14 \x01(\x08\x12\x0f\n\x07resting\x18\x15 \x01(\x08*M\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03*f\n\x0f\x45xchangeOutcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x10\n\x0cOUTCOME_BUSY\x10\x02\x12\x12\n\x0eOUTCOME_COMMIT\x10\x03*h\n\x0bMemberState\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_ALIVE\x10\x01\x12\x11\n\rSTATE_SUSPECT\x10\x02\x12\x0e\n\nSTATE_DEAD\x10\x03\x12\x0e\n\nSTATE_LEFT\x10\x04\x32\xe8\x02\n\x06Gossip\x12\x38\n\x08\x45xchange\x12\x13.gossip.proto.Frame\x1a\x13.gossip.proto.Frame(\x01\x30\x01\x12\x34\n\x04Push\x12\x13.gossip.proto.Frame\x1a\x15.gossip.proto.PushAck(\x01\x12<\n\x04Join\x12\x19.gossip.proto.MemberTable\x1a\x19.gossip.proto.MemberTable\x12<\n\x04Sync\x12\x19.gossip.proto.MemberTable\x1a\x19.gossip.proto.MemberTable\x12\x38\n\x05Leave\x12\x1a.gossip.proto.LeaveRequest\x1a\x13.gossip.proto.Empty\x12\x38\n\x06Status\x12\x13.gossip.proto.Empty\x1a\x19.gossip.proto.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gossip.proto.gossip_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=1236
-  _globals['_CODEC']._serialized_end=1313
-  _globals['_EXCHANGEOUTCOME']._serialized_start=1315
-  _globals['_EXCHANGEOUTCOME']._serialized_end=1417
-  _globals['_MEMBERSTATE']._serialized_start=1419
-  _globals['_MEMBERSTATE']._serialized_end=1523
+  _globals['_CODEC']._serialized_start=1289
+  _globals['_CODEC']._serialized_end=1366
+  _globals['_EXCHANGEOUTCOME']._serialized_start=1368
+  _globals['_EXCHANGEOUTCOME']._serialized_end=1470
+  _globals['_MEMBERSTATE']._serialized_start=1472
+  _globals['_MEMBERSTATE']._serialized_end=1576
   _globals['_HEADER']._serialized_start=44
-  _globals['_HEADER']._serialized_end=245
-  _globals['_FRAME']._serialized_start=247
-  _globals['_FRAME']._serialized_end=319
-  _globals['_PUSHACK']._serialized_start=321
-  _globals['_PUSHACK']._serialized_end=348
-  _globals['_MEMBER']._serialized_start=351
-  _globals['_MEMBER']._serialized_end=510
-  _globals['_MEMBERTABLE']._serialized_start=512
-  _globals['_MEMBERTABLE']._serialized_end=602
-  _globals['_LEAVEREQUEST']._serialized_start=604
-  _globals['_LEAVEREQUEST']._serialized_end=656
-  _globals['_EMPTY']._serialized_start=658
-  _globals['_EMPTY']._serialized_end=665
-  _globals['_MEMBERVIEW']._serialized_start=668
-  _globals['_MEMBERVIEW']._serialized_end=822
-  _globals['_STATUSREPLY']._serialized_start=825
-  _globals['_STATUSREPLY']._serialized_end=1234
-  _globals['_GOSSIP']._serialized_start=1526
-  _globals['_GOSSIP']._serialized_end=1886
+  _globals['_HEADER']._serialized_end=263
+  _globals['_FRAME']._serialized_start=265
+  _globals['_FRAME']._serialized_end=337
+  _globals['_PUSHACK']._serialized_start=339
+  _globals['_PUSHACK']._serialized_end=366
+  _globals['_MEMBER']._serialized_start=369
+  _globals['_MEMBER']._serialized_end=528
+  _globals['_MEMBERTABLE']._serialized_start=530
+  _globals['_MEMBERTABLE']._serialized_end=620
+  _globals['_LEAVEREQUEST']._serialized_start=622
+  _globals['_LEAVEREQUEST']._serialized_end=674
+  _globals['_EMPTY']._serialized_start=676
+  _globals['_EMPTY']._serialized_end=683
+  _globals['_MEMBERVIEW']._serialized_start=686
+  _globals['_MEMBERVIEW']._serialized_end=840
+  _globals['_STATUSREPLY']._serialized_start=843
+  _globals['_STATUSREPLY']._serialized_end=1287
+  _globals['_GOSSIP']._serialized_start=1579
+  _globals['_GOSSIP']._serialized_end=1939
 # @@protoc_insertion_point(module_scope)

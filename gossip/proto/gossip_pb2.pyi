@@ -43,7 +43,7 @@ STATE_DEAD: MemberState
 STATE_LEFT: MemberState
 
 class Header(_message.Message):
-    __slots__ = ("fingerprint", "sender", "step", "codec", "total_bytes", "weight", "chunk_bytes", "outcome")
+    __slots__ = ("fingerprint", "sender", "step", "codec", "total_bytes", "weight", "chunk_bytes", "outcome", "pipeline")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Header(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     fingerprint: bytes
     sender: str
     step: int
@@ -60,7 +61,8 @@ class Header(_message.Message):
     weight: float
     chunk_bytes: int
     outcome: ExchangeOutcome
-    def __init__(self, fingerprint: _Optional[bytes] = ..., sender: _Optional[str] = ..., step: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., total_bytes: _Optional[int] = ..., weight: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., outcome: _Optional[_Union[ExchangeOutcome, str]] = ...) -> None: ...
+    pipeline: str
+    def __init__(self, fingerprint: _Optional[bytes] = ..., sender: _Optional[str] = ..., step: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., total_bytes: _Optional[int] = ..., weight: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., outcome: _Optional[_Union[ExchangeOutcome, str]] = ..., pipeline: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "chunk")
@@ -131,7 +133,7 @@ class MemberView(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[MemberState, str]] = ..., heartbeat: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "address", "step", "rank", "topology", "strategy", "members", "neighbours", "exchanges_ok", "exchanges_failed", "exchanges_declined", "bytes_in", "bytes_out", "weight", "phase", "parameters", "fingerprint", "uptime_seconds", "exchanges_served")
+    __slots__ = ("node_id", "address", "step", "rank", "topology", "strategy", "members", "neighbours", "exchanges_ok", "exchanges_failed", "exchanges_declined", "bytes_in", "bytes_out", "weight", "phase", "parameters", "fingerprint", "uptime_seconds", "exchanges_served", "training", "resting")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,8 @@ class StatusReply(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXCHANGES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    RESTING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     step: int
@@ -170,4 +174,6 @@ class StatusReply(_message.Message):
     fingerprint: bytes
     uptime_seconds: float
     exchanges_served: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ...) -> None: ...
+    training: bool
+    resting: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ..., training: _Optional[bool] = ..., resting: _Optional[bool] = ...) -> None: ...

@@ -7,21 +7,29 @@ shrink by |λ2(W)|² per round for synchronous averaging; the measured rate is a
 geometric fit over the last half of the rounds, after the faster modes have
 died out, and before rounding noise: distances at or below ``FLOOR`` (float64
 rounding, relative) end the usable stretch.
+
+How many rounds that takes depends on more than |λ2|: where the next eigenvalues
+nearly coincide with it (small-world graphs), their modes fade only as
+(|λ3|/|λ2|)^2t and bend the fit long after 5/(1 - |λ2|²) rounds. So by default the
+rounds are not fixed: the run goes on, in blocks that grow with it, until the
+fitted gap 1 - r agrees with the previous fit to ``STABLE`` twice in a row (or the
+distance reaches the rounding floor, or ``MAX_ROUNDS``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from gossip.averaging import consensus_distance
+from gossip.core.averaging import consensus_distance
+from gossip.core.spectral import describe, second_eigenvalue
+from gossip.core.topology import Topology
 from gossip.sim.mixing import STRATEGIES, expected_pairwise_matrix, make_mixer
-from gossip.topology import Topology, describe, second_eigenvalue
 
 # Relative squared distances this small are float64 rounding, not signal: values of
 # size 1 carry errors near 1e-16, i.e. squared distances near 1e-32.
@@ -30,6 +38,12 @@ FLOOR = 1e-24
 _COLLAPSE = 1e6
 # Matchings drawn to estimate E[W] of pairwise gossip.
 PAIRWISE_SAMPLES = 512
+# Rounds chosen by the run itself: the fitted gap must change by less than this
+# (relative) between two successive fits, twice; a first block of MIN_ROUNDS, then
+# blocks of half the rounds so far, up to MAX_ROUNDS.
+STABLE = 0.002
+MIN_ROUNDS = 40
+MAX_ROUNDS = 100_000
 
 
 @dataclass
@@ -123,19 +137,22 @@ def theoretical_rate(
 
 def run_consensus(
     top: Topology,
-    rounds: int,
+    rounds: int | None = None,
     strategy: str = "sync",
     rule: str = "metropolis",
     seed: int = 0,
     dim: int = 16,
     loss: float = 0.0,
 ) -> ConsensusResult:
-    """Average random vectors (n, dim) for ``rounds`` rounds and fit the contraction rate."""
+    """Average random vectors (n, dim) and fit the contraction rate.
+
+    ``rounds``: that many rounds; None: until the fitted rate is stable (see the module).
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if top.n < 2:
         raise ValueError("consensus needs at least 2 nodes")
-    if rounds < 1 or dim < 1:
+    if (rounds is not None and rounds < 1) or dim < 1:
         raise ValueError(f"rounds and dim must be at least 1, got {rounds} and {dim}")
     theory, how = theoretical_rate(top, strategy, rule, seed)
     info = describe(top, rule)
@@ -144,17 +161,25 @@ def run_consensus(
     mixer = make_mixer(strategy, top, gen, rule, loss)
     start = consensus_distance(x)
     distances = [1.0]
-    for t in range(rounds):
-        x, _ = mixer.mix(x, t)
-        distances.append(consensus_distance(x) / start)
-    rate, first, last = fit_rate(distances)
+
+    def advance(count: int) -> None:
+        nonlocal x
+        for _ in range(count):
+            x, _ = mixer.mix(x, len(distances) - 1)
+            distances.append(consensus_distance(x) / start)
+
+    if rounds is not None:
+        advance(rounds)
+        rate, first, last = fit_rate(distances)
+    else:
+        rate, first, last = _until_stable(advance, distances)
     return ConsensusResult(
         topology=top.name,
         spec=top.spec,
         nodes=top.n,
         strategy=strategy,
         rule=str(info["rule"]),
-        rounds=rounds,
+        rounds=len(distances) - 1,
         dim=dim,
         seed=seed,
         loss=loss,
@@ -166,6 +191,29 @@ def run_consensus(
         lambda2=float(info["lambda2"]),
         fit_rounds=(first, last),
     )
+
+
+def _until_stable(advance: Callable[[int], None], distances: list[float]) -> tuple[float, int, int]:
+    """Run rounds in growing blocks until the fitted gap is stable; the last fit."""
+    previous: float | None = None
+    agreed = 0
+    advance(MIN_ROUNDS)
+    while True:
+        rate, first, last = fit_rate(distances)
+        gap = 1.0 - rate
+        if last < len(distances) - 1 or rate == 0.0:
+            return rate, first, last  # reached the rounding floor: nothing more to learn
+        if previous is not None and abs(gap - previous) <= STABLE * max(gap, 1e-300):
+            agreed += 1
+            if agreed == 2:
+                return rate, first, last
+        else:
+            agreed = 0
+        previous = gap
+        done = len(distances) - 1
+        if done >= MAX_ROUNDS:
+            return rate, first, last
+        advance(min(max(MIN_ROUNDS, done // 2), MAX_ROUNDS - done))
 
 
 def format_result(r: ConsensusResult, max_rows: int = 100) -> str:

@@ -10,9 +10,9 @@ so with one local step, synchronous mixing is D-PSGD, x <- W x - lr g(x), and
 every strategy has the delta semantics of the real nodes (an exchange moves a
 node by mixed(snapshot) - snapshot, on top of what training did meanwhile).
 Per-node gradients come from ``torch.func`` (functional_call + grad + vmap)
-over all rows at once; momentum follows :class:`gossip.train.MomentumSGD`
+over all rows at once; momentum follows :class:`gossip.train.trainer.MomentumSGD`
 (buffers stay local, never mixed), and each node walks its own partition in
-epochs like :class:`gossip.train.LocalTrainer`, the last batch of an epoch
+epochs like :class:`gossip.train.trainer.LocalTrainer`, the last batch of an epoch
 short (a masked mean). Faults are described in :mod:`gossip.sim.mixing`;
 a dead node or a straggler in a round neither trains nor mixes.
 """
@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from gossip.averaging import consensus_distance
-from gossip.config import ConfigError
-from gossip.data import DataError, Dataset, load_dataset, partition
-from gossip.models import build_model
+from gossip.config import ConfigError, TrainConfig, check_sgd
+from gossip.core.averaging import consensus_distance
+from gossip.core.topology import MIXING_RULES, Topology, TopologyError
 from gossip.sim.mixing import STRATEGIES, Mixer, bytes_per_message, make_mixer
-from gossip.topology import MIXING_RULES, Topology, TopologyError
-from gossip.train import TrainConfig, evaluate
+from gossip.train.data import DataError, Dataset, load_dataset, partition
+from gossip.train.models import build_model
+from gossip.train.trainer import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,7 @@ class SimConfig:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.rule not in MIXING_RULES:
             raise ConfigError(f"rule must be one of {', '.join(MIXING_RULES)}, got {self.rule!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        check_sgd(self.lr, self.momentum, self.weight_decay, self.lr_schedule)
         if not 0 <= self.message_loss < 1:
             raise ConfigError(f"message_loss must be in [0, 1), got {self.message_loss}")
         for name in ("crash_fraction", "stragglers", "straggler_skip"):
@@ -201,10 +194,10 @@ class Simulator:
         self.mixer: Mixer = make_mixer(cfg.strategy, self.topology, self._mix_gen, cfg.rule, cfg.message_loss)
 
         named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
-        self._names = [k for k, _ in named]
-        self._shapes = [tuple(p.shape) for _, p in named]
-        self._sizes = [p.numel() for _, p in named]
-        self.dim = sum(self._sizes)
+        self.names = [k for k, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.dim = sum(self.sizes)
         flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for _, p in named])
         self.params = flat.repeat(n, 1)
         self._momentum = torch.zeros_like(self.params) if cfg.momentum else None
@@ -232,11 +225,11 @@ class Simulator:
 
     # --- the model as a function of one flat row ------------------------------------
 
-    def _views(self, x: Tensor) -> dict[str, Tensor]:
+    def views(self, x: Tensor) -> dict[str, Tensor]:
         """Parameter views into stacked rows x (n, d), or into one flat row (d,)."""
         lead = tuple(x.shape[:-1])
         out, offset = {}, 0
-        for name, shape, size in zip(self._names, self._shapes, self._sizes, strict=True):
+        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
             out[name] = x[..., offset : offset + size].view(*lead, *shape)
             offset += size
         return out
@@ -273,11 +266,11 @@ class Simulator:
         cfg = self.cfg
         sample, valid = self._batches.next()
         xb, yb = self.dataset.x_train[sample], self.dataset.y_train[sample]
-        grads, losses = self._grad(self._views(self.params), xb, yb, valid.to(xb.dtype))
+        grads, losses = self._grad(self.views(self.params), xb, yb, valid.to(xb.dtype))
         lr = self._lr()
         mask = None if active is None else active.to(target.dtype)[:, None]
         offset = 0
-        for name, size in zip(self._names, self._sizes, strict=True):
+        for name, size in zip(self.names, self.sizes, strict=True):
             cols = slice(offset, offset + size)
             offset += size
             d = grads[name].reshape(self.n, size)
@@ -329,7 +322,7 @@ class Simulator:
     def _module_with(self, flat: Tensor) -> nn.Module:
         module = copy.deepcopy(self.module)
         with torch.no_grad():
-            for name, view in self._views(flat).items():
+            for name, view in self.views(flat).items():
                 module.get_parameter(name).copy_(view)
         return module
 
@@ -340,7 +333,7 @@ class Simulator:
         out = []
         with torch.no_grad():
             for rows in self.params.split(chunk):
-                logits = self._forward(self._views(rows), ds.x_test)
+                logits = self._forward(self.views(rows), ds.x_test)
                 out.append((logits.argmax(dim=-1) == ds.y_test).to(torch.float64).mean(dim=1))
         return torch.cat(out)
 

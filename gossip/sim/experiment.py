@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from gossip.config import ConfigError, coerce, load_toml
-from gossip.data import DataError, Dataset, load_dataset, partition
-from gossip.models import ModelError, build_model
+from gossip.core.spectral import describe
 from gossip.sim.engine import SIM_KNOBS, RoundMetrics, SimConfig, Simulator
-from gossip.topology import describe
+from gossip.train.data import DataError, Dataset, load_dataset, partition
+from gossip.train.models import ModelError, build_model
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ class RunResult:
 
 
 def run_experiment(exp: Experiment, out: str | Path, progress: Progress | None = None) -> list[RunResult]:
-    """Run every grid point, writing results.csv as runs finish, then summary.md and the plots."""
-    from gossip.sim.report import write_plots, write_summary
-
+    """Run every grid point, writing results.csv as runs finish (``report`` writes the rest)."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     configs = exp.configs()
@@ -192,8 +190,6 @@ def run_experiment(exp: Experiment, out: str | Path, progress: Progress | None =
                 result.final.accuracy,
                 seconds,
             )
-    write_summary(exp, results, folder / "summary.md")
-    write_plots(exp, results, folder)
     return results
 
 

@@ -4,8 +4,8 @@ A mixer reads the round's snapshot ``x`` (n, d), one row per node, and
 returns the mixed stack as a new tensor; the training loop adds the round's
 local updates on top, which is the delta semantics of the real nodes (an
 exchange moves a node by ``mixed(snapshot) - snapshot``, whatever training did
-meanwhile). The arithmetic is that of :mod:`gossip.averaging` and the graphs,
-weights and schedules are those of :mod:`gossip.topology`.
+meanwhile). The arithmetic is that of :mod:`gossip.core.averaging` and the graphs,
+weights and schedules are those of :mod:`gossip.core.topology`.
 
 Faults, per round: ``active`` marks the nodes that take part (dead nodes and
 stragglers that miss the round do not), and every message is lost with
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gossip import averaging
-from gossip.topology import Topology, one_peer_exponential_partners
+from gossip.core import averaging
+from gossip.core.topology import Topology, one_peer_exponential_partners
 
 STRATEGIES: tuple[str, ...] = ("sync", "pairwise", "push-sum")
 

@@ -2,7 +2,7 @@
 
 Runs that differ only in ``seed`` form one configuration: the table shows
 the mean (± the standard deviation over seeds) and the plots the mean curve.
-Plots are drawn on bare Agg canvases (no pyplot), like ``topology.draw``.
+Plots are drawn on bare Agg canvases (no pyplot), like ``gossip.core.spectral.draw``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from gossip.sim.experiment import Experiment, RunResult
+from gossip.sim.experiment import Experiment, RunResult
 
 
 def _colour(i: int) -> Any:
@@ -169,3 +168,9 @@ def write_plots(exp: Experiment, results: Sequence[RunResult], folder: Path) -> 
     ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "gap.png", dpi=100)
+
+
+def write_report(exp: Experiment, results: Sequence[RunResult], folder: Path) -> None:
+    """summary.md and the plots of a finished experiment, next to its results.csv."""
+    write_summary(exp, results, folder / "summary.md")
+    write_plots(exp, results, folder)

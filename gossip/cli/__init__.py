@@ -1,0 +1,1 @@
+"""The ``gossip`` command line: :mod:`~gossip.cli.main` parses, :mod:`~gossip.cli.commands` runs."""

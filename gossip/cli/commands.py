@@ -1,0 +1,222 @@
+"""What each ``gossip`` subcommand does once its arguments parsed.
+
+Every command checks its inputs (paths it will write, files and specs it will
+load) before it starts any work; a bad one is a ConfigError: one line, exit 2,
+nothing left behind. Heavy modules (torch, gRPC) load here, per command, so
+``--help``, ``status``, ``topology`` and ``reconstruct`` never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gossip.cli import checks, knobs, output
+from gossip.config import ConfigError, check_address
+
+
+def setup_logging(verbose: int, default: int = logging.WARNING) -> None:
+    level = default if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _client_security(args: argparse.Namespace) -> Any:
+    from gossip.transport.security import load
+
+    return load(knobs.client_security_config(args), serving=False)
+
+
+def node(args: argparse.Namespace) -> int:
+    v = knobs.resolve(args, knobs.NODE_KNOBS, {})
+    train = knobs.train_config(v)
+    config = knobs.node_config(v)
+    opts = knobs.run_options(v)
+    for what, path in (("--metrics", opts.metrics), ("--ready-file", opts.ready_file)):
+        if path:
+            checks.output_file(path, what)
+    if opts.dump_params:
+        checks.output_folder(opts.dump_params, "--dump-params")
+    from gossip.cluster.runner import run_node
+    from gossip.node.members import JoinError
+    from gossip.transport.security import load
+
+    # Unreadable or unusable files: exit 2 now, not after the data has loaded.
+    load(config.security, serving=True)
+    setup_logging(args.verbose, logging.INFO)
+    checks.training_specs(train.dataset, train.model, train.partition, max(config.world_size, 1), train.seed)
+    try:
+        return asyncio.run(run_node(train, config, opts))
+    except (JoinError, OSError) as exc:
+        output.print_failure("node", str(exc))
+        return 1
+
+
+def simulate(args: argparse.Namespace) -> int:
+    v = knobs.resolve(args, knobs.SIM_KNOBS, knobs.SIM_DEFAULTS)
+    train = knobs.train_config(v)
+    gossip = knobs.gossip_config(v)
+    sim = knobs.simulate_config(v)
+    if sim.out:
+        checks.output_folder(sim.out, "--out")
+    else:
+        checks.output_folder("runs", "the output folder")
+    from gossip.cluster.churn import check_churn
+    from gossip.cluster.rebuild import parse_kill
+
+    parse_kill(sim.kill, sim.nodes)
+    check_churn(sim.churn, sim.churn_downtime, sim.nodes, sim.kill)
+    if gossip.topology != "random":
+        from gossip.core.topology import Topology, TopologyError
+
+        try:
+            Topology.parse(gossip.topology, sim.nodes)
+        except TopologyError as exc:
+            raise ConfigError(str(exc)) from None
+    setup_logging(args.verbose)
+    with output.busy(f"checking {train.dataset}, {train.model} and the {train.partition} partition"):
+        checks.training_specs(train.dataset, train.model, train.partition, sim.nodes, train.seed)
+    bar = output.ProgressLine("simulate")
+    from gossip.cluster.local import run_simulation
+    from gossip.cluster.procs import SimulationError
+
+    try:
+        summary = run_simulation(train, gossip, sim, progress=bar)
+    except SimulationError as exc:
+        bar.close()
+        output.print_failure("simulate", str(exc))
+        return 1
+    except KeyboardInterrupt as stop:
+        bar.close()
+        partial = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else None
+        if partial is not None:
+            output.simulate_table(partial)
+        output.print_failure("simulate", "interrupted" + (" (partial summary written)" if partial else ""))
+        return 130
+    bar.close()
+    output.simulate_table(summary)
+    return 0
+
+
+def reconstruct(args: argparse.Namespace) -> int:
+    check_address(args.peer, "--peer")
+    if args.version != "latest" and not (args.version.isascii() and args.version.isdigit()):
+        raise ConfigError(f"--version must be latest or a number, got {args.version!r}")
+    version = None if args.version == "latest" else int(args.version)
+    if not args.timeout > 0:
+        raise ConfigError("--timeout must be > 0")
+    from gossip.store.files import OutputError, output_format, save
+    from gossip.store.reconstruct import SnapshotUnavailable, fetch_snapshot
+    from gossip.transport.channels import Channels
+
+    try:
+        fmt = output_format(args.out, args.format)
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from None
+    checks.output_file(args.out, "--out")
+    sec = _client_security(args)
+
+    async def rebuild() -> Any:
+        channels = Channels(sec.channel_credentials, sec.metadata)
+        try:
+            return await fetch_snapshot(args.peer, args.model_id, version, args.timeout, channels)
+        finally:
+            await channels.close()
+
+    try:
+        rebuilt = asyncio.run(rebuild())
+        save(rebuilt, args.out, fmt)
+    except (ConnectionError, SnapshotUnavailable, OSError) as exc:
+        if args.json:
+            missing = getattr(exc, "missing", {})
+            print(json.dumps({"error": str(exc), "missing": {str(k): val for k, val in missing.items()}}))
+        output.print_failure("reconstruct", str(exc))
+        return 1
+    info = {**rebuilt.to_json(), "out": str(args.out), "format": fmt}
+    print(json.dumps(info) if args.json else output.rebuilt_text(info))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    check_address(args.peer, "--peer")
+    if not args.timeout > 0:
+        raise ConfigError("--timeout must be > 0")
+    from gossip.observe.status import fetch_status
+
+    try:
+        found = asyncio.run(fetch_status(args.peer, args.timeout, _client_security(args)))
+    except ConnectionError as exc:
+        output.print_failure("status", str(exc))
+        return 1
+    print(json.dumps(found) if args.json else output.status_text(found))
+    return 0
+
+
+def topology(args: argparse.Namespace) -> int:
+    if args.draw:
+        checks.output_file(args.draw, "--draw")
+    from gossip.core.spectral import describe, draw
+    from gossip.core.topology import Topology, TopologyError
+
+    try:
+        top = Topology.parse(args.name, args.nodes, seed=args.seed)
+        info = describe(top, args.rule)
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.draw:
+        draw(top, args.draw)
+    print(json.dumps(info) if args.json else output.topology_text(info, args.draw))
+    return 0
+
+
+def consensus(args: argparse.Namespace) -> int:
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.dim < 1:
+        raise ConfigError(f"--dim must be at least 1, got {args.dim}")
+    if not 0.0 <= args.loss < 1.0:
+        raise ConfigError(f"--loss must be in [0, 1), got {args.loss}")
+    from gossip.core.topology import Topology, TopologyError
+    from gossip.sim.consensus import format_result, run_consensus
+
+    try:
+        top = Topology.parse(args.topology, args.nodes, seed=args.seed)
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
+    if top.n < 2:
+        raise ConfigError(f"consensus needs at least 2 nodes, got {top.n}")
+    result = run_consensus(top, args.rounds, args.strategy, args.rule, args.seed, args.dim, args.loss)
+    print(json.dumps(result.to_json()) if args.json else format_result(result))
+    return 0
+
+
+def experiment(args: argparse.Namespace) -> int:
+    checks.input_file(args.file, "experiment file")
+    if args.out:
+        checks.output_folder(args.out, "--out")
+    from gossip.sim.experiment import load_experiment, run_experiment
+    from gossip.sim.report import write_report
+
+    setup_logging(args.verbose)
+    exp = load_experiment(args.file)
+    out = args.out or os.path.join("runs", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.out:
+        checks.output_folder(out, "the output folder")
+    output.err.print(f"experiment {exp.name}: {len(exp.configs())} runs, writing to {out}/")
+    bar = output.ProgressLine("experiment")
+    try:
+        results = run_experiment(exp, out, progress=bar)
+    finally:
+        bar.close()
+    write_report(exp, results, Path(out))
+    with open(os.path.join(out, "summary.md")) as fh:
+        print(fh.read(), end="")
+    return 0

@@ -1,0 +1,152 @@
+"""The exchange pipeline: what a node sends, and how what it receives becomes its change.
+
+One pairwise exchange on one side, in order (DESIGN.md, "The exchange pipeline"):
+
+1. *what is averaged*: the node's snapshot, which each stage's ``outgoing_`` may
+   turn into something else in place (a pseudo-gradient, a compressed residual);
+2. *how it travels*: the codec (raw, fp16, bf16) encodes it into bytes and the
+   :class:`~gossip.core.codecs.PayloadReceiver` decodes and checks the peer's;
+3. *how much of it is trusted*: each stage's ``incoming_`` may change the received
+   values in place (clip them) before the delta is formed;
+4. *how it is applied*: the delta rule, ``(other - own) / 2`` added to the current
+   model between two steps, which preserves the sum of all models exactly.
+
+Stages are per-exchange transforms with one interface (:class:`Stage`); a stage
+sees the peer's id, so it can keep per-neighbour state, and hears whether the
+exchange committed (``settle``), so that state moves in step on both sides. Both
+ends must run the same stages: :attr:`Pipeline.spec` travels in every header and a
+peer with another one is refused. With no stages and the raw codec the delta is
+formed chunk by chunk as the payload arrives (the fast path), with the same
+arithmetic.
+
+Pure: torch only. Real nodes run it per exchange; the simulator can run the
+same stages on its stacked models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gossip.core.codecs import PayloadReceiver, encode, payload_nbytes, round_trip_
+from gossip.core.layout import Layout
+from gossip.core.params import FlatParams
+
+
+class Stage:
+    """One per-exchange transform; a subclass overrides the hooks it needs.
+
+    ``name`` is its spec in headers (with its parameters, e.g. ``clip:2.0``);
+    two nodes exchange only if their stages' specs are equal, in order.
+    """
+
+    name: str = ""
+
+    def outgoing_(self, snap: FlatParams, peer: str) -> None:
+        """Turn this node's snapshot into what it sends to ``peer`` (in place)."""
+
+    def incoming_(self, own: FlatParams, other: FlatParams, peer: str) -> None:
+        """Adjust what ``peer`` sent (``other``, in place) before the delta is formed from it."""
+
+    def settle(self, peer: str, committed: bool) -> None:
+        """The exchange with ``peer`` ended: both sides took their halves, or neither did."""
+
+
+class Pipeline:
+    """The stages a node runs around every exchange, and the codec it sends with."""
+
+    def __init__(self, layout: Layout, codec: str = "raw", stages: Sequence[Stage] = ()) -> None:
+        payload_nbytes(layout, codec)  # an unknown codec fails here
+        self.layout = layout
+        self.codec = codec
+        self.stages = tuple(stages)
+
+    @property
+    def spec(self) -> str:
+        """What travels in the header: the stages besides the codec ('' for none)."""
+        return "+".join(s.name for s in self.stages)
+
+    def payload_nbytes(self, codec: str | None = None) -> int:
+        return payload_nbytes(self.layout, codec or self.codec)
+
+    def streams(self, codec: str) -> bool:
+        """Whether the delta is formed chunk by chunk as the payload arrives (raw, no stages)."""
+        return codec == "raw" and not self.stages
+
+    def outgoing(self, snap: FlatParams, peer: str, codec: str | None = None) -> list[memoryview]:
+        """The bytes to send ``peer`` for ``snap`` (views into it for raw, no copies)."""
+        for stage in self.stages:
+            stage.outgoing_(snap, peer)
+        return encode(snap, codec or self.codec)
+
+    def pairwise(
+        self, snap: FlatParams, recv: FlatParams, peer: str, codec: str, fill_from: FlatParams | None = None
+    ) -> PairwiseDelta:
+        """The receiving half of a pairwise exchange with ``peer``; see :class:`PairwiseDelta`."""
+        return PairwiseDelta(self, snap, recv, peer, codec, fill_from)
+
+    def receiver(self, out: FlatParams, codec: str) -> PayloadReceiver:
+        """A checked receiver of a peer's whole model into ``out`` (push-sum)."""
+        return PayloadReceiver(self.layout, codec, out=out, check_finite=True)
+
+    def settle(self, peer: str, committed: bool) -> None:
+        for stage in self.stages:
+            stage.settle(peer, committed)
+
+
+class PairwiseDelta:
+    """One side's numbers of one pairwise exchange: ``recv`` ends as ``(other - own) / 2``.
+
+    ``receiver`` takes the peer's payload (every element checked for length and
+    finiteness as it arrives); once it is whole, :meth:`delta` is the change to add
+    to the current model. On the fast path the delta is formed as each chunk
+    arrives, while it is in cache. ``fill_from``: ``snap`` is copied from this
+    model range by range as the payload arrives instead of beforehand (the raw
+    callee, which thereby answers its header at once); each element it sends is
+    then the one its delta uses, which is all that keeps the sum exact.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        snap: FlatParams,
+        recv: FlatParams,
+        peer: str,
+        codec: str,
+        fill_from: FlatParams | None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.snap = snap
+        self.recv = recv
+        self.peer = peer
+        self.codec = codec
+        self.streaming = pipeline.streams(codec)
+        if fill_from is not None and not self.streaming:
+            raise ValueError("only the streaming path fills its snapshot as the payload arrives")
+        self._own = list(snap)
+        self._out = list(recv)
+        self._fill = list(fill_from) if fill_from is not None else None
+        self.receiver = PayloadReceiver(
+            pipeline.layout,
+            codec,
+            out=recv,
+            check_finite=True,
+            consume=self._to_delta if self.streaming else None,
+        )
+
+    def _to_delta(self, i: int, start: int, stop: int, other: torch.Tensor) -> None:
+        own = self._own[i][start:stop]
+        if self._fill is not None:
+            own.copy_(self._fill[i][start:stop])
+        torch.sub(other, own, out=self._out[i][start:stop]).mul_(0.5)  # averaging.pairwise_delta
+
+    def delta(self) -> FlatParams:
+        """The change to add, once the payload is whole and the exchange committed."""
+        if not self.streaming:
+            round_trip_(self.snap, self.codec)  # the numbers the peer decoded of ours
+            for stage in self.pipeline.stages:
+                stage.incoming_(self.snap, self.recv, self.peer)
+            for own, other in zip(self.snap, self.recv, strict=True):
+                torch.sub(other, own, out=other).mul_(0.5)  # averaging.pairwise_delta, in place
+        return self.recv

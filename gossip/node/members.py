@@ -1,0 +1,193 @@
+"""A node's membership: joining through seeds, the gossip loop, and the Join/Sync/Leave calls.
+
+The rules (heartbeats, merging, suspicion) are pure and live in
+:mod:`gossip.core.membership`; this is their I/O. Every round the node beats,
+sweeps, and starts a sync with a random member as its own task: a peer that
+takes the call and never answers holds one of a few sync slots until its
+deadline, never the heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from gossip.config import NodeConfig
+from gossip.core.errors import PeerError
+from gossip.core.membership import MemberRecord, Membership
+from gossip.transport import serde
+from gossip.transport.channels import GOSSIP, Channels
+from gossip.transport.frames import WireError
+
+log = logging.getLogger(__name__)
+
+# Member syncs of this node's own in flight at once: a peer that takes the call and
+# never answers (paused, overloaded) holds one until its deadline, the others go on.
+MAX_SYNCS_IN_FLIGHT = 3
+# Chance per round that the sync goes to a member declared dead: a probe every
+# ~10 rounds (5 s) finds a paused or cut-off member again, at the cost of one call.
+PROBE_DEAD = 0.1
+
+
+class JoinError(RuntimeError):
+    """None of the seeds could be reached in time."""
+
+
+class Members:
+    """The member table of one node and the calls that keep it current."""
+
+    def __init__(
+        self,
+        me: MemberRecord,
+        config: NodeConfig,
+        channels: Channels,
+        rng: random.Random,
+        on_join: Callable[[MemberRecord], None] = lambda m: None,
+    ) -> None:
+        self.table = Membership(me, config.membership)
+        self.config = config
+        self.channels = channels
+        self.rng = rng
+        self.on_join = on_join  # a member is new or came back (alive)
+
+    @property
+    def me(self) -> MemberRecord:
+        return self.table.me
+
+    def encoded(self) -> bytes:
+        return serde.table_to_bytes(self.table.me, self.table.gossip_records())
+
+    def merge(self, data: bytes) -> None:
+        """Fold a peer's table in (WireError if it does not decode)."""
+        sender, records = serde.table_from_bytes(data)
+        for node_id in self.table.merge([sender, *records]):
+            m = self.table.members[node_id]
+            if m.fingerprint and m.fingerprint != self.me.fingerprint:
+                log.warning(
+                    "member %s (%s) runs a different model; it will not be picked", node_id, m.address
+                )
+            else:
+                log.info("member %s (%s, rank %d) is alive", node_id, m.address, m.rank)
+            self.on_join(m)
+
+    # --- joining ---------------------------------------------------------------------
+
+    async def join(self) -> None:
+        """Swap tables with the first seed that answers; JoinError after ``join_timeout``."""
+        deadline = time.monotonic() + self.config.join_timeout
+        errors: dict[str, str] = {}
+        while True:
+            for seed in self.config.peers:
+                if seed == self.me.address:
+                    continue
+                try:
+                    reply = await self.channels.unary(
+                        seed, GOSSIP + "Join", self.encoded(), self.config.rpc_timeout
+                    )
+                    self.merge(reply)
+                    log.info("joined through %s", seed)
+                    return
+                except PeerError as exc:
+                    errors[seed] = exc.code
+                except WireError as exc:
+                    errors[seed] = str(exc)
+            if time.monotonic() >= deadline:
+                detail = ", ".join(f"{k} ({v})" for k, v in errors.items()) or "none given"
+                raise JoinError(f"could not reach any seed within {self.config.join_timeout:.0f} s: {detail}")
+            await asyncio.sleep(0.2)
+
+    async def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` nodes (this one included) are alive; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.table.alive()) + 1 < count:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # --- the gossip loop -------------------------------------------------------------------
+
+    async def loop(
+        self, spawn: Callable[[Coroutine[Any, Any, Any]], Any], on_round: Callable[[], None]
+    ) -> None:
+        """Beat, sweep and start a sync every round, on time whatever the peers do."""
+        ms = self.table
+        interval = self.config.membership.interval
+        loop = asyncio.get_running_loop()
+        syncing: set[str] = set()
+        while True:
+            pause = interval * self.rng.uniform(0.8, 1.2)
+            woke = loop.time() + pause
+            await asyncio.sleep(pause)
+            late = loop.time() - woke
+            if late > interval:
+                # Paused (SIGSTOP), starved or blocked: no gossip was heard meanwhile.
+                ms.discount(late)
+                level = logging.WARNING if late > ms.config.suspect_after / 2 else logging.DEBUG
+                log.log(level, "membership loop %.1f s late; that silence is not held against peers", late)
+            ms.beat()
+            for node_id in ms.sweep():
+                log.warning("member %s (%s) declared dead", node_id, ms.members[node_id].address)
+            on_round()
+            if len(syncing) >= MAX_SYNCS_IN_FLIGHT:
+                continue
+            address = self._sync_target()
+            if address is None or address in syncing:
+                continue
+            syncing.add(address)
+            spawn(self._sync_with(address, syncing))
+
+    def _sync_target(self) -> str | None:
+        """A random member to swap tables with: alive or suspect, now and then a dead one, else a seed."""
+        target = None
+        if self.rng.random() < PROBE_DEAD:
+            target = self.table.pick_dead(self.rng)
+        if target is None:
+            target = self.table.pick_gossip_target(self.rng)
+        address = target.address if target is not None else None
+        if address is None and self.config.peers:
+            address = self.rng.choice(self.config.peers)
+        return None if address == self.me.address else address
+
+    async def _sync_with(self, address: str, syncing: set[str]) -> None:
+        """Swap tables with ``address``, which stays in ``syncing`` until the call ended."""
+        try:
+            reply = await self.channels.unary(
+                address, GOSSIP + "Sync", self.encoded(), self.config.rpc_timeout
+            )
+            self.merge(reply)
+        except PeerError as exc:
+            log.debug("member sync with %s failed: %s", address, exc.code)
+        except WireError as exc:
+            log.warning("bad member table from %s: %s", address, exc)
+        finally:
+            syncing.discard(address)
+
+    async def leave(self) -> None:
+        """Tell every member not known dead that this life of the node is over."""
+        request = serde.leave_to_bytes(self.me.node_id, self.me.incarnation)
+        targets = [m.address for m in self.table.members.values() if m.state in ("alive", "suspect")]
+        await asyncio.gather(
+            *(
+                self.channels.unary(a, GOSSIP + "Leave", request, self.config.rpc_timeout / 2)
+                for a in targets
+            ),
+            return_exceptions=True,
+        )
+
+    # --- the calls peers make ----------------------------------------------------------------
+
+    async def on_sync(self, request: bytes) -> bytes:
+        """Join and Sync: fold the caller's table in, answer with ours."""
+        self.merge(request)
+        return self.encoded()
+
+    async def on_leave(self, request: bytes) -> bytes:
+        node_id, incarnation = serde.leave_from_bytes(request)
+        if self.table.mark_left(node_id, incarnation):
+            log.info("member %s left", node_id)
+        return serde.EMPTY

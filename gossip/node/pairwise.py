@@ -1,0 +1,237 @@
+"""Pairwise push-pull (AD-PSGD style): the caller's and the callee's side of one exchange.
+
+The caller sends its header and snapshot; the callee answers with a header
+(``accepted`` or ``busy``, decided at once from the header) and, if accepted,
+its own snapshot once it has read and checked the caller's. The caller reads and
+checks the whole answer, then sends the commit frame and closes; the callee takes
+its half only on exactly that frame, so a cancel, a timeout or a refusal never
+commits one side alone. Each side then adds ``(other - own) / 2`` to its current
+model between two steps (the delta rule keeps the sum of the models exact).
+
+What a crash at each named failpoint does to the models is the table in the
+docs' crash semantics page; the fault matrix tests it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+from gossip.core import averaging
+from gossip.core.errors import PeerError, Refused
+from gossip.core.layout import LayoutError
+from gossip.core.membership import MemberRecord
+from gossip.core.pipeline import PairwiseDelta
+from gossip.node import faults
+from gossip.node.protocol import CallerStream, FrameStream, Party, check_header, read_header, read_payload
+from gossip.transport.frames import (
+    COMMIT_FRAME,
+    WireError,
+    chunk_frame,
+    chunk_from_frame,
+    header_from_frame,
+    header_to_frame,
+    iter_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[str], CallerStream]  # address -> a fresh Exchange call
+Pick = Callable[[set[str]], MemberRecord | None]  # ids to leave out -> a neighbour, or None
+
+
+def deliver(party: Party, change: PairwiseDelta) -> None:
+    """Queue ``(other - own) / 2`` for the model; applying it frees the slot."""
+    delta = change.delta()
+
+    def apply() -> None:
+        if not party.slot.training:  # only a resting node asks how much an exchange still moves it
+            party.applied(averaging.relative_norm(list(delta), list(party.flat)))
+        for x, d in zip(party.flat, delta, strict=True):
+            averaging.apply_delta_(x, d)
+        party.slot.release_locked()
+
+    party.slot.deliver(apply)
+
+
+# --- caller --------------------------------------------------------------------------
+
+
+async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random) -> None:
+    """This node's exchange, the slot already claimed: try free neighbours until one answers.
+
+    A busy answer frees the slot during a short random back-off, so a neighbour
+    that picked this node meanwhile gets its exchange (then this step is mixed
+    already and the attempt ends).
+    """
+    g = party.gossip
+    tried: set[str] = set()
+    holding = True  # this attempt holds the slot and owns its snapshot
+    try:
+        for _ in range(g.busy_retries):
+            peer = pick(tried)
+            if peer is None:
+                tried.clear()
+                peer = pick(tried)
+                if peer is None:
+                    break
+            tried.add(peer.node_id)
+            outcome = await call(party, peer, connect)
+            if outcome == "ok":
+                holding = False  # the slot now belongs to the delivered delta
+                return
+            if outcome == "busy":
+                party.slot.release()
+                holding = False
+                await asyncio.sleep(rng.uniform(0, g.backoff))
+                if not party.slot.reclaim_own(party.running()):
+                    return
+                holding = True
+    finally:
+        if holding:
+            party.slot.release()
+        party.slot.own_finished()
+
+
+async def _send(stream: FrameStream, chunks: Sequence[memoryview]) -> None:
+    for c in chunks:
+        await stream.write(chunk_frame(c))
+
+
+async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
+    """One exchange with ``peer`` from the slot's snapshot: 'ok', 'busy' or 'failed'."""
+    codec = party.pipeline.codec
+    slot = party.slot
+
+    def detail() -> dict[str, object]:
+        return party.fault_detail(peer.node_id)
+
+    header = party.header(codec)
+    chunks = faults.tap(
+        iter_chunks(party.pipeline.outgoing(slot.snap, peer.node_id), party.gossip.chunk_bytes),
+        "pairwise.caller.mid_stream",
+        detail=detail,
+    )
+    change = party.pipeline.pairwise(slot.snap, slot.recv, peer.node_id, codec)
+    receiver = change.receiver
+    faults.failpoint("pairwise.caller.before_send", detail)
+    stream = connect(peer.address)
+    sender: asyncio.Task[None] | None = None
+    try:
+        await stream.write(header_to_frame(header))
+        sender = asyncio.create_task(_send(stream, chunks))
+        first = await stream.read()
+        if first is None:
+            await stream.finish()
+            raise PeerError(peer.address, "INTERNAL", "peer closed the exchange without a header")
+        reply = header_from_frame(first)
+        party.heard(peer.node_id, reply.step)
+        if reply.outcome == "busy":
+            party.stats.busy_replies += 1
+            party.pipeline.settle(peer.node_id, committed=False)
+            return "busy"
+        check_header(party, reply, codec)
+        # Every element is checked (length, finiteness) as it arrives, so the commit
+        # frame is sent only for an answer known to be good.
+        while receiver.received < receiver.expected:
+            frame = await stream.read()
+            if frame is None:
+                await stream.finish()
+                raise PeerError(peer.address, "DATA_LOSS", "peer ended its answer early")
+            started = receiver.received == 0
+            receiver.write(chunk_from_frame(frame))
+            if started:
+                faults.failpoint("pairwise.caller.reply_mid", detail)
+        receiver.finish()
+        faults.failpoint("pairwise.caller.before_commit", detail)
+        await sender
+        await stream.write(COMMIT_FRAME)
+        await stream.done_writing()
+        if await stream.read() is not None:
+            raise PeerError(peer.address, "INTERNAL", "peer sent more than it announced")
+        await stream.finish()  # OK only once the callee took its half
+    except (PeerError, WireError, LayoutError, Refused) as exc:
+        party.failed(peer.node_id, peer.address, exc)
+        party.pipeline.settle(peer.node_id, committed=False)
+        return "failed"
+    finally:
+        if sender is not None:
+            # Declined or failed: the peer ended the call, so pending writes fail; collect them.
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        stream.cancel()  # a no-op once the call ended; otherwise no commit was sent: no half taken
+    faults.failpoint("pairwise.caller.after_commit", detail)
+    party.stats.bytes_out += header.total_bytes
+    party.stats.bytes_in += receiver.received
+    party.stats.exchanges_ok += 1
+    deliver(party, change)
+    party.pipeline.settle(peer.node_id, committed=True)
+    return "ok"
+
+
+# --- callee --------------------------------------------------------------------------
+
+
+async def answer(party: Party, stream: FrameStream) -> None:
+    """Serve one Exchange call: decline at once when busy, else answer and take our half on commit."""
+    header = read_header(await asyncio.wait_for(stream.read(), party.deadline), "exchange")
+    if header.outcome:
+        raise Refused("INVALID_ARGUMENT", "requests carry no outcome")
+    check_header(party, header)
+    party.heard(header.sender, header.step)
+    if party.gossip.strategy != "pairwise":
+        raise Refused("FAILED_PRECONDITION", "this node runs push-sum, not pairwise")
+    codec = header.codec
+    streaming = party.pipeline.streams(codec)
+    slot = party.slot
+    if not slot.claim_incoming(party.running(), snapshot=not streaming):
+        party.stats.exchanges_declined += 1
+        await stream.write(header_to_frame(party.header(codec, outcome="busy")))
+        return
+    peer = header.sender
+    change = party.pipeline.pairwise(slot.snap, slot.recv, peer, codec, party.flat if streaming else None)
+
+    def detail() -> dict[str, object]:
+        return party.fault_detail(peer)
+
+    committed = False
+    try:
+        # One deadline for the whole exchange (the caller's, scaled to the payload).
+        await asyncio.wait_for(_serve(party, stream, change, detail), party.deadline)
+        party.stats.bytes_in += change.receiver.received
+        party.stats.bytes_out += header.total_bytes
+        party.stats.exchanges_served += 1
+        committed = True
+        deliver(party, change)
+        party.pipeline.settle(peer, committed=True)
+        faults.failpoint("pairwise.callee.applied", detail)
+    finally:
+        if not committed:
+            slot.release()
+            party.pipeline.settle(peer, committed=False)
+            # Refused, timed out, or the caller vanished (its call was cancelled).
+            log.warning("exchange from %s ended without a commit; nothing applied", peer)
+        slot.incoming_finished()
+
+
+async def _serve(
+    party: Party, stream: FrameStream, change: PairwiseDelta, detail: Callable[[], dict[str, object]]
+) -> None:
+    receiver = change.receiver
+    faults.failpoint("pairwise.callee.before_send", detail)
+    await stream.write(header_to_frame(party.header(change.codec, outcome="accepted")))
+    # The caller's whole payload first, checked chunk by chunk, then our answer: a
+    # bad payload is refused before we send anything.
+    await read_payload(stream, receiver, "pairwise.callee.mid_stream", detail, until_end=False)
+    views = party.pipeline.outgoing(party.slot.snap, change.peer, change.codec)
+    chunks = iter_chunks(views, party.gossip.chunk_bytes)
+    for c in faults.tap(chunks, "pairwise.callee.answering", "pairwise.callee.answered", detail):
+        await stream.write(chunk_frame(c))
+    # The caller commits only after it read and checked our whole answer.
+    last = await stream.read()
+    if last is None:
+        raise Refused("INVALID_ARGUMENT", "the caller closed without committing")
+    if last != COMMIT_FRAME:
+        raise Refused("INVALID_ARGUMENT", "expected the commit frame after the payload")

@@ -1,0 +1,201 @@
+"""What the exchange protocols are written against: frame streams and the node's side.
+
+A protocol (``pairwise``, ``pushsum``) sees a :class:`FrameStream`, never gRPC:
+the transport's streams implement it for real calls, :mod:`gossip.node.memory`
+in memory for tests. It sees the node through a :class:`Party`: its model, its
+exchange slot, its pipeline and its counters. A receiving protocol refuses a
+message by raising :class:`~gossip.core.errors.Refused` with a status name,
+before it has changed anything; the servicer turns that into the call's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gossip.config import GossipConfig
+from gossip.core.codecs import PayloadReceiver
+from gossip.core.errors import Refused
+from gossip.core.layout import LayoutError
+from gossip.core.params import FlatParams
+from gossip.core.pipeline import Pipeline
+from gossip.node import faults
+from gossip.node.rest import RestPolicy
+from gossip.node.slot import ExchangeSlot
+from gossip.transport.channels import transfer_timeout
+from gossip.transport.frames import Header, WireError, chunk_from_frame, header_from_frame
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_PUSHES = 4  # push-sum receives one node serves at once
+
+
+class FrameStream(Protocol):
+    """Frames in both directions; ``read`` gives None once the other side finished sending."""
+
+    async def read(self) -> bytes | None: ...
+    async def write(self, frame: bytes) -> None: ...
+
+
+class CallerStream(FrameStream, Protocol):
+    """The calling side of one call; every failure is a :class:`~gossip.core.errors.PeerError`."""
+
+    address: str
+
+    async def done_writing(self) -> None: ...
+    async def finish(self) -> None: ...
+    async def response(self) -> bytes: ...
+    def cancel(self) -> None: ...
+
+
+@dataclass
+class Stats:
+    exchanges_ok: int = 0
+    exchanges_failed: int = 0
+    exchanges_declined: int = 0  # incoming exchanges we declined because we were busy
+    exchanges_served: int = 0  # incoming exchanges completed
+    busy_replies: int = 0  # our attempts a peer declined
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class Party:
+    """The node's side of every exchange, as the protocols see it."""
+
+    node_id: str
+    flat: FlatParams
+    slot: ExchangeSlot
+    pipeline: Pipeline
+    gossip: GossipConfig
+    running: Callable[[], bool]  # whether the node takes part in exchanges now
+    stats: Stats = field(default_factory=Stats)
+    weight: float = 1.0  # push-sum weight; the model holds the de-biased values x / w
+    avoid: dict[str, float] = field(default_factory=dict)  # peer id -> left out of picks until
+    # Push-sum receives in flight at once; more get RESOURCE_EXHAUSTED.
+    push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PUSHES))
+    rest: RestPolicy | None = None  # how hard to keep averaging once training is over
+    on_wake: Callable[[], None] = lambda: None  # the rest policy woke up: average again at once
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.flat.fingerprint
+
+    @property
+    def deadline(self) -> float:
+        """The deadline of one exchange: the base plus the payload at the throughput floor."""
+        return transfer_timeout(self.gossip.exchange_timeout, self.flat.nbytes)
+
+    def header(self, codec: str, weight: float = 1.0, outcome: str = "") -> Header:
+        return Header(
+            fingerprint=self.fingerprint,
+            sender=self.node_id,
+            step=self.slot.step,
+            codec=codec,
+            total_bytes=self.pipeline.payload_nbytes(codec),
+            weight=weight,
+            chunk_bytes=self.gossip.chunk_bytes,
+            outcome=outcome,
+            pipeline=self.pipeline.spec,
+        )
+
+    def heard(self, peer: str, step: int) -> None:
+        """A header from ``peer`` said it is at ``step`` (a peer whose step advances still trains)."""
+        if self.rest is not None and self.rest.heard(peer, step) and not self.slot.training:
+            self.on_wake()
+
+    def applied(self, ratio: float) -> None:
+        """A change of ``ratio`` times the model's norm was applied (called with the slot's lock held)."""
+        if self.rest is None or self.slot.training:
+            return
+        was = self.rest.pause
+        self.rest.moved(ratio)
+        if self.rest.pause < was:
+            self.on_wake()
+
+    def failed(self, peer: str, address: str, why: Exception) -> None:
+        """An exchange with ``peer`` failed: count it, log it, leave the peer out of the picks a while."""
+        self.stats.exchanges_failed += 1
+        self.avoid[peer] = time.monotonic() + self.gossip.avoid_after_failure
+        log.warning("exchange with %s (%s) failed: %s", peer, address, why)
+
+    def fault_detail(self, peer: str, **extra: float) -> dict[str, Any]:
+        """What a failpoint logs of this node as it dies: the survivor's books are checked against it."""
+        s = self.stats
+        return {
+            "node": self.node_id,
+            "peer": peer,
+            "step": self.slot.step,
+            "weight": self.weight,
+            "ok": s.exchanges_ok,
+            "served": s.exchanges_served,
+            "failed": s.exchanges_failed,
+            "busy_replies": s.busy_replies,
+            **extra,
+        }
+
+
+def read_header(frame: bytes | None, what: str) -> Header:
+    """The header a call starts with; Refused (INVALID_ARGUMENT) for anything else."""
+    if frame is None:
+        raise Refused("INVALID_ARGUMENT", f"empty {what}")
+    try:
+        return header_from_frame(frame)
+    except WireError as exc:
+        raise Refused("INVALID_ARGUMENT", str(exc)) from None
+
+
+def check_header(party: Party, h: Header, codec: str | None = None) -> None:
+    """Refuse a header this node cannot mix with: another model, pipeline, codec or length."""
+    if h.fingerprint != party.fingerprint:
+        raise Refused("FAILED_PRECONDITION", "parameter layout fingerprint differs: not the same model")
+    if h.pipeline != party.pipeline.spec:
+        raise Refused(
+            "FAILED_PRECONDITION",
+            f"exchange pipeline {h.pipeline or '(none)'!r} where this node runs {party.pipeline.spec or '(none)'!r}",
+        )
+    if codec is not None and h.codec != codec:
+        raise Refused("INVALID_ARGUMENT", f"codec {h.codec} where {codec} was expected")
+    expected = party.pipeline.payload_nbytes(h.codec)
+    if h.total_bytes != expected:
+        raise Refused(
+            "INVALID_ARGUMENT", f"payload of {h.total_bytes} bytes where the layout needs {expected}"
+        )
+
+
+async def read_payload(
+    stream: FrameStream,
+    receiver: PayloadReceiver,
+    first_chunk_point: str,
+    detail: Callable[[], dict[str, Any]],
+    *,
+    until_end: bool,
+) -> FlatParams:
+    """Feed the chunk frames of ``stream`` to ``receiver`` and finish it: the checked payload.
+
+    ``until_end``: read until the sender closes (a push), else until the payload is
+    whole (a pairwise caller, who then waits for the answer). A frame that is not a
+    chunk, a payload of the wrong length or a non-finite value is refused
+    (INVALID_ARGUMENT). ``first_chunk_point`` is the failpoint after the first chunk.
+    """
+    while until_end or receiver.received < receiver.expected:
+        frame = await stream.read()
+        if frame is None:
+            if until_end:
+                break
+            raise Refused("INVALID_ARGUMENT", "payload ended early")
+        started = receiver.received == 0
+        try:
+            receiver.write(chunk_from_frame(frame))
+        except (WireError, LayoutError) as exc:
+            raise Refused("INVALID_ARGUMENT", str(exc)) from None
+        if started:
+            faults.failpoint(first_chunk_point, detail)
+    try:
+        return receiver.finish()
+    except LayoutError as exc:
+        raise Refused("INVALID_ARGUMENT", str(exc)) from None

@@ -1,0 +1,181 @@
+"""The exchange slot: at most one exchange per node, and the mailbox its result lands in.
+
+A pairwise exchange computed from a snapshot leaves the node a weight of 1/2 on
+itself; k of them from the same snapshot leave 1 - k/2, negative for k >= 3. So a
+node takes part in one exchange at a time, as caller or callee, from the moment
+it takes its snapshot until its result is applied: the slot is *busy*, and a busy
+node declines at once. The snapshot and receive buffers belong to whoever holds
+the slot.
+
+Results are not applied by the event loop but queued in the mailbox and applied
+by the training thread between two optimizer steps (or at once when nobody
+trains), so no lock is held across a step. ``max_lag`` bounds how many steps the
+training thread runs ahead of an exchange in flight, its own or an incoming one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+from gossip.core.params import FlatParams
+
+
+class _InFlight:
+    """An exchange of one kind (own or incoming) in flight: since which step, and its end."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.since = 0
+        self.done = threading.Event()
+
+    def begin(self, step: int) -> None:
+        self.active = True
+        self.since = step
+        self.done.clear()
+
+    def end(self) -> None:
+        self.active = False
+        self.done.set()
+
+    def overdue(self, step: int, max_lag: int) -> bool:
+        return self.active and step - self.since >= max_lag
+
+
+class ExchangeSlot:
+    """Who holds the node's one exchange, the buffers it uses, and the mailbox of results.
+
+    Every method takes the lock itself; ``lock`` is public for the few places that
+    read or write the model as one step (a snapshot for the store, a load).
+    """
+
+    def __init__(self, flat: FlatParams, max_lag: int) -> None:
+        self.flat = flat
+        self.max_lag = max_lag
+        self.lock = threading.Lock()
+        self.snap = FlatParams.zeros(flat.layout)  # the holder's snapshot of its own model
+        self.recv = FlatParams.zeros(flat.layout)  # the holder's receive buffer (becomes the delta)
+        self.step = 0
+        self.training = False
+        self._busy = False
+        self._own = _InFlight()
+        self._incoming = _InFlight()
+        self._pending: list[Callable[[], None]] = []
+
+    # --- state, for status and tests ------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @property
+    def own_in_flight(self) -> bool:
+        return self._own.active
+
+    @property
+    def incoming_in_flight(self) -> bool:
+        return self._incoming.active
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held, nothing in flight, nothing waiting to be applied."""
+        return not (self._busy or self._own.active or self._incoming.active or self._pending)
+
+    # --- claiming ----------------------------------------------------------------------
+
+    def claim_own(self, running: bool) -> bool:
+        """Take the slot for an exchange of our own, snapshot included; False if busy or not running."""
+        with self.lock:
+            if self._busy or not running:
+                return False
+            self._busy = True
+            self._own.begin(self.step)
+            self.snap.copy_(self.flat)
+            return True
+
+    def reclaim_own(self, running: bool) -> bool:
+        """Take the slot again after a free back-off (the own exchange is still in flight)."""
+        with self.lock:
+            if self._busy or not running:
+                return False  # someone exchanged with us meanwhile: this step is mixed already
+            self._busy = True
+            self.snap.copy_(self.flat)
+            return True
+
+    def claim_incoming(self, running: bool, snapshot: bool) -> bool:
+        """Take the slot for an exchange a peer started; ``snapshot``: copy the model now.
+
+        Without ``snapshot`` the holder fills ``snap`` itself, range by range, as it
+        answers (the raw pairwise callee does, off the path of its reply header).
+        """
+        with self.lock:
+            if self._busy or not running:
+                return False
+            self._busy = True
+            self._incoming.begin(self.step)
+            if snapshot:
+                self.snap.copy_(self.flat)
+            return True
+
+    def release(self) -> None:
+        """Give the slot back without a result (declined, failed, abandoned)."""
+        with self.lock:
+            self._busy = False
+
+    def own_finished(self) -> None:
+        self._own.end()
+
+    def incoming_finished(self) -> None:
+        self._incoming.end()
+
+    async def wait_own(self, poll: float = 0.002) -> None:
+        """Wait (from the event loop) until this node's own exchange in flight has ended."""
+        while self._own.active:
+            await asyncio.sleep(poll)
+
+    # --- the mailbox -------------------------------------------------------------------
+
+    def deliver(self, apply: Callable[[], None]) -> None:
+        """Queue a result whose ``apply`` ends by releasing the slot; applied now if nobody trains."""
+        with self.lock:
+            self._pending.append(apply)
+            if not self.training:
+                self._apply_pending_locked()
+
+    def apply_pending(self) -> None:
+        with self.lock:
+            self._apply_pending_locked()
+
+    def release_locked(self) -> None:
+        """For a result's ``apply``, which runs with the lock held."""
+        self._busy = False
+
+    def _apply_pending_locked(self) -> None:
+        pending, self._pending = self._pending, []
+        for apply in pending:
+            apply()
+
+    # --- the training thread's side -------------------------------------------------------
+
+    def advance(self, n: int) -> threading.Event | None:
+        """After ``n`` optimizer steps: apply results, count the steps; the event to wait for, if any.
+
+        When an exchange has been in flight for ``max_lag`` steps the training thread
+        should wait for its end (the returned event) before it goes on.
+        """
+        with self.lock:
+            self.training = True
+            self._apply_pending_locked()
+            self.step += n
+            if self._own.overdue(self.step, self.max_lag):
+                return self._own.done
+            if self._incoming.overdue(self.step, self.max_lag):
+                return self._incoming.done
+            return None
+
+    def stop_training(self) -> None:
+        """Training is over: results are applied as they arrive from now on."""
+        with self.lock:
+            self.training = False
+            self._apply_pending_locked()

@@ -1,0 +1,255 @@
+"""Rebuild a model from the shard store through one reachable peer (``gossip reconstruct``).
+
+The peer names the complete snapshots it knows (newest first) and its ring. For
+the chosen snapshot every shard is fetched from one of its owners (the least
+busy first, so the load spreads over all of them), streamed straight into one
+preallocated buffer and checked against the manifest's digest; a copy that does
+not match is reported to its holder and fetched from another owner. Only when
+every shard matches is a model returned: never a partial or a mixed one. The
+manifest's sha256 is the root of its shard digests (checked when the manifest
+arrives), so matching shards pin every byte without a second pass. Tensors are built from the raw
+bytes and the manifest's layout; nothing received is ever unpickled.
+
+    state_dict = reconstruct("10.0.0.1:7070")          # the newest complete snapshot
+    model.load_state_dict(state_dict)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gossip.core.errors import PeerError
+from gossip.core.layout import ITEMSIZE
+from gossip.core.ring import Ring
+from gossip.store.client import StoreClient
+from gossip.store.shards import Manifest, describe, root_digest
+from gossip.transport.channels import Channels, transfer_timeout
+
+if TYPE_CHECKING:  # torch only for callers that want tensors; the rebuild itself never needs it
+    import torch
+
+
+class SnapshotUnavailable(RuntimeError):
+    """No complete snapshot could be rebuilt; ``missing`` maps each version tried to its missing shards."""
+
+    def __init__(self, message: str, missing: dict[int, list[str]] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing or {}
+
+
+@dataclass
+class Rebuilt:
+    """A snapshot rebuilt and checked: its manifest and its bytes (the flat buffer)."""
+
+    manifest: Manifest
+    data: memoryview
+    seconds: float
+    peers: dict[str, int] = field(default_factory=dict)  # address -> bytes it served
+    bad_replicas: list[str] = field(default_factory=list)  # "address shard-key" that did not hash
+
+    @property
+    def parameters(self) -> int:
+        return self.manifest.layout.numel
+
+    def tensor_bytes(self) -> dict[str, tuple[str, tuple[int, ...], memoryview]]:
+        """name -> (dtype name, shape, a view of its bytes in the buffer), in layout order."""
+        layout = self.manifest.layout
+        base, start = {}, 0
+        for dt, n in layout.segments.items():
+            base[dt] = start
+            start += n * ITEMSIZE[dt]
+        out = {}
+        for e in layout.entries:
+            begin = base[e.dtype] + e.offset * ITEMSIZE[e.dtype]
+            out[e.name] = (e.dtype, e.shape, self.data[begin : begin + e.numel * ITEMSIZE[e.dtype]])
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "model_id": m.model_id,
+            "version": m.version,
+            "publisher": m.publisher,
+            "step": m.step,
+            "bytes": m.total_bytes,
+            "parameters": self.parameters,
+            "shards": m.num_shards,
+            "seconds": round(self.seconds, 4),
+            "mb_per_s": round(m.total_bytes / 1e6 / max(self.seconds, 1e-9), 2),
+            "sha256": m.sha256.hex(),
+            "peers": {address: self.peers[address] for address in sorted(self.peers)},
+            "bad_replicas": self.bad_replicas,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's tensors (views into the rebuilt buffer; loads torch)."""
+        from gossip.core.params import FlatParams
+
+        return FlatParams.from_bytes(self.manifest.layout, self.data).state_dict()
+
+
+async def fetch_snapshot(
+    peer: str,
+    model_id: str = "",
+    version: int | None = None,
+    timeout: float = 10.0,
+    channels: Channels | None = None,
+    concurrency: int = 16,
+) -> Rebuilt:
+    """The newest complete snapshot (or ``version``) known to ``peer``, every byte checked.
+
+    Raises ConnectionError when ``peer`` cannot be asked, SnapshotUnavailable
+    when no snapshot can be rebuilt (the message names the missing shards).
+    ``timeout`` is the base deadline of each call; transfers add 20 MB/s to it.
+    """
+    own = channels is None
+    peers = channels or Channels()
+    store = StoreClient(peers)
+    t0 = time.monotonic()
+    try:
+        try:
+            located = await store.locate(peer, model_id, timeout)
+        except PeerError as exc:
+            if exc.code == "NOT_FOUND":
+                raise SnapshotUnavailable(exc.details) from None
+            raise ConnectionError(f"cannot ask {peer}: {exc.code} {exc.details[:200]}".strip()) from None
+        ring = Ring([n for n, _ in located.members], located.vnodes)
+        addresses = dict(located.members)
+        name = located.model_id
+        candidates = [
+            m for m in located.manifests if m.model_id == name and (version is None or m.version == version)
+        ]
+        if not candidates:
+            kept = ", ".join(f"v{m.version}" for m in located.manifests) or "none"
+            want = f"version {version}" if version is not None else "a complete snapshot"
+            raise SnapshotUnavailable(f"{peer} knows no {want} of {name} (kept: {kept})")
+        missing: dict[int, list[str]] = {}
+        for m in sorted(candidates, key=lambda m: m.version, reverse=True):
+            rebuilt = await _fetch(store, m, ring, addresses, timeout, concurrency, missing)
+            if rebuilt is not None:
+                rebuilt.seconds = time.monotonic() - t0
+                return rebuilt
+        detail = "; ".join(f"v{v} misses {describe(keys)}" for v, keys in missing.items())
+        raise SnapshotUnavailable(
+            f"no complete snapshot of {name} can be rebuilt: {detail} (no live owner holds a valid copy)",
+            missing,
+        )
+    finally:
+        if own:
+            await peers.close()
+
+
+async def _fetch(
+    store: StoreClient,
+    m: Manifest,
+    ring: Ring,
+    addresses: dict[str, str],
+    timeout: float,
+    concurrency: int,
+    missing: dict[int, list[str]],
+) -> Rebuilt | None:
+    # Uninitialised: every byte is written by a checked shard before anyone reads it.
+    view = np.empty(m.total_bytes, dtype=np.uint8).data.cast("B")
+    served: Counter[str] = Counter()
+    bad: list[str] = []
+    lost: list[str] = []
+    streams = asyncio.Semaphore(concurrency)
+
+    def place(i: int) -> memoryview:
+        start, stop = m.shard_range(i)
+        return view[start:stop]
+
+    async def batch(node: str, indices: list[int]) -> list[int]:
+        address = addresses[node]
+        async with streams:
+            nbytes = sum(m.shard_length(i) for i in indices)
+            got = await store.get_shards(address, m, indices, place, transfer_timeout(timeout, nbytes))
+        if got.ok:
+            served[address] += sum(m.shard_length(i) for i in got.ok)
+        for i in got.corrupt:
+            bad.append(f"{address} {m.shard_key(i)}")
+            with contextlib.suppress(PeerError):  # a hint only
+                await store.report(address, m, i, timeout)
+        return got.ok
+
+    owners = {
+        i: [n for n in ring.preference_list(m.shard_key(i), m.replication) if n in addresses]
+        for i in range(m.num_shards)
+    }
+    tried: dict[int, set[str]] = {i: set() for i in range(m.num_shards)}
+    pending = set(range(m.num_shards))
+    while pending:
+        # One stream per peer: each shard goes to its least loaded untried owner, then to
+        # anyone else (a copy may still sit on a former owner during a handoff).
+        batches: dict[str, list[int]] = {}
+        load: Counter[str] = Counter()
+        for i in sorted(pending):
+            left = [n for n in owners[i] if n not in tried[i]]
+            left = left or [n for n in ring.nodes if n in addresses and n not in tried[i]]
+            if not left:
+                pending.discard(i)
+                lost.append(m.shard_key(i))
+                continue
+            pick = min(left, key=lambda n: load[n])
+            load[pick] += m.shard_length(i)
+            tried[i].add(pick)
+            batches.setdefault(pick, []).append(i)
+        for done in await asyncio.gather(*(batch(n, idx) for n, idx in batches.items())):
+            pending -= set(done)
+    if lost:
+        missing[m.version] = sorted(lost, key=lambda k: int(k.rpartition("/s")[2]))
+        return None
+    if root_digest(m.shard_digests) != m.sha256:  # checked on arrival too; costs microseconds
+        missing[m.version] = ["(the manifest's sha256 is not the root of its shard digests)"]
+        return None
+    return Rebuilt(m, view, 0.0, dict(served), bad)
+
+
+def reconstruct(
+    peer: str, model_id: str = "", version: int | None = None, timeout: float = 10.0
+) -> dict[str, torch.Tensor]:
+    """The state_dict of the newest complete snapshot (or ``version``) through ``peer`` (blocking)."""
+    return asyncio.run(fetch_snapshot(peer, model_id, version, timeout)).state_dict()
+
+
+async def load_into(
+    model: torch.nn.Module,
+    peers: list[str],
+    model_id: str = "",
+    timeout: float = 10.0,
+    channels: Channels | None = None,
+) -> Rebuilt:
+    """Rebuild the newest snapshot of ``model_id`` through the first of ``peers`` that answers,
+    and copy it into ``model``'s trainable parameters.
+
+    ConnectionError when no peer could be asked, SnapshotUnavailable when none can
+    be rebuilt, LayoutError when the snapshot is of another architecture (the model
+    is then left as it was).
+    """
+    import torch
+
+    from gossip.core.layout import Layout, LayoutError
+
+    errors = []
+    for peer in peers:
+        try:
+            rebuilt = await fetch_snapshot(peer, model_id, timeout=timeout, channels=channels)
+        except ConnectionError as exc:
+            errors.append(str(exc))
+            continue
+        if rebuilt.manifest.fingerprint != Layout.of_model(model).fingerprint():
+            raise LayoutError(f"snapshot {rebuilt.manifest.key} has another parameter layout than this model")
+        state = rebuilt.state_dict()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state[name])
+        return rebuilt
+    raise ConnectionError("; ".join(errors) or "no peer to ask")

@@ -1,0 +1,191 @@
+"""Protobuf at the edge: the Gossip service's messages to and from plain values.
+
+Every message a peer sends is decoded here and checked against the bounds the
+domain sets (:mod:`gossip.core.membership`); anything else is a
+:class:`~gossip.transport.frames.WireError`. Nothing above the transport sees a
+generated message class.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError, Message
+
+from gossip.core.membership import MAX_ID_CHARS, MemberRecord, dialable
+from gossip.core.status import MemberView, NodeStatus
+from gossip.proto import gossip_pb2 as pb
+from gossip.transport.frames import WireError
+
+STATE_NAMES = {
+    pb.STATE_ALIVE: "alive",
+    pb.STATE_SUSPECT: "suspect",
+    pb.STATE_DEAD: "dead",
+    pb.STATE_LEFT: "left",
+}
+STATE_TO_PB = {v: k for k, v in STATE_NAMES.items()}
+
+MAX_MEMBERS = 4096  # members accepted in one table; bounds memory a peer can make us spend
+
+
+def parse(msg: Message, data: bytes) -> Message:
+    """``msg`` filled from ``data``; WireError when the bytes are not that message."""
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError(f"malformed {type(msg).__name__}: {exc}") from None
+    return msg
+
+
+def encode(msg: Message) -> bytes:
+    return bytes(msg.SerializeToString())
+
+
+# --- membership ----------------------------------------------------------------
+
+
+def _member_to_pb(m: MemberRecord) -> pb.Member:
+    state = "left" if m.state == "left" else "alive"
+    return pb.Member(
+        node_id=m.node_id,
+        address=m.address,
+        incarnation=m.incarnation,
+        heartbeat=m.heartbeat,
+        state=STATE_TO_PB[state],
+        rank=m.rank,
+        fingerprint=m.fingerprint,
+    )
+
+
+def _member_from_pb(m: pb.Member) -> MemberRecord:
+    if not m.node_id or len(m.node_id) > MAX_ID_CHARS:
+        raise WireError("member has an empty or over-long node_id")
+    if not dialable(m.address):
+        raise WireError(f"member {m.node_id!r} has an invalid address {m.address[:80]!r}")
+    if m.state not in (pb.STATE_ALIVE, pb.STATE_LEFT):
+        raise WireError(f"member {m.node_id!r} travels with state {m.state}, only alive or left may")
+    if m.rank < -1:
+        raise WireError(f"member {m.node_id!r} has rank {m.rank}")
+    return MemberRecord(
+        node_id=m.node_id,
+        address=m.address,
+        incarnation=m.incarnation,
+        heartbeat=m.heartbeat,
+        state=STATE_NAMES[m.state],
+        rank=m.rank,
+        fingerprint=bytes(m.fingerprint),
+    )
+
+
+def table_to_bytes(sender: MemberRecord, members: list[MemberRecord]) -> bytes:
+    return encode(pb.MemberTable(sender=_member_to_pb(sender), members=[_member_to_pb(m) for m in members]))
+
+
+def table_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord]]:
+    msg = parse(pb.MemberTable(), data)
+    assert isinstance(msg, pb.MemberTable)
+    if len(msg.members) > MAX_MEMBERS:
+        raise WireError(f"member table of {len(msg.members)} entries exceeds {MAX_MEMBERS}")
+    if not msg.HasField("sender"):
+        raise WireError("member table without a sender")
+    return _member_from_pb(msg.sender), [_member_from_pb(m) for m in msg.members]
+
+
+def leave_to_bytes(node_id: str, incarnation: int) -> bytes:
+    return encode(pb.LeaveRequest(node_id=node_id, incarnation=incarnation))
+
+
+def leave_from_bytes(data: bytes) -> tuple[str, int]:
+    msg = parse(pb.LeaveRequest(), data)
+    assert isinstance(msg, pb.LeaveRequest)
+    return msg.node_id, msg.incarnation
+
+
+EMPTY = encode(pb.Empty())
+
+
+def push_ack_to_bytes(accepted: bool) -> bytes:
+    return encode(pb.PushAck(accepted=accepted))
+
+
+def push_ack_from_bytes(data: bytes) -> bool:
+    msg = parse(pb.PushAck(), data)
+    assert isinstance(msg, pb.PushAck)
+    return msg.accepted
+
+
+# --- status ----------------------------------------------------------------------
+
+
+def status_to_bytes(s: NodeStatus) -> bytes:
+    return encode(
+        pb.StatusReply(
+            node_id=s.node_id,
+            address=s.address,
+            step=s.step,
+            rank=s.rank,
+            topology=s.topology,
+            strategy=s.strategy,
+            members=[
+                pb.MemberView(
+                    node_id=m.node_id,
+                    address=m.address,
+                    state=STATE_TO_PB[m.state],
+                    heartbeat=m.heartbeat,
+                    seconds_since_heartbeat=m.seconds_since_heartbeat,
+                    rank=m.rank,
+                )
+                for m in s.members
+            ],
+            neighbours=list(s.neighbours),
+            exchanges_ok=s.exchanges_ok,
+            exchanges_failed=s.exchanges_failed,
+            exchanges_declined=s.exchanges_declined,
+            exchanges_served=s.exchanges_served,
+            bytes_in=s.bytes_in,
+            bytes_out=s.bytes_out,
+            weight=s.weight,
+            phase=s.phase,
+            parameters=s.parameters,
+            fingerprint=s.fingerprint,
+            uptime_seconds=s.uptime_seconds,
+            training=s.training,
+            resting=s.resting,
+        )
+    )
+
+
+def status_from_bytes(data: bytes) -> NodeStatus:
+    s = parse(pb.StatusReply(), data)
+    assert isinstance(s, pb.StatusReply)
+    return NodeStatus(
+        node_id=s.node_id,
+        address=s.address,
+        phase=s.phase,
+        step=s.step,
+        rank=s.rank,
+        topology=s.topology,
+        strategy=s.strategy,
+        parameters=s.parameters,
+        fingerprint=bytes(s.fingerprint),
+        weight=s.weight,
+        uptime_seconds=s.uptime_seconds,
+        exchanges_ok=s.exchanges_ok,
+        exchanges_failed=s.exchanges_failed,
+        exchanges_declined=s.exchanges_declined,
+        exchanges_served=s.exchanges_served,
+        bytes_in=s.bytes_in,
+        bytes_out=s.bytes_out,
+        members=tuple(
+            MemberView(
+                node_id=m.node_id,
+                address=m.address,
+                state=STATE_NAMES.get(m.state, "unknown"),
+                rank=m.rank,
+                heartbeat=m.heartbeat,
+                seconds_since_heartbeat=m.seconds_since_heartbeat,
+            )
+            for m in s.members
+        ),
+        neighbours=tuple(s.neighbours),
+        training=s.training,
+        resting=s.resting,
+    )

@@ -1,0 +1,350 @@
+"""SIGKILL a node at every phase of a pairwise exchange and of a push-sum send.
+
+Each case is two real ``python -m gossip node`` processes on loopback: a survivor
+and a victim started with ``GOSSIP_FAILPOINTS`` (see ``gossip.node.faults``), which
+kills itself at the chosen phase of its ``hit``-th exchange. Only one side starts
+exchanges (the other runs with ``--gossip-every`` beyond its run), so every
+exchange is between the two of them and the survivor's books can be predicted
+exactly from the victim's, which it logs as it dies. Then the survivor:
+
+- is alive, answers ``Status`` and keeps training (its step advances);
+- has finite parameters (its evaluations after the kill have finite loss and
+  accuracy; push-sum: its weight is finite and positive);
+- has the counters and push-sum weight the docs' crash semantics page says, to the
+  last bit;
+- ended its side of the broken call within its deadline (from its log);
+- logged no traceback.
+
+One survivor serves all cases of a (strategy, victim role), one after the other;
+the victims are ranked so their only neighbour is the survivor. CI runs seeds 0
+and 1 (the seed picks the victim's training seed and which exchange it dies in);
+``GOSSIP_FAULT_SEEDS=0,1,2,3,4`` runs more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gossip.node import faults
+from tests.support.procs import START_TIMEOUT, Launcher, NodeProc, log_time, wait_for
+
+SEEDS = [int(s) for s in os.environ.get("GOSSIP_FAULT_SEEDS", "0,1").split(",") if s.strip()]
+
+# The victim's role in the exchange it dies in -> its phases, in protocol order.
+PHASES: dict[tuple[str, str], list[str]] = {
+    ("pairwise", "caller"): ["before_send", "mid_stream", "reply_mid", "before_commit", "after_commit"],
+    ("pairwise", "callee"): ["before_send", "mid_stream", "answering", "answered", "applied"],
+    ("push-sum", "caller"): ["before_send", "mid_stream", "sent", "acked"],
+    ("push-sum", "callee"): ["header", "mid_stream", "applied"],
+}
+# Phases at which the survivor (the callee) took the exchange: its half, or the push merged.
+TAKEN = {"pairwise.caller.after_commit", "push.caller.sent", "push.caller.acked"}
+# Phases before the victim opened the call: the survivor never hears of that exchange.
+NOT_OPENED = {"pairwise.caller.before_send", "push.caller.before_send"}
+# Phases the victim (the callee) had already counted as served when it died.
+VICTIM_COUNTED = {"pairwise.callee.applied"}
+
+COMMON = ["--topology", "complete", "--world-size", "2", "--chunk-bytes", "4096", "--publish-every", "0"]
+NEVER = ["--gossip-every", "1000000"]  # starts no exchange of its own during the test
+# 38 440 bytes of parameters (the mlp on digits): 10 chunks of 4 KiB, so "mid-stream" is.
+PAYLOAD_BYTES = 38_440
+DEADLINE = 5.0 + 2 * PAYLOAD_BYTES / 20e6  # Party.deadline with the default exchange_timeout
+SLACK = 2.0  # a loaded 2-core machine: scheduling, log flushing
+VICTIM_TIMEOUT = 90.0  # start (imports, data), join, train to the fatal exchange
+
+
+@dataclass(frozen=True)
+class Case:
+    strategy: str
+    role: str  # the victim's
+    phase: str
+    seed: int
+
+    @property
+    def point(self) -> str:
+        return f"{'push' if self.strategy == 'push-sum' else 'pairwise'}.{self.role}.{self.phase}"
+
+    @property
+    def hit(self) -> int:
+        """The victim dies in its 1st, 2nd or 3rd exchange that reaches the phase."""
+        return 1 + self.seed % 3
+
+    def __str__(self) -> str:
+        return f"{self.point}-seed{self.seed}"
+
+
+# Grouped by survivor, so each survivor process serves a run of cases.
+CASES = [Case(st, role, ph, seed) for (st, role), phases in PHASES.items() for seed in SEEDS for ph in phases]
+
+
+class Survivors:
+    """The processes of the matrix: one survivor per (strategy, victim role), and the victims.
+
+    The survivor of a group lives through all its cases; it is killed when the next
+    group starts. Each victim is started one case ahead and waits (``--seed-file``)
+    until its case tells it where the survivor is: its imports and data load, the
+    bulk of a case's CPU, overlap the case before.
+    """
+
+    def __init__(self, launcher: Launcher, order: list[Case]) -> None:
+        self.launcher = launcher
+        self.order = order  # the cases in the order this session runs them
+        self.current: tuple[tuple[str, str], NodeProc] | None = None
+        self.spare: tuple[Case, NodeProc] | None = None
+
+    def get(self, strategy: str, role: str) -> NodeProc:
+        key = (strategy, role)
+        if self.current is not None:
+            (old_key, old) = self.current
+            if old_key == key and old.popen.poll() is None:
+                return old
+            if old.popen.poll() is None:
+                old.kill()
+        name = f"survivor-{strategy}-{role}-{len(self.launcher.procs)}"
+        args = ["--strategy", strategy, *COMMON, "--rank", "0", "--epochs", "100000", "--eval-every", "4"]
+        # The victim's role decides who starts exchanges: the survivor only answers a caller.
+        p = self.launcher.start(name, *args, *(NEVER if role == "caller" else []))
+        self.launcher.wait_ready(p)
+        self.current = (key, p)
+        return p
+
+    def victim(self, case: Case, survivor: NodeProc) -> NodeProc:
+        """``case``'s victim, joining ``survivor`` now; the next case's victim starts loading."""
+        spare, self.spare = self.spare, None
+        if spare is not None and (spare[0] != case or spare[1].popen.poll() is not None):
+            if spare[1].popen.poll() is None:
+                spare[1].kill()
+            spare = None
+        v = spare[1] if spare is not None else self._start(case)
+        seed_file = self.launcher.workdir / f"{v.name}.seed"
+        tmp = seed_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": survivor.address}))
+        os.replace(tmp, seed_file)
+        upcoming = self.order[self.order.index(case) + 1 :] if case in self.order else []
+        if upcoming:
+            self.spare = (upcoming[0], self._start(upcoming[0]))
+        return v
+
+    def _start(self, case: Case) -> NodeProc:
+        name = f"victim-{case}"
+        args = ["--strategy", case.strategy, *COMMON, "--rank", "1", "--epochs", "1000"]
+        args += ["--seed", str(case.seed), *(NEVER if case.role == "callee" else [])]
+        # Waits for its seed file as long as the case before it may take.
+        args += ["--seed-file", str(self.launcher.workdir / f"{name}.seed"), "--join-timeout", "300"]
+        return self.launcher.start(name, *args, env={faults.ENV: f"{case.point}=kill@{case.hit}"})
+
+
+@pytest.fixture(scope="module")
+def survivors(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Survivors]:
+    order = []  # the matrix cases this session runs, in order (a -k selection included)
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case") if callspec is not None else None
+        if isinstance(case, Case):
+            order.append(case)
+    launcher = Launcher(tmp_path_factory.mktemp("faults"))
+    try:
+        yield Survivors(launcher, order)
+    finally:
+        launcher.cleanup()
+
+
+def failpoint_record(victim: NodeProc) -> tuple[float, dict[str, Any]]:
+    for line in victim.log_lines():
+        if "gossip.node.faults: failpoint " in line:
+            return log_time(line), json.loads(line.split("failpoint ", 1)[1])
+    raise AssertionError(f"{victim.name} died without logging its failpoint\n{victim.tail()}")
+
+
+def line_time(p: NodeProc, t0: float, *needles: str) -> float | None:
+    """Time of the first line of ``p``'s log at or after ``t0`` that holds every needle."""
+    for line in p.log_lines():
+        if all(n in line for n in needles) and line[:4].isdigit() and log_time(line) >= t0 - 0.002:
+            return log_time(line)
+    return None
+
+
+def wait_for_line(p: NodeProc, t0: float, needles: tuple[str, ...], timeout: float) -> float:
+    found: list[float] = []
+
+    def logged() -> bool:
+        t = line_time(p, t0, *needles)
+        found.extend([] if t is None else [t])
+        return t is not None
+
+    wait_for(logged, timeout, f"{p.name} to log {needles}", p)
+    return found[0]
+
+
+def books(st: dict[str, Any]) -> dict[str, Any]:
+    return {k: st[k] for k in ("exchanges_ok", "exchanges_served", "exchanges_failed", "weight")}
+
+
+def expected_books(case: Case, before: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
+    """The survivor's counters and weight after the kill, from its own before and the victim's last words."""
+    want = books(before)
+    taken = case.point in TAKEN
+    if case.role == "caller":
+        # Every exchange the victim completed, the survivor answered; plus the fatal one if taken.
+        want["exchanges_served"] += fp["ok"] + taken
+        if case.strategy == "push-sum":
+            # The victim receives nothing, so 1 - its weight is exactly what it handed over.
+            want["weight"] += (1.0 - fp["weight"]) + (fp["w_send"] if taken else 0.0)
+    else:
+        completed = fp["served"] - (case.point in VICTIM_COUNTED)
+        want["exchanges_ok"] += completed
+        if case.strategy == "push-sum":
+            # Halved once per acknowledged push; the fatal push was never acknowledged.
+            want["weight"] *= 0.5**completed
+    return want
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_sigkill_mid_exchange_leaves_the_survivor_sound(case: Case, survivors: Survivors) -> None:
+    s = survivors.get(case.strategy, case.role)
+    before = s.status()
+
+    v = survivors.victim(case, s)
+    try:
+        code = v.popen.wait(VICTIM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{case.point} was not reached\n{v.tail()}\n{s.tail()}") from None
+
+    assert code == -signal.SIGKILL, f"victim exited with {code}\n{v.tail()}"
+    t_kill, fp = failpoint_record(v)
+    assert (fp["point"], fp["hit"], fp["peer"]) == (case.point, case.hit, s.name), fp
+    assert s.popen.poll() is None, s.tail()
+
+    # Its books: exactly what the docs' crash semantics page says, once it applied what it took.
+    want = expected_books(case, before, fp)
+    seen: list[dict[str, Any]] = []
+
+    def settled() -> bool:
+        seen.append(books(s.status()))
+        same = all(seen[-1][k] == want[k] for k in want if k != "exchanges_failed")
+        # A caller survivor counts its broken call as failed once its side of it ended,
+        # which may be after the books above already read right: wait for that too.
+        return same and (case.role != "callee" or seen[-1]["exchanges_failed"] > before["exchanges_failed"])
+
+    wait_for(
+        settled, 30.0, f"the survivor's books to read {want} (victim's: {fp}; last seen: {seen[-1:]})", s
+    )
+    after = seen[-1]
+    if case.role == "callee":
+        assert after["exchanges_failed"] > before["exchanges_failed"]  # its call to the victim
+    else:
+        assert after["exchanges_failed"] == before["exchanges_failed"]  # it called no one
+
+    # Its side of the broken call ended within its deadline (or was never open, or completed).
+    if case.role == "callee":
+        needles: tuple[str, ...] = (f"exchange with {v.name} (", "failed")
+    elif case.strategy == "pairwise":
+        needles = (f"exchange from {v.name} ended without a commit",)
+    else:
+        needles = (f"push from {v.name} ended before it was whole",)
+    if case.role == "callee" or case.point not in TAKEN | NOT_OPENED:
+        ended = wait_for_line(s, t_kill, needles, DEADLINE + SLACK + 10.0)
+        assert ended - t_kill <= DEADLINE + SLACK, (ended - t_kill, s.tail())
+    else:
+        assert line_time(s, 0.0, *needles) is None, s.tail()
+
+    # It goes on training, with finite numbers, and takes nothing more from the dead.
+    st = s.status()
+    assert st["phase"] == "running"
+    assert math.isfinite(st["weight"]) and st["weight"] > 0, st
+    wait_for(lambda: s.status()["step"] >= st["step"] + 100, 30.0, "the survivor to train on", s)
+    wait_for(
+        lambda: any(r["unix_time"] > t_kill for r in s.records()), 30.0, "an evaluation after the kill", s
+    )
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["accuracy"]) for r in s.records())
+    final = books(s.status())
+    assert {**final, "exchanges_failed": 0} == {**after, "exchanges_failed": 0}
+    assert not any("Traceback" in line for line in s.log_lines()), s.tail(60)
+
+
+@pytest.mark.timeout(180)
+def test_gossip_status_json_answers_on_a_survivor(survivors: Survivors) -> None:
+    s = survivors.get("push-sum", "callee")
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gossip", "status", "--peer", s.address, "--json", "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert st["node_id"] == s.name and st["phase"] == "running" and st["strategy"] == "push-sum"
+    assert math.isfinite(st["weight"]) and st["weight"] > 0
+
+
+# --- the failpoint switch itself --------------------------------------------------------
+
+
+def test_every_failpoint_is_in_the_matrix() -> None:
+    assert {c.point for c in CASES} == set(faults.POINTS)
+
+
+def test_failpoint_spec_names_points_and_the_fatal_hit() -> None:
+    spec = " pairwise.callee.applied=kill , push.caller.mid_stream=kill@3,"
+    assert faults.parse(spec) == {"pairwise.callee.applied": 1, "push.caller.mid_stream": 3}
+    assert faults.parse("") == {}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("pairwise.caller.midstream=kill", "unknown failpoint 'pairwise.caller.midstream'"),
+        ("push.callee.applied", "the action must be"),
+        ("push.callee.applied=exit", "the action must be"),
+        ("push.callee.applied=kill@0", "integer >= 1"),
+        ("push.callee.applied=kill@x", "integer >= 1"),
+        ("push.callee.applied=kill,push.callee.applied=kill@2", "armed twice"),
+    ],
+)
+def test_a_bad_failpoint_spec_is_an_error_naming_what_is_valid(spec: str, message: str) -> None:
+    with pytest.raises(faults.FailpointError, match=message) as err:
+        faults.parse(spec)
+    if "unknown" in message:
+        assert all(name in str(err.value) for name in faults.POINTS)
+
+
+def test_unarmed_failpoints_change_nothing() -> None:
+    chunks = [memoryview(b"ab"), memoryview(b"cd")]
+    assert faults.armed() == {}
+    assert faults.tap(chunks, "push.caller.mid_stream", "push.caller.sent") is chunks
+    faults.failpoint("push.caller.acked")  # returns: this process is not armed
+
+
+@pytest.mark.timeout(120)
+def test_a_node_with_a_misspelt_failpoint_exits_2_with_one_line(tmp_path: Path) -> None:
+    env = dict(os.environ, **{faults.ENV: "pairwise.callee.aplied=kill"})
+    out = subprocess.run(
+        [sys.executable, "-m", "gossip", "node", "--listen", "127.0.0.1:0", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "unknown failpoint 'pairwise.callee.aplied'" in out.stderr
+    assert "pairwise.callee.applied" in out.stderr

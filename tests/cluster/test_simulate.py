@@ -1,0 +1,136 @@
+"""End to end: `python -m gossip simulate` with real node processes, then its outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import run_simulate
+
+NODES = 4
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One run with --baseline shared by the tests below (a run costs tens of seconds)."""
+    out = tmp_path_factory.mktemp("sim") / "run"
+    return run_simulate(out, "--nodes", str(NODES), "--epochs", str(EPOCHS), "--baseline", timeout=280), out
+
+
+def _summary(out: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out / "summary.json").read_text())
+    return data
+
+
+@pytest.mark.timeout(300)
+def test_simulate_exits_zero_and_prints_the_table(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mean accuracy" in proc.stdout
+    assert "baseline accuracy" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_simulate_writes_metrics_summary_and_plot(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["rank"] for r in records} == set(range(NODES))
+    assert {r["node"] for r in records} == {f"node{i}" for i in range(NODES)}
+    for r in records:
+        for key in ("node", "rank", "step", "epoch", "loss", "accuracy", "bytes_sent", "time"):
+            assert key in r, (key, r)
+        assert isinstance(r["node"], str) and isinstance(r["rank"], int)
+        assert math.isfinite(r["loss"]) and 0.0 <= r["accuracy"] <= 1.0
+    # Step 0 is each node's starting point, evaluated before any exchange could move it.
+    starts = [r for r in records if r["step"] == 0]
+    assert sorted(r["rank"] for r in starts) == list(range(NODES))
+    assert all(r["exchanges"] == 0 and r["bytes_received"] == 0 for r in starts)
+    assert max(r["epoch"] for r in records) == EPOCHS
+    assert sum(1 for r in records if r.get("final")) == NODES
+
+    summary = _summary(out)
+    for key in (
+        "nodes",
+        "topology",
+        "strategy",
+        "accuracies",
+        "mean_accuracy",
+        "consensus_distance",
+        "bytes_sent",
+        "wall_seconds",
+        "config",
+    ):
+        assert key in summary, key
+    assert summary["nodes"] == NODES and len(summary["accuracies"]) == NODES
+    assert summary["bytes_sent"] > 0
+    assert summary["consensus_distance"] is not None and math.isfinite(summary["consensus_distance"])
+
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_simulate_learns_and_reports_the_baseline(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(out)
+
+    assert summary["mean_accuracy"] > 0.6  # chance is 0.1
+    assert min(summary["accuracies"]) > 0.5
+    assert 0.6 < summary["baseline_accuracy"] <= 1.0
+    assert summary["mean_accuracy"] == pytest.approx(sum(summary["accuracies"]) / NODES)
+
+
+@pytest.mark.timeout(300)
+def test_simulate_says_what_it_does_from_the_start(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, _ = run
+    lines = proc.stderr.splitlines()
+    starting = next(i for i, line in enumerate(lines) if "starting nodes" in line)
+    training = next(i for i, line in enumerate(lines) if "training" in line)
+
+    assert starting < training
+    assert lines[starting].lstrip().startswith("[")  # a progress line: elapsed time, fraction, phase
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_writes_the_partial_summary_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gossip", "simulate", "--nodes", "3", "--epochs", "200", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not all((out / "nodes" / f"{r}.jsonl").exists() for r in range(3)):
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the nodes did not start training"
+            time.sleep(0.5)
+        time.sleep(2.0)  # some training
+
+        launcher.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+
+    assert launcher.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted" in stderr.splitlines()[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["nodes"] == 3
+    assert all(math.isfinite(a) for a in summary["accuracies"])
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean accuracy" in stdout  # the partial table

@@ -1,0 +1,187 @@
+"""The vectorized simulator against a per-node reference loop (nn.Module + MomentumSGD + dense W)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gossip.config import ConfigError
+from gossip.sim.engine import SimConfig, Simulator
+from gossip.train.data import Dataset
+from gossip.train.models import build_model
+from gossip.train.trainer import MomentumSGD, evaluate
+
+
+def _tiny_dataset(train: int = 40, test: int = 30, features: int = 6, classes: int = 3) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    return Dataset(
+        name="tiny",
+        x_train=torch.randn(train, features, generator=g),
+        y_train=torch.randint(classes, (train,), generator=g),
+        x_test=torch.randn(test, features, generator=g),
+        y_test=torch.randint(classes, (test,), generator=g),
+        num_classes=classes,
+        input_shape=(features,),
+    )
+
+
+def _sim(ds: Dataset, **knobs: object) -> Simulator:
+    cfg = SimConfig(**{"nodes": 4, "topology": "ring", "model": "mlp", "rounds": 4, "eval_every": 2, **knobs})  # type: ignore[arg-type]
+    return Simulator(cfg, dataset=ds)
+
+
+def _record_batches(sim: Simulator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    draw = sim._batches.next
+
+    def recording() -> tuple[torch.Tensor, torch.Tensor]:
+        sample, valid = draw()
+        seen.append((sample.clone(), valid.clone()))
+        return sample, valid
+
+    sim._batches.next = recording  # type: ignore[method-assign]
+    return seen
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _load(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    with torch.no_grad():
+        offset = 0
+        for p in model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+@pytest.mark.parametrize("local_steps", [1, 2])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_sync_rounds_match_a_per_node_momentum_sgd_reference(local_steps: int, weight_decay: float) -> None:
+    ds = _tiny_dataset()
+    knobs = {
+        "local_steps": local_steps,
+        "weight_decay": weight_decay,
+        "batch_size": 4,
+        "lr": 0.1,
+        "momentum": 0.5,
+    }
+    sim = _sim(ds, **knobs)
+    batches = _record_batches(sim)
+    rounds = 4  # 10 samples per node, batch 4: epochs of 3 steps, the last one short, crossed twice
+    for _ in range(rounds):
+        sim.step()
+
+    w = sim.topology.mixing_matrix()
+    models = [build_model("mlp", ds.input_shape, ds.num_classes, seed=0) for _ in range(4)]
+    optims = [MomentumSGD(list(m.parameters()), 0.1, 0.5, weight_decay) for m in models]
+    it = iter(batches)
+    for _ in range(rounds):
+        snapshot = torch.stack([_flat(m) for m in models]).double()
+        mixed = torch.from_numpy(w) @ snapshot
+        for _ in range(local_steps):
+            sample, valid = next(it)
+            for i, (m, opt) in enumerate(zip(models, optims, strict=True)):
+                before = _flat(m)
+                idx = sample[i][valid[i]]
+                loss = F.cross_entropy(m(ds.x_train[idx]), ds.y_train[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                mixed[i] += (_flat(m) - before).double()
+        for m, row in zip(models, mixed, strict=True):
+            _load(m, row.float())
+
+    expected = torch.stack([_flat(m) for m in models])
+    torch.testing.assert_close(sim.params, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_node_visits_each_of_its_samples_once_per_epoch() -> None:
+    ds = _tiny_dataset(train=38)
+    sim = _sim(ds, batch_size=4)
+    parts = [row[: int(n)] for row, n in zip(sim._batches.index, sim._batches.lengths, strict=True)]
+    steps = int(sim._batches.steps_per_epoch.max())
+    for _epoch in range(2):
+        seen: list[list[int]] = [[] for _ in parts]
+        for _ in range(steps):
+            sample, valid = sim._batches.next()
+            for i in range(4):
+                seen[i] += sample[i][valid[i]].tolist()
+        for i, part in enumerate(parts):
+            assert sorted(seen[i]) == sorted(part.tolist())
+
+
+def test_same_seed_same_run_and_another_seed_another_run() -> None:
+    ds = _tiny_dataset()
+    knobs = {"strategy": "pairwise", "message_loss": 0.2, "stragglers": 0.5, "rounds": 6}
+    a, b, c = _sim(ds, **knobs), _sim(ds, **knobs), _sim(ds, seed=1, **knobs)
+    ha, hb, hc = a.run(), b.run(), c.run()
+    assert ha == hb
+    torch.testing.assert_close(a.params, b.params, rtol=0, atol=0)
+    assert ha != hc
+
+
+def test_crashed_nodes_freeze_and_leave_the_metrics() -> None:
+    ds = _tiny_dataset()
+    sim = _sim(ds, nodes=8, crash_fraction=0.25, crash_round=2, rounds=6)
+    sim.step()
+    sim.step()
+    sim.step()  # round 2: the crash happens before it
+    frozen = sim.params[sim.dead].clone()
+    assert int(sim.dead.sum()) == 2
+    history = sim.run()
+    torch.testing.assert_close(sim.params[sim.dead], frozen, rtol=0, atol=0)
+    assert history[-1].alive == 6
+
+
+@pytest.mark.parametrize("strategy", ["sync", "pairwise", "push-sum"])
+def test_without_gradients_strategies_conserve_the_average_model(strategy: str) -> None:
+    # lr -> 0 leaves pure mixing: sync and pairwise keep the plain mean, push-sum its weighted mean.
+    ds = _tiny_dataset()
+    sim = _sim(ds, strategy=strategy, lr=1e-30, momentum=0.0, nodes=8, topology="one-peer-exponential")
+    sim.params += torch.randn(sim.params.shape, generator=torch.Generator().manual_seed(1))
+    before = _flat(sim.average_model())
+    for _ in range(5):
+        sim.step()
+    torch.testing.assert_close(_flat(sim.average_model()), before, rtol=0, atol=1e-5)
+
+
+def test_metrics_match_evaluate_on_the_models_themselves() -> None:
+    ds = _tiny_dataset()
+    sim = _sim(ds, rounds=3)
+    for _ in range(3):
+        sim.step()
+    m = sim.evaluate()
+    avg_loss, avg_acc = evaluate(sim.average_model(), ds.x_test, ds.y_test)
+    node_accs = [evaluate(sim.node_model(i), ds.x_test, ds.y_test)[1] for i in range(4)]
+    assert (m.test_loss, m.accuracy) == pytest.approx((avg_loss, avg_acc))
+    assert m.worst_accuracy == pytest.approx(min(node_accs))
+    assert m.mean_accuracy == pytest.approx(float(np.mean(node_accs)))
+    centred = sim.params.double() - sim.params.double().mean(0)
+    assert m.consensus_distance == pytest.approx(float(centred.square().sum(1).mean()), rel=1e-6)
+    assert m.bytes_sent == 3 * 8 * sim.dim * 4  # ring of 4: 8 messages a round, float32
+
+
+def test_digits_nodes_learn() -> None:
+    sim = Simulator(SimConfig(nodes=8, topology="exponential", rounds=60, eval_every=60))
+    final = sim.run()[-1]
+    assert final.accuracy > 0.9 and final.worst_accuracy > 0.85
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"strategy": "gossip"}, "strategy"),
+        ({"message_loss": 1.0}, "message_loss"),
+        ({"crash_fraction": 1.0}, "alive"),
+        ({"topology": "hypercube", "nodes": 6}, "power-of-two"),
+        ({"nodes": 100}, "non-empty parts"),
+        ({"rounds": 0}, "rounds"),
+    ],
+)
+def test_bad_configs_raise_one_line_config_errors(knobs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        _sim(_tiny_dataset(), **knobs)
+    assert "\n" not in str(info.value)

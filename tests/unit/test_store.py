@@ -1,0 +1,290 @@
+"""The shard store without a network: manifests, holdings, retention, files, publisher choice."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from gossip.config import ConfigError, StoreConfig
+from gossip.core.layout import Layout
+from gossip.core.params import FlatParams
+from gossip.core.ring import Ring
+from gossip.store import files
+from gossip.store.reconstruct import Rebuilt
+from gossip.store.serde import manifest_from_bytes, manifest_to_bytes
+from gossip.store.service import StoreService
+from gossip.store.shards import Manifest, ShardStore, StoreError, bitmap_has, cut, sha256
+from gossip.transport.channels import Channels
+
+
+def flat_of(*named: tuple[str, torch.Tensor]) -> FlatParams:
+    flat = FlatParams.zeros(Layout.from_named(named))
+    for e, (_, t) in zip(flat.layout.entries, named, strict=True):
+        flat.state_dict()[e.name].copy_(t)
+    return flat
+
+
+def small(seed: int = 0, n: int = 5000) -> FlatParams:
+    g = torch.Generator().manual_seed(seed)
+    return flat_of(("w", torch.randn(n, generator=g)), ("b", torch.randn(10, generator=g)))
+
+
+def cut_flat(
+    flat: FlatParams,
+    model_id: str,
+    version: int,
+    publisher: str,
+    step: int,
+    shard_bytes: int,
+    replication: int,
+) -> tuple[Manifest, list[memoryview]]:
+    return cut(flat.concat_bytes(), flat.layout, model_id, version, publisher, step, shard_bytes, replication)
+
+
+def snapshot(version: int = 1, seed: int = 0, shard_bytes: int = 4096) -> tuple[Manifest, list[memoryview]]:
+    return cut_flat(small(seed), "m", version, "n0", version * 10, shard_bytes, 3)
+
+
+# --- manifests ---------------------------------------------------------------------
+
+
+def test_cut_covers_the_buffer_with_digested_shards() -> None:
+    flat = small()
+    m, shards = cut_flat(flat, "m", 3, "n0", 30, 4096, 3)
+
+    assert m.total_bytes == flat.nbytes == sum(len(s) for s in shards)
+    assert m.num_shards == len(shards) == -(-flat.nbytes // 4096)
+    assert all(sha256(s) == d for s, d in zip(shards, m.shard_digests, strict=True))
+    assert m.sha256 == hashlib.sha256(b"".join(m.shard_digests)).digest()
+    assert [m.shard_length(i) for i in range(m.num_shards)] == [len(s) for s in shards]
+    m.validate()
+
+
+def test_manifest_survives_its_wire_form() -> None:
+    m, _ = snapshot()
+
+    back = manifest_from_bytes(manifest_to_bytes(m))
+
+    assert back == m and back.digest == m.digest
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"model_id": ""}, "model id"),
+        ({"model_id": "a/b"}, "model id"),
+        ({"publisher": ""}, "publisher"),
+        ({"layout_json": "[{"}, "layout"),
+        ({"layout_json": json.dumps([{"name": "w", "dtype": "int8", "shape": [3], "offset": 0}])}, "layout"),
+        ({"total_bytes": 12}, "bytes"),
+        ({"shard_bytes": 0}, "shard size"),
+        ({"shard_bytes": 1 << 30}, "shard size"),
+        ({"replication": 0}, "replication"),
+        ({"fingerprint": b"x" * 16}, "fingerprint"),
+        ({"sha256": b"short"}, "digests"),
+        ({"sha256": bytes(32)}, "root"),
+    ],
+)
+def test_a_bad_manifest_is_refused_with_a_reason(change: dict[str, object], words: str) -> None:
+    m, _ = snapshot()
+
+    with pytest.raises(StoreError, match=words) as err:
+        manifest_from_bytes(manifest_to_bytes(dataclasses.replace(m, **change)))  # type: ignore[arg-type]
+
+    assert err.value.kind == "invalid"
+
+
+def test_a_manifest_must_list_exactly_its_shards() -> None:
+    m, _ = snapshot()
+
+    with pytest.raises(StoreError, match="shards"):
+        dataclasses.replace(m, shard_digests=m.shard_digests[:-1]).validate()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=400))
+def test_random_bytes_never_become_a_manifest_silently(data: bytes) -> None:
+    # Bytes that are not even a protobuf Manifest are refused the same way.
+    with pytest.raises(StoreError):
+        manifest_from_bytes(data)
+
+
+# --- one node's holdings -----------------------------------------------------------
+
+
+def test_store_keeps_the_newest_k_versions_and_refuses_older_ones() -> None:
+    store = ShardStore(keep_versions=2)
+    for v in (1, 2, 3):
+        m, shards = snapshot(v, seed=v)
+        store.add((m.model_id, v, 0, m.shard_digests[0]), bytearray(shards[0]))
+        assert store.add_manifest(m) == "new"
+
+    assert [m.version for m in store.kept("m")] == [3, 2]
+    assert {sid[1] for sid in store.shards} == {2, 3}
+    assert store.retired("m", 1)
+    old, _ = snapshot(1, seed=1)
+    assert store.add_manifest(old) == "retired"
+    with pytest.raises(StoreError) as err:
+        store.check_incoming("m", 1, 0, 100, b"d" * 32)
+    assert err.value.kind == "retired"
+
+
+def test_a_conflict_between_two_manifests_of_one_version_is_settled_the_same_everywhere() -> None:
+    a, _ = snapshot(5, seed=1)
+    b, _ = snapshot(5, seed=2)
+    first, second = ShardStore(), ShardStore()
+
+    first.add_manifest(a)
+    first.add_manifest(b)
+    second.add_manifest(b)
+    second.add_manifest(a)
+
+    assert first.manifest("m", 5) == second.manifest("m", 5)
+    assert first.add_manifest(a if first.manifest("m", 5) == b else b) == "lost"
+
+
+def test_shards_that_do_not_match_the_manifest_are_refused_and_dropped() -> None:
+    m, shards = snapshot(2)
+    other, other_shards = snapshot(2, seed=9)
+    store = ShardStore()
+    store.add(("m", 2, 0, other.shard_digests[0]), bytearray(other_shards[0]))  # arrived before the manifest
+
+    store.add_manifest(m)
+
+    assert store.pending() == [("m", 2, 0, other.shard_digests[0])]  # kept until orphan_ttl
+    assert not store.holds(m, 0)
+    with pytest.raises(StoreError) as err:
+        store.check_incoming("m", 2, 0, len(shards[0]), other.shard_digests[0])
+    assert err.value.kind == "conflict"
+    with pytest.raises(StoreError, match="does not match"):
+        store.check_incoming("m", 2, 0, len(shards[0]) + 1, m.shard_digests[0])
+    store.check_incoming("m", 2, 0, len(shards[0]), m.shard_digests[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        (("", 1, 0, 10, b"d" * 32), "invalid"),
+        (("m", 1, 0, 10, b"d" * 31), "invalid"),
+        (("m", 1, 0, 0, b"d" * 32), "invalid"),
+        (("m", 1, 0, (64 << 20) + 1, b"d" * 32), "invalid"),
+        (("m", 1, 1 << 40, 10, b"d" * 32), "invalid"),
+        (("m", 1, 0, 5000, b"d" * 32), "full"),
+    ],
+)
+def test_incoming_shards_are_bounded(args: tuple[str, int, int, int, bytes], kind: str) -> None:
+    store = ShardStore(capacity_bytes=4096)
+
+    with pytest.raises(StoreError) as err:
+        store.check_incoming(*args)
+
+    assert err.value.kind == kind
+
+
+def test_bitmap_scrub_and_orphans() -> None:
+    now = [0.0]
+    store = ShardStore(clock=lambda: now[0])
+    m, shards = snapshot(1)
+    for i in (0, 2):
+        store.add(("m", 1, i, m.shard_digests[i]), bytearray(shards[i]))
+    store.add(("m", 7, 0, b"x" * 32), bytearray(b"abc"))  # no manifest: a publish in progress
+    store.add_manifest(m)
+
+    bits = store.bitmap(m)
+    assert [bitmap_has(bits, i) for i in range(4)] == [True, False, True, False]
+    store.shards[("m", 1, 2, m.shard_digests[2])].data[5] ^= 0xFF
+    now[0] = 30.0
+    assert len(store.due_for_scrub(10.0)) == 3
+    assert store.verify(("m", 1, 0, m.shard_digests[0])) is True
+    assert store.verify(("m", 1, 2, m.shard_digests[2])) is False
+    assert not store.holds(m, 2) and store.corrupt_dropped == 1
+    now[0] = 100.0
+    assert store.expire_orphans(60.0) == 1 and store.pending() == []
+    assert store.bytes_held == len(shards[0])
+
+
+# --- tensors and files -------------------------------------------------------------------
+
+
+def test_a_rebuilt_buffer_holds_every_dtype_at_its_place() -> None:
+    flat = flat_of(
+        ("h", torch.arange(3, dtype=torch.float16)),  # 6 bytes: the next segment starts unaligned
+        ("w", torch.arange(5, dtype=torch.float32)),
+        ("d", torch.arange(2, dtype=torch.float64)),
+    )
+    m, shards = cut_flat(flat, "m", 1, "n0", 1, 4096, 3)
+
+    back = FlatParams.from_bytes(m.layout, bytearray(b"".join(shards)))
+
+    for name, t in flat.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t) and back.state_dict()[name].dtype == t.dtype
+
+
+def test_safetensors_file_follows_the_format(tmp_path: Path) -> None:
+    flat = flat_of(("a.weight", torch.randn(3, 4)), ("a.bias", torch.randn(4)), ("h", torch.ones(2).half()))
+    m, _ = cut_flat(flat, "m", 3, "n0", 30, 4096, 3)
+    path = tmp_path / "m.safetensors"
+
+    files.save(Rebuilt(m, flat.concat_bytes(), seconds=0.0), path, "safetensors")
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 8 == 0
+    assert header["__metadata__"]["version"] == "3"
+    assert header["__metadata__"]["sha256"] == m.sha256.hex()
+    assert header["a.weight"]["dtype"] == "F32" and header["a.weight"]["shape"] == [3, 4]
+    assert header["h"]["dtype"] == "F16" and header["h"]["shape"] == [2]
+    # The tensors tile the data section (the writer picks their order), each holding its own bytes.
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+    assert spans[-1][1] == 68
+    data = raw[8 + n :]
+    for name, t in flat.state_dict().items():
+        lo, hi = header[name]["data_offsets"]
+        assert data[lo:hi] == t.contiguous().view(torch.uint8).numpy().tobytes(), name
+    assert len(raw) == 8 + n + 68
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no partial file left behind
+    back = load_file(path)
+    assert all(torch.equal(back[k], v) for k, v in flat.state_dict().items())
+
+
+# --- who publishes -------------------------------------------------------------------------
+
+
+def test_exactly_one_member_publishes_each_version() -> None:
+    ids = [f"node{i}" for i in range(6)]
+    services = []
+    for node in ids:
+        svc = StoreService(node, StoreConfig(publish_every=10, model_id="m"), Channels(), fingerprint=b"f")
+        svc.placement.view = lambda: [(n, f"127.0.0.1:{i + 1}", b"f", True) for i, n in enumerate(ids)]
+        svc.refresh()
+        services.append(svc)
+
+    publishers = {v: [s.node_id for s in services if s.publish_due(v * 10) == v] for v in range(1, 60)}
+
+    assert all(len(p) == 1 for p in publishers.values())
+    assert len({p[0] for p in publishers.values()}) == len(ids)  # the role rotates over the members
+    assert all(s.publish_due(15) is None for s in services)  # not a publish step
+    ring = Ring(ids)
+    assert publishers[7] == [ring.owner("m/v7")]
+    # The end of training publishes the round in progress, once.
+    assert sum(s.publish_due(73, final=True) == 8 for s in services) == 1
+    assert all(s.publish_due(70, final=True) is None for s in services)
+
+
+def test_store_config_is_checked() -> None:
+    StoreConfig().validate()
+    for bad in ({"replication": 0}, {"shard_bytes": 100}, {"keep_versions": 0}, {"model_id": "a/b"}):
+        with pytest.raises(ConfigError):
+            StoreConfig(**bad).validate()  # type: ignore[arg-type]
