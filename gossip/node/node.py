@@ -14,7 +14,6 @@ protocols), :mod:`~gossip.node.members` (membership I/O),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -80,7 +79,6 @@ class Node:
             Pipeline(flat.layout, g.codec),
             g,
             running=lambda: self.phase == "running",
-            rest=self.rest,
             on_wake=self._wake_rest,
         )
         self._rng = random.Random(seed)
@@ -199,9 +197,10 @@ class Node:
             if not self.slot.training:
                 self.slot.apply_pending()
             await asyncio.sleep(0.01)
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # a task may have spawned another meanwhile
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         self.slot.apply_pending()
         if leave and self.members is not None:
             await self.store.hand_off(timeout=5.0)
@@ -254,6 +253,7 @@ class Node:
     def finish_training(self) -> None:
         """No more steps will come: publish, apply results from now on, keep averaging until settled."""
         self._maybe_publish(final=True)
+        self.party.rest = self.rest  # from now on, exchanges tell the rest policy how much they moved it
         self.slot.stop_training()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._spawn_rest)
@@ -264,12 +264,17 @@ class Node:
 
     async def _rest_loop(self) -> None:
         """Average with neighbours after training, backing off once it no longer moves this node."""
-        while True:
+        while self.phase == "running":
             self._rest_wake.clear()
             if self.gossip_now():
                 await self.slot.wait_own()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rest_wake.wait(), self.rest.next_pause(self._rng))
+            # Not wait_for: on Python 3.11 a cancel that meets its timeout becomes a
+            # TimeoutError, and with pauses of 20 ms this loop would then outlive stop().
+            waiter = asyncio.ensure_future(self._rest_wake.wait())
+            try:
+                await asyncio.wait([waiter], timeout=self.rest.next_pause(self._rng))
+            finally:
+                waiter.cancel()
 
     def _wake_rest(self) -> None:
         if self._loop is not None:
@@ -396,5 +401,5 @@ class Node:
             members=members,
             neighbours=neighbours,
             training=self.slot.training,
-            resting=not self.slot.training and self.rest.resting,
+            resting=self.party.rest is not None and not self.slot.training and self.rest.resting,
         )

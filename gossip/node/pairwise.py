@@ -47,7 +47,7 @@ def deliver(party: Party, change: PairwiseDelta) -> None:
     delta = change.delta()
 
     def apply() -> None:
-        if not party.slot.training:  # only a resting node asks how much an exchange still moves it
+        if party.rest is not None and not party.slot.training:  # only after training: is it settled?
             party.applied(averaging.relative_norm(list(delta), list(party.flat)))
         for x, d in zip(party.flat, delta, strict=True):
             averaging.apply_delta_(x, d)

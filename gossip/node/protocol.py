@@ -78,7 +78,7 @@ class Party:
     avoid: dict[str, float] = field(default_factory=dict)  # peer id -> left out of picks until
     # Push-sum receives in flight at once; more get RESOURCE_EXHAUSTED.
     push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PUSHES))
-    rest: RestPolicy | None = None  # how hard to keep averaging once training is over
+    rest: RestPolicy | None = None  # set once training is over: how hard to keep averaging
     on_wake: Callable[[], None] = lambda: None  # the rest policy woke up: average again at once
 
     @property

@@ -96,7 +96,7 @@ async def receive(party: Party, stream: FrameStream) -> bytes:
         z_in, w_in, nbytes, detail = await asyncio.wait_for(_read(party, stream), party.deadline)
 
     def apply() -> None:
-        if not party.slot.training:  # the merge moves z by w_in / (w + w_in) of (z_in - z)
+        if party.rest is not None and not party.slot.training:  # moves z by w_in/(w + w_in) of z_in - z
             share = w_in / (party.weight + w_in)
             moved = [(zi - z) * share for z, zi in zip(party.flat, z_in, strict=True)]
             party.applied(averaging.relative_norm(moved, list(party.flat)))

@@ -122,7 +122,7 @@ class RoundMetrics:
     alive: int
 
 
-class _Batches:
+class Batches:
     """Per-node minibatch indices, epoch by epoch over each node's own slice, for all nodes at once."""
 
     def __init__(self, parts: list[np.ndarray], batch_size: int, generator: torch.Generator):
@@ -205,7 +205,7 @@ class Simulator:
             parts = partition(ds.y_train, n, cfg.partition, seed=cfg.seed)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
-        self._batches = _Batches(parts, cfg.batch_size, self._data_gen)
+        self.batches = Batches(parts, cfg.batch_size, self._data_gen)
         self._grad = vmap(grad_and_value(self._loss))
         self._forward = vmap(self._logits, in_dims=(0, None))
 
@@ -264,7 +264,7 @@ class Simulator:
     def _local_step(self, target: Tensor, also_params: bool, active: Tensor | None) -> Tensor:
         """One SGD step of every active node, at ``params``, added to ``target``; returns the losses."""
         cfg = self.cfg
-        sample, valid = self._batches.next()
+        sample, valid = self.batches.next()
         xb, yb = self.dataset.x_train[sample], self.dataset.y_train[sample]
         grads, losses = self._grad(self.views(self.params), xb, yb, valid.to(xb.dtype))
         lr = self._lr()

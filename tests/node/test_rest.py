@@ -103,3 +103,24 @@ def test_a_resting_node_wakes_when_a_neighbour_still_trains() -> None:
             await asyncio.gather(a.stop(leave=False), b.stop(leave=False))
 
     run(main())
+
+
+def test_stop_ends_promptly_while_nodes_average_after_training() -> None:
+    # Regression: the averaging loop waited with asyncio.wait_for, which on Python 3.11
+    # can turn a cancel that meets its 20 ms timeout into a TimeoutError; the loop then
+    # swallowed it and stop() waited for the cancelled loop forever.
+    async def main() -> list[float]:
+        took = []
+        for _ in range(10):
+            a = await start(0, [1.0] * 8)
+            b = await start(1, [3.0] * 8, a.address)
+            assert await a.wait_for_members(2, 20.0)
+            await asyncio.gather(train(a, 1), train(b, 1))
+            await asyncio.sleep(0.05)  # both averaging every 10 ms
+            t0 = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(a.stop(), b.stop()), 20.0)
+            took.append(time.monotonic() - t0)
+        return took
+
+    took = run(main(), timeout=120.0)
+    assert max(took) < 10.0, took

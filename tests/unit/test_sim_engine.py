@@ -34,14 +34,14 @@ def _sim(ds: Dataset, **knobs: object) -> Simulator:
 
 def _record_batches(sim: Simulator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    draw = sim._batches.next
+    draw = sim.batches.next
 
     def recording() -> tuple[torch.Tensor, torch.Tensor]:
         sample, valid = draw()
         seen.append((sample.clone(), valid.clone()))
         return sample, valid
 
-    sim._batches.next = recording  # type: ignore[method-assign]
+    sim.batches.next = recording  # type: ignore[method-assign]
     return seen
 
 
@@ -101,12 +101,12 @@ def test_sync_rounds_match_a_per_node_momentum_sgd_reference(local_steps: int, w
 def test_each_node_visits_each_of_its_samples_once_per_epoch() -> None:
     ds = _tiny_dataset(train=38)
     sim = _sim(ds, batch_size=4)
-    parts = [row[: int(n)] for row, n in zip(sim._batches.index, sim._batches.lengths, strict=True)]
-    steps = int(sim._batches.steps_per_epoch.max())
+    parts = [row[: int(n)] for row, n in zip(sim.batches.index, sim.batches.lengths, strict=True)]
+    steps = int(sim.batches.steps_per_epoch.max())
     for _epoch in range(2):
         seen: list[list[int]] = [[] for _ in parts]
         for _ in range(steps):
-            sample, valid = sim._batches.next()
+            sample, valid = sim.batches.next()
             for i in range(4):
                 seen[i] += sample[i][valid[i]].tolist()
         for i, part in enumerate(parts):
