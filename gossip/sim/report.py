@@ -136,21 +136,30 @@ def write_plots(exp: Experiment, results: Sequence[RunResult], folder: Path) -> 
     _legend(fig, ax, len(grouped))
     fig.savefig(folder / "consensus.png", dpi=100)
 
-    fig = _figure(9.0, 5.5)
+    fig = _figure(12.0, 5.5)
     ax = fig.add_subplot()
+    fig.subplots_adjust(left=0.07, right=0.66)
     # One colour per size when sizes vary (the gap shrinks with n), circles for the average
-    # model, triangles for the worst node; each point labelled by its other knobs.
+    # model, triangles for the worst node. Points carry a number and the key beside the
+    # plot names their knobs: labels written at the points overlapped wherever gaps met.
     by_size = "nodes" in exp.varying()
     sizes = sorted({runs[0].config.nodes for runs in grouped.values()})
-    for label, runs in grouped.items():
+    keys = []
+    # Points that would print over each other share one label: "13,16".
+    labels: dict[tuple[float, float], tuple[float, float, list[str]]] = {}
+    for k, (label, runs) in enumerate(grouped.items(), 1):
         gap = max(runs[0].spectral_gap, 1e-6)
         colour = _colour(2 * sizes.index(runs[0].config.nodes) % 20) if by_size else _colour(0)
         acc = float(np.mean([r.final.accuracy for r in runs]))
         worst = float(np.mean([r.final.worst_accuracy for r in runs]))
         ax.scatter([gap], [acc], marker="o", color=colour)
         ax.scatter([gap], [worst], marker="v", color=colour, alpha=0.6)
-        short = " ".join(part for part in label.split() if not part.startswith("nodes="))
-        ax.annotate(short, (gap, acc), fontsize=6, alpha=0.8, xytext=(3, 2), textcoords="offset points")
+        spot = (round(float(np.log10(gap)), 1), round(acc / 0.006))
+        labels.setdefault(spot, (gap, acc, []))[2].append(str(k))
+        keys.append(f"{k:>2}  {label}")
+    for gap, acc, ks in labels.values():
+        ax.annotate(",".join(ks), (gap, acc), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    fig.text(0.68, 0.95, "\n".join(keys), va="top", ha="left", fontsize=7, family="monospace")
     handles = [ax.scatter([], [], marker="o", color="grey", label="average model")]
     handles.append(ax.scatter([], [], marker="v", color="grey", alpha=0.6, label="worst node"))
     if by_size:
@@ -166,7 +175,6 @@ def write_plots(exp: Experiment, results: Sequence[RunResult], folder: Path) -> 
     ax.set_title(f"{exp.name}: final accuracy vs spectral gap")
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, fontsize=8)
-    fig.tight_layout()
     fig.savefig(folder / "gap.png", dpi=100)
 
 

@@ -143,6 +143,14 @@ def test_a_paused_seed_declares_no_one_dead_and_is_found_again(tmp_path: Path) -
                 15.0,
                 "the seed to be found again",
             )
+            # Its answer to a probe can bring it back before its own loop ran once after
+            # the pause (the heartbeat it last sent may be newer than the one the others
+            # saw): wait for that loop to have looked at the clock.
+            await wait_until(
+                lambda: "that silence is not held against peers" in log_path.read_text(),
+                15.0,
+                "the resumed seed to notice its own pause",
+            )
         finally:
             os.kill(child.pid, signal.SIGCONT)
             child.kill()

@@ -530,6 +530,26 @@ def test_exposure_warning_only_off_loopback(listen: str, warned: bool) -> None:
     assert security.exposure_warning(listen, security.Security(token=TOKEN)) is None
 
 
+@pytest.mark.parametrize(
+    ("address", "peers", "warned"),
+    [
+        ("127.0.0.1:7070", ("10.0.0.1:7070",), True),
+        ("localhost:7070", ("10.0.0.1:7070", "127.0.0.1:7071"), True),
+        ("127.0.0.1:7070", ("127.0.0.1:7071",), False),  # a local cluster
+        ("127.0.0.1:7070", (), False),
+        ("10.0.0.2:7070", ("10.0.0.1:7070",), False),
+    ],
+)
+def test_a_loopback_address_with_remote_peers_is_warned_about(
+    address: str, peers: tuple[str, ...], warned: bool
+) -> None:
+    warning = security.loopback_warning(address, peers)
+
+    assert (warning is not None) == warned
+    if warning:
+        assert address in warning and "--advertise" in warning
+
+
 def test_exposure_warning_not_given_with_tls(pki: Pki) -> None:
     sec = security.load(tls(pki, "a"), serving=True)
 
