@@ -8,7 +8,7 @@ error naming the key, never silently ignored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -379,8 +379,3 @@ def coerce(key: str, value: Any, default: Any) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(v).strip() for v in items if str(v).strip())
     raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-
-
-def dataclass_defaults(cls: Any) -> dict[str, Any]:
-    obj = cls()
-    return {f.name: getattr(obj, f.name) for f in fields(cls)}

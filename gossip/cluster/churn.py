@@ -152,9 +152,6 @@ class Churn:
 
     # --- state the launcher asks about ---------------------------------------------
 
-    def is_down(self, rank: int) -> bool:
-        return rank in self.down
-
     @property
     def kills(self) -> int:
         return sum(1 for e in self.events if e["event"] == "killed")

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -282,8 +282,3 @@ async def _init_from_network(model: torch.nn.Module, config: NodeConfig) -> Rebu
         finally:
             await channels.close()
         await asyncio.sleep(0.5)
-
-
-def describe_run(train: TrainConfig, config: NodeConfig) -> dict[str, Any]:
-    g = config.gossip
-    return {"train": asdict(train), "gossip": asdict(g), "rank": config.rank, "world_size": config.world_size}

@@ -1,4 +1,4 @@
-"""Communication graphs by name, their mixing matrices and spectral gaps.
+"""Communication graphs by name and their mixing matrices (spectral facts: ``spectral``).
 
 A topology turns ranks 0..n-1 into neighbourhoods. Every graph here is simple,
 undirected and connected, except one-peer exponential, which is directed and

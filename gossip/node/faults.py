@@ -111,7 +111,7 @@ T = TypeVar("T")
 class _Tapped(Sequence[T]):
     """``items`` whose iteration passes ``first`` after item 0 went out and ``last`` after the last.
 
-    The senders (``rpc.PeerClient``) iterate the chunks and ask for the next one
+    The senders (``gossip.node.pairwise`` and ``pushsum``) iterate the chunks and ask for the next one
     only once the previous one was written, which is what puts the points between
     two chunks on the wire.
     """

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from gossip.config import ConfigError, NodeConfig
-from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline
@@ -296,13 +295,6 @@ class Node:
         with self.slot.lock:
             snap, step = self.flat.clone(), self.slot.step
         self._loop.call_soon_threadsafe(self.store.start_publish, snap, version, step)
-
-    def load_params(self, flat: FlatParams) -> None:
-        """Replace the model's values by ``flat``'s (same layout), e.g. a snapshot from the store."""
-        if flat.fingerprint != self.flat.fingerprint:
-            raise LayoutError("the snapshot is of another model: its layout fingerprint differs")
-        with self.slot.lock:
-            self.flat.copy_(flat)
 
     async def wait_for_members(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` nodes (this one included) are alive; False on timeout."""

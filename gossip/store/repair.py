@@ -1,4 +1,4 @@
-"""Repair, scrub and handoff of one node's shards (the other half of ``store_service``).
+"""Repair, scrub and handoff of one node's shards (the other half of ``service``).
 
 Every ``repair_interval`` seconds, and at once when the membership changes, a
 node asks every member which versions and shards it holds (one small Holdings

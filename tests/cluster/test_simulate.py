@@ -110,7 +110,16 @@ def test_ctrl_c_writes_the_partial_summary_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gossip", "simulate", "--nodes", "3", "--epochs", "200", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # As from a terminal: Ctrl-C delivered, also when this test runs where SIGINT is ignored
+    # (a background job without job control passes SIG_IGN on to everything it starts).
+    launcher = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 240
         while not all((out / "nodes" / f"{r}.jsonl").exists() for r in range(3)):
