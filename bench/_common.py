@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 
 def watch_parent(ppid: int) -> None:
@@ -28,3 +29,38 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         if k == 0:
             raise ConnectionError("peer closed the connection")
         got += k
+
+
+def enter_netns(name: str) -> None:
+    """Move this process into the network namespace ``name`` (``ip netns add``'s); needs root.
+
+    Sockets opened afterwards live there; a multiprocessing child calls this first.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    with open(f"/run/netns/{name}") as fh:
+        if libc.setns(fh.fileno(), clone_newnet) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+
+
+def shaped_pair(rate: str, workdir: str) -> Any:
+    """Two hosts (network namespaces) whose links are shaped to ``rate`` each way, as a context manager.
+
+    The multi-host lab of the tests (``tests/support/netns.py``) with two hosts, no loss
+    and no relay delay: yields the lab; ``lab.hosts[i].ns`` and ``.ip`` name them.
+    """
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.support.netns import NetLab, missing_requirements
+
+    why = missing_requirements()
+    if why is not None:
+        raise SystemExit(f"a shaped link is not available here: {why}")
+    return NetLab(2, Path(workdir), delay=0.0, loss=0.0, rate=rate)

@@ -37,13 +37,17 @@ import signal
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
-from _common import recv_exact, watch_parent
+from _common import enter_netns, recv_exact, shaped_pair, watch_parent
 
 MiB = 1 << 20
+# Both nodes' gossip settings: the defaults, but no averaging of their own after "training"
+# (they never train); GOSSIP_CHUNK_BYTES overrides the chunk size for an experiment.
+GOSSIP: Any = None
 CALL_TIMEOUT = 30.0  # any single exchange or command
 STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
 
@@ -53,6 +57,12 @@ STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
 
 def _setup_process(mallopt: bool) -> None:
     import torch
+
+    from gossip.config import GossipConfig
+
+    global GOSSIP
+    chunk = int(os.environ.get("GOSSIP_CHUNK_BYTES", GossipConfig().chunk_bytes))
+    GOSSIP = GossipConfig(chunk_bytes=chunk, idle_pause=0.0)
 
     from gossip.cluster.sysutil import tune_malloc
 
@@ -65,13 +75,18 @@ def _setup_process(mallopt: bool) -> None:
 # --- raw TCP peer (own process) --------------------------------------------------------
 
 
-def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
+DUPLEX = 1 << 63  # the length word's top bit: send the answer while the payload arrives
+
+
+def raw_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
     watch_parent(ppid)
+    if netns:
+        enter_netns(netns)
     _setup_process(mallopt)
     import torch
 
     ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
+    ls.bind((host, 0))
     ls.listen(1)
     conn.send(ls.getsockname()[1])
     ls.settimeout(STARTUP_TIMEOUT)
@@ -84,25 +99,34 @@ def raw_peer(conn: Any, ppid: int, mallopt: bool) -> None:
             recv_exact(c, memoryview(hdr))
         except ConnectionError:
             return
-        n = int.from_bytes(hdr, "little")
+        word = int.from_bytes(hdr, "little")
+        n = word & ~DUPLEX
         if n not in bufs:
             src, dst = torch.full((n // 4,), 3.0), torch.empty(n // 4)
             bufs[n] = (memoryview(src.numpy()).cast("B"), memoryview(dst.numpy()).cast("B"), src, dst)
         send, recv, _, _ = bufs[n]
-        recv_exact(c, recv)
-        c.sendall(send)
+        if word & DUPLEX:
+            sender = threading.Thread(target=c.sendall, args=(send,))
+            sender.start()
+            recv_exact(c, recv)
+            sender.join()
+        else:
+            recv_exact(c, recv)
+            c.sendall(send)
 
 
 # --- node B (own process) -----------------------------------------------------------
 
 
-def node_peer(conn: Any, ppid: int, mallopt: bool) -> None:
+def node_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
     watch_parent(ppid)
+    if netns:
+        enter_netns(netns)
     _setup_process(mallopt)
-    asyncio.run(_node_peer(conn))
+    asyncio.run(_node_peer(conn, host))
 
 
-async def _node_peer(conn: Any) -> None:
+async def _node_peer(conn: Any, host: str) -> None:
     import torch
 
     from gossip.config import NodeConfig
@@ -121,7 +145,7 @@ async def _node_peer(conn: Any) -> None:
                 n, value = arg
                 flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
                 flat.segments["float32"].fill_(value)
-                node = await Node.create(flat, NodeConfig(listen="127.0.0.1:0", node_id=f"B{n}"))
+                node = await Node.create(flat, NodeConfig(listen=f"{host}:0", node_id=f"B{n}", gossip=GOSSIP))
                 nodes[n] = node
                 conn.send(("ok", node.address))
             elif cmd == "check":
@@ -144,11 +168,11 @@ async def _node_peer(conn: Any) -> None:
 
 
 class Child:
-    def __init__(self, target: Any, mallopt: bool, name: str) -> None:
+    def __init__(self, target: Any, mallopt: bool, name: str, netns: str | None, host: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
-            target=target, args=(child_conn, os.getpid(), mallopt), name=name, daemon=True
+            target=target, args=(child_conn, os.getpid(), mallopt, netns, host), name=name, daemon=True
         )
         self.proc.start()
 
@@ -176,9 +200,19 @@ class Child:
 
 
 def _raw_exchange(sock: socket.socket, send: memoryview, recv: memoryview) -> None:
+    """Push, then pull: the peer answers once the whole payload arrived."""
     sock.sendall(len(send).to_bytes(8, "little"))
     sock.sendall(send)
     recv_exact(sock, recv)
+
+
+def _raw_duplex(sock: socket.socket, send: memoryview, recv: memoryview) -> None:
+    """Both directions at once: the peer answers while the payload arrives."""
+    sock.sendall((len(send) | DUPLEX).to_bytes(8, "little"))
+    sender = threading.Thread(target=sock.sendall, args=(send,))
+    sender.start()
+    recv_exact(sock, recv)
+    sender.join()
 
 
 async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
@@ -207,7 +241,7 @@ async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
 
 
 async def _run_size(
-    size_mib: int, repeats: int, warmup: int, b: Child, sock: socket.socket
+    size_mib: int, repeats: int, warmup: int, b: Child, sock: socket.socket, host: str
 ) -> dict[str, Any]:
     import torch
 
@@ -220,7 +254,9 @@ async def _run_size(
     b_addr = b.call("create", (n, 3.0))
     flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
     flat.segments["float32"].fill_(1.0)
-    node = await Node.create(flat, NodeConfig(listen="127.0.0.1:0", node_id=f"A{n}", peers=(b_addr,)))
+    node = await Node.create(
+        flat, NodeConfig(listen=f"{host}:0", node_id=f"A{n}", peers=(b_addr,), gossip=GOSSIP)
+    )
     try:
         if not await node.wait_for_members(2, CALL_TIMEOUT):
             raise TimeoutError("node A did not see node B")
@@ -253,6 +289,7 @@ async def _run_size(
             await _gossip_exchange(node, peer)
 
         raw_ms: list[float] = []
+        duplex_ms: list[float] = []
         gossip_ms: list[float] = []
         snap_ms: list[float] = []
 
@@ -260,6 +297,9 @@ async def _run_size(
             t0 = time.perf_counter()
             _raw_exchange(sock, raw_send, raw_recv)
             raw_ms.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            _raw_duplex(sock, raw_send, raw_recv)
+            duplex_ms.append((time.perf_counter() - t0) * 1e3)
 
         async def gossip_once() -> None:
             s, g = await _gossip_exchange(node, peer)
@@ -283,6 +323,7 @@ async def _run_size(
         "size_mib": size_mib,
         "repeats": repeats,
         "raw_ms": statistics.median(raw_ms),
+        "duplex_ms": statistics.median(duplex_ms),
         "gossip_ms": statistics.median(gossip_ms),
         "snapshot_ms": statistics.median(snap_ms),
         "raw_range_ms": [min(raw_ms), max(raw_ms)],
@@ -306,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed exchanges of each kind per size")
     ap.add_argument("--no-mallopt", action="store_true", help="leave glibc malloc at its defaults")
     ap.add_argument("--time-limit", type=float, default=170.0, help="hard limit on the whole run (s)")
+    ap.add_argument(
+        "--link",
+        default="",
+        metavar="RATE",
+        help="run node B and the raw peer on a second host (network namespace) joined by a link shaped "
+        "to RATE each way with tc tbf, e.g. 1gbit or 200mbit (root; default: loopback, one host)",
+    )
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.repeats:
@@ -340,31 +388,38 @@ def main(argv: list[str] | None = None) -> int:
     watchdog.start()
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
+    lab = contextlib.ExitStack()
     try:
-        raw = Child(raw_peer, mallopt, "raw-peer")
+        here, there, ns = "127.0.0.1", "127.0.0.1", None
+        if args.link:
+            net = lab.enter_context(shaped_pair(args.link, lab.enter_context(tempfile.TemporaryDirectory())))
+            (a_host, b_host) = net.hosts
+            enter_netns(a_host.ns)  # node A and the raw client: host 0; node B and the raw peer: host 1
+            here, there, ns = a_host.ip, b_host.ip, b_host.ns
+        raw = Child(raw_peer, mallopt, "raw-peer", ns, there)
         children.append(raw)
-        b = Child(node_peer, mallopt, "node-B")
+        b = Child(node_peer, mallopt, "node-B", ns, there)
         children.append(b)
         raw_port = raw.recv(STARTUP_TIMEOUT)
         if b.recv(STARTUP_TIMEOUT)[0] != "ready":
             raise RuntimeError("node B did not start")
-        sock = socket.create_connection(("127.0.0.1", raw_port), timeout=CALL_TIMEOUT)
+        sock = socket.create_connection((there, raw_port), timeout=CALL_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             print(
-                f"{'size':>7} {'raw ms':>8} {'gossip ms':>10} {'ratio':>6} {'raw MB/s':>9} "
+                f"{'size':>7} {'raw ms':>8} {'duplex ms':>10} {'gossip ms':>10} {'ratio':>6} {'vs duplex':>10} "
                 f"{'gossip MB/s':>12} {'snap ms':>8} {'reps':>5} {'ok':>3}",
                 flush=True,
             )
 
             async def run_all() -> None:
                 for size, r in zip(sizes, reps, strict=True):
-                    res = await _run_size(size, r, args.warmup, b, sock)
+                    res = await _run_size(size, r, args.warmup, b, sock, here)
                     results.append(res)
                     mb = 2 * size * MiB / 1e6  # both directions
                     print(
-                        f"{size:>4} MiB {res['raw_ms']:8.2f} {res['gossip_ms']:10.2f} "
-                        f"{res['raw_ms'] / res['gossip_ms']:6.2f} {mb / res['raw_ms'] * 1e3:9.0f} "
+                        f"{size:>4} MiB {res['raw_ms']:8.2f} {res['duplex_ms']:10.2f} {res['gossip_ms']:10.2f} "
+                        f"{res['raw_ms'] / res['gossip_ms']:6.2f} {res['duplex_ms'] / res['gossip_ms']:10.2f} "
                         f"{mb / res['gossip_ms'] * 1e3:12.0f} {res['snapshot_ms']:8.2f} {r:>5} "
                         f"{'yes' if res['correct'] else 'NO':>3}",
                         flush=True,
@@ -378,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for c in children:
             c.end()
+        lab.close()
         watchdog.cancel()
 
     by_size = {r["size_mib"]: r for r in results}
     summary: dict[str, Any] = {
         "bench": "exchange",
         "sizes_mib": sizes,
+        "link": args.link or "loopback",
         "raw_ms": {str(s): round(r["raw_ms"], 3) for s, r in by_size.items()},
+        "raw_duplex_ms": {str(s): round(r["duplex_ms"], 3) for s, r in by_size.items()},
         "gossip_ms": {str(s): round(r["gossip_ms"], 3) for s, r in by_size.items()},
         "snapshot_ms": {str(s): round(r["snapshot_ms"], 3) for s, r in by_size.items()},
         "raw_range_ms": {str(s): [round(v, 3) for v in r["raw_range_ms"]] for s, r in by_size.items()},
@@ -398,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         r = by_size.get(s)
         summary[f"ratio_{s}mib"] = round(r["raw_ms"] / r["gossip_ms"], 3) if r else None
     summary["ms_1mib"] = round(by_size[1]["gossip_ms"], 3) if 1 in by_size else None
+    if args.link:  # on a shaped link the yardstick is both directions at once
+        big = by_size[max(by_size)]
+        summary[f"link_ratio_{args.link}"] = round(big["duplex_ms"] / big["gossip_ms"], 3)
     print(json.dumps(summary), flush=True)
     return 0 if summary["correct"] else 1
 

@@ -184,14 +184,14 @@ async def answer(party: Party, stream: FrameStream) -> None:
     if party.gossip.strategy != "pairwise":
         raise Refused("FAILED_PRECONDITION", "this node runs push-sum, not pairwise")
     codec = header.codec
-    streaming = party.pipeline.streams(codec)
     slot = party.slot
-    if not slot.claim_incoming(party.running(), snapshot=not streaming):
+    # The snapshot is taken now, whole: the answer starts at once, beside the payload.
+    if not slot.claim_incoming(party.running(), snapshot=True):
         party.stats.exchanges_declined += 1
         await stream.write(header_to_frame(party.header(codec, outcome="busy")))
         return
     peer = header.sender
-    change = party.pipeline.pairwise(slot.snap, slot.recv, peer, codec, party.flat if streaming else None)
+    change = party.pipeline.pairwise(slot.snap, slot.recv, peer, codec)
 
     def detail() -> dict[str, object]:
         return party.fault_detail(peer)
@@ -219,16 +219,42 @@ async def answer(party: Party, stream: FrameStream) -> None:
 async def _serve(
     party: Party, stream: FrameStream, change: PairwiseDelta, detail: Callable[[], dict[str, object]]
 ) -> None:
-    receiver = change.receiver
+    """Answer while the caller's payload arrives (both directions at once), then wait for the commit.
+
+    On a full-duplex link an exchange then costs one direction's time, not two. The
+    answer goes out through one writer, this task's ``send``: the header, then every
+    chunk (two writers on one stream can stall it). The caller's payload is checked
+    chunk by chunk as it arrives; a bad one ends the call, answer or not, and nothing
+    is applied.
+    """
     faults.failpoint("pairwise.callee.before_send", detail)
-    await stream.write(header_to_frame(party.header(change.codec, outcome="accepted")))
-    # The caller's whole payload first, checked chunk by chunk, then our answer: a
-    # bad payload is refused before we send anything.
-    await read_payload(stream, receiver, "pairwise.callee.mid_stream", detail, until_end=False)
     views = party.pipeline.outgoing(party.slot.snap, change.peer, change.codec)
     chunks = iter_chunks(views, party.gossip.chunk_bytes)
-    for c in faults.tap(chunks, "pairwise.callee.answering", "pairwise.callee.answered", detail):
-        await stream.write(chunk_frame(c))
+
+    stop = False
+
+    async def send() -> None:
+        await stream.write(header_to_frame(party.header(change.codec, outcome="accepted")))
+        for c in faults.tap(chunks, "pairwise.callee.answering", "pairwise.callee.answered", detail):
+            if stop:
+                return
+            await stream.write(chunk_frame(c))
+
+    sender = asyncio.ensure_future(send())
+    try:
+        await read_payload(stream, change.receiver, "pairwise.callee.mid_stream", detail, until_end=False)
+    except asyncio.CancelledError:  # the deadline: the call is over, whatever the sender does
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        raise
+    except BaseException:
+        # A refusal: the sender stops at the next frame rather than being cancelled (a
+        # gRPC write cancelled half-way leaves the call unable to end with the refusal's
+        # status, and the caller would wait out its deadline).
+        stop = True
+        await asyncio.gather(sender, return_exceptions=True)
+        raise
+    await sender
     # The caller commits only after it read and checked our whole answer.
     last = await stream.read()
     if last is None:

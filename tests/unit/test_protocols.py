@@ -202,3 +202,32 @@ def test_frame_streams_are_what_the_protocols_need() -> None:
         return await call.read(), await call.response()
 
     assert run(main()) == (b"pong", b"ping|")
+
+
+def test_the_callee_answers_while_the_payload_is_still_coming() -> None:
+    # Both directions at once: the answer's first chunk comes before the caller sent any.
+    async def main() -> tuple[Party, bytes]:
+        b = party("b", [3.0] * 3000)  # 12 000 bytes: 3 chunks of 4096
+        header = frames.Header(b.fingerprint, "x", 1, "raw", 12_000, chunk_bytes=4096)
+        call = memory_call(lambda stream: pairwise.answer(b, stream))
+        await call.write(frames.header_to_frame(header))
+        reply = await asyncio.wait_for(call.read(), 5.0)
+        assert reply is not None and frames.header_from_frame(reply).outcome == "accepted"
+        first = await asyncio.wait_for(call.read(), 5.0)  # no payload sent yet
+        assert first is not None
+        payload = torch.ones(3000).numpy().tobytes()
+        for start in range(0, len(payload), 4096):
+            await call.write(frames.chunk_frame(memoryview(payload)[start : start + 4096]))
+        got = len(frames.chunk_from_frame(first))
+        while got < 12_000:
+            frame = await call.read()
+            assert frame is not None
+            got += len(frames.chunk_from_frame(frame))
+        await call.write(frames.COMMIT_FRAME)
+        await call.done_writing()
+        await call.finish()
+        return b, bytes(frames.chunk_from_frame(first))
+
+    b, first = run(main())
+    assert first == torch.full((1024,), 3.0).numpy().tobytes()  # its snapshot, not a mix
+    assert torch.equal(values(b), torch.full((3000,), 2.0)) and b.stats.exchanges_served == 1
