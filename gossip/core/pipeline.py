@@ -80,11 +80,9 @@ class Pipeline:
             stage.outgoing_(snap, peer)
         return encode(snap, codec or self.codec)
 
-    def pairwise(
-        self, snap: FlatParams, recv: FlatParams, peer: str, codec: str, fill_from: FlatParams | None = None
-    ) -> PairwiseDelta:
+    def pairwise(self, snap: FlatParams, recv: FlatParams, peer: str, codec: str) -> PairwiseDelta:
         """The receiving half of a pairwise exchange with ``peer``; see :class:`PairwiseDelta`."""
-        return PairwiseDelta(self, snap, recv, peer, codec, fill_from)
+        return PairwiseDelta(self, snap, recv, peer, codec)
 
     def receiver(self, out: FlatParams, codec: str) -> PayloadReceiver:
         """A checked receiver of a peer's whole model into ``out`` (push-sum)."""
@@ -101,10 +99,7 @@ class PairwiseDelta:
     ``receiver`` takes the peer's payload (every element checked for length and
     finiteness as it arrives); once it is whole, :meth:`delta` is the change to add
     to the current model. On the fast path the delta is formed as each chunk
-    arrives, while it is in cache. ``fill_from``: ``snap`` is copied from this
-    model range by range as the payload arrives instead of beforehand (the raw
-    callee, which thereby answers its header at once); each element it sends is
-    then the one its delta uses, which is all that keeps the sum exact.
+    arrives, while it is in cache.
     """
 
     def __init__(
@@ -114,7 +109,6 @@ class PairwiseDelta:
         recv: FlatParams,
         peer: str,
         codec: str,
-        fill_from: FlatParams | None,
     ) -> None:
         self.pipeline = pipeline
         self.snap = snap
@@ -122,11 +116,8 @@ class PairwiseDelta:
         self.peer = peer
         self.codec = codec
         self.streaming = pipeline.streams(codec)
-        if fill_from is not None and not self.streaming:
-            raise ValueError("only the streaming path fills its snapshot as the payload arrives")
         self._own = list(snap)
         self._out = list(recv)
-        self._fill = list(fill_from) if fill_from is not None else None
         self.receiver = PayloadReceiver(
             pipeline.layout,
             codec,
@@ -136,10 +127,9 @@ class PairwiseDelta:
         )
 
     def _to_delta(self, i: int, start: int, stop: int, other: torch.Tensor) -> None:
-        own = self._own[i][start:stop]
-        if self._fill is not None:
-            own.copy_(self._fill[i][start:stop])
-        torch.sub(other, own, out=self._out[i][start:stop]).mul_(0.5)  # averaging.pairwise_delta
+        torch.sub(other, self._own[i][start:stop], out=self._out[i][start:stop]).mul_(
+            0.5
+        )  # averaging.pairwise_delta
 
     def delta(self) -> FlatParams:
         """The change to add, once the payload is whole and the exchange committed."""

@@ -186,7 +186,7 @@ async def answer(party: Party, stream: FrameStream) -> None:
     codec = header.codec
     slot = party.slot
     # The snapshot is taken now, whole: the answer starts at once, beside the payload.
-    if not slot.claim_incoming(party.running(), snapshot=True):
+    if not slot.claim_incoming(party.running()):
         party.stats.exchanges_declined += 1
         await stream.write(header_to_frame(party.header(codec, outcome="busy")))
         return

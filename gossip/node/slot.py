@@ -103,19 +103,14 @@ class ExchangeSlot:
             self.snap.copy_(self.flat)
             return True
 
-    def claim_incoming(self, running: bool, snapshot: bool) -> bool:
-        """Take the slot for an exchange a peer started; ``snapshot``: copy the model now.
-
-        Without ``snapshot`` the holder fills ``snap`` itself, range by range, as it
-        answers (the raw pairwise callee does, off the path of its reply header).
-        """
+    def claim_incoming(self, running: bool) -> bool:
+        """Take the slot for an exchange a peer started, snapshot included; False if busy or not running."""
         with self.lock:
             if self._busy or not running:
                 return False
             self._busy = True
             self._incoming.begin(self.step)
-            if snapshot:
-                self.snap.copy_(self.flat)
+            self.snap.copy_(self.flat)
             return True
 
     def release(self) -> None:

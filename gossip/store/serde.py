@@ -26,6 +26,7 @@ from gossip.store.shards import (
     StoreInfo,
 )
 from gossip.transport.frames import MAX_HEADER_BYTES
+from gossip.transport.serde import encode
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ def _parse(msg: Message, data: bytes) -> Message:
     except DecodeError as exc:
         raise StoreError("invalid", f"malformed {type(msg).__name__}: {exc}") from None
     return msg
-
-
-def _encode(msg: Message) -> bytes:
-    return bytes(msg.SerializeToString())
 
 
 # --- manifests --------------------------------------------------------------------
@@ -85,7 +82,7 @@ def _manifest(msg: spb.Manifest) -> Manifest:
 
 
 def manifest_to_bytes(m: Manifest) -> bytes:
-    return _encode(_manifest_pb(m))
+    return encode(_manifest_pb(m))
 
 
 def manifest_from_bytes(data: bytes) -> Manifest:
@@ -95,7 +92,7 @@ def manifest_from_bytes(data: bytes) -> Manifest:
 
 
 def manifest_request_to_bytes(model_id: str, version: int) -> bytes:
-    return _encode(spb.ManifestRequest(model_id=model_id, version=version))
+    return encode(spb.ManifestRequest(model_id=model_id, version=version))
 
 
 def manifest_request_from_bytes(data: bytes) -> tuple[str, int]:
@@ -108,7 +105,7 @@ def manifest_request_from_bytes(data: bytes) -> tuple[str, int]:
 
 
 def shard_header_frame(h: ShardHeader) -> bytes:
-    return _encode(
+    return encode(
         spb.StoreFrame(
             header=spb.ShardHeader(
                 model_id=h.model_id, version=h.version, index=h.index, length=h.length, digest=h.digest
@@ -129,7 +126,7 @@ def shard_header_from_frame(data: bytes) -> ShardHeader:
 
 
 def shards_request_to_bytes(m: Manifest, indices: list[int]) -> bytes:
-    return _encode(
+    return encode(
         spb.ShardsRequest(
             model_id=m.model_id,
             version=m.version,
@@ -152,7 +149,7 @@ def shards_request_from_bytes(data: bytes) -> list[tuple[str, int, int, bytes | 
 
 
 def shard_ref_to_bytes(m: Manifest, index: int) -> bytes:
-    return _encode(
+    return encode(
         spb.ShardRef(model_id=m.model_id, version=m.version, index=index, digest=m.shard_digests[index])
     )
 
@@ -164,7 +161,7 @@ def shard_ref_from_bytes(data: bytes) -> ShardId:
 
 
 def ack_to_bytes(stored: bool) -> bytes:
-    return _encode(spb.StoreAck(stored=stored))
+    return encode(spb.StoreAck(stored=stored))
 
 
 def ack_from_bytes(data: bytes) -> bool:
@@ -177,7 +174,7 @@ def ack_from_bytes(data: bytes) -> bool:
 
 
 def locate_request_to_bytes(model_id: str) -> bytes:
-    return _encode(spb.LocateRequest(model_id=model_id))
+    return encode(spb.LocateRequest(model_id=model_id))
 
 
 def locate_request_from_bytes(data: bytes) -> str:
@@ -187,7 +184,7 @@ def locate_request_from_bytes(data: bytes) -> str:
 
 
 def located_to_bytes(loc: Located) -> bytes:
-    return _encode(
+    return encode(
         spb.LocateReply(
             model_id=loc.model_id,
             manifests=[_manifest_pb(m) for m in loc.manifests],
@@ -237,7 +234,7 @@ EMPTY_REQUEST = b""  # HoldingsRequest and StoreStatusRequest have no fields
 
 
 def holdings_to_bytes(holdings: list[Holding]) -> bytes:
-    return _encode(spb.HoldingsReply(versions=[_holding_pb(h) for h in holdings]))
+    return encode(spb.HoldingsReply(versions=[_holding_pb(h) for h in holdings]))
 
 
 def holdings_from_bytes(data: bytes) -> list[Holding]:
@@ -247,7 +244,7 @@ def holdings_from_bytes(data: bytes) -> list[Holding]:
 
 
 def info_to_bytes(i: StoreInfo) -> bytes:
-    return _encode(
+    return encode(
         spb.StoreStatusReply(
             replication=i.replication,
             vnodes=i.vnodes,
