@@ -1,6 +1,6 @@
 """Push-pull exchange: two gossip Node processes over gRPC vs raw TCP, on loopback.
 
-    python bench/exchange.py [--sizes 1,16,100] [--repeats 40,15,11]
+    python bench/exchange.py [--sizes 1,16,100] [--repeats 200,60,40]
 
 Node A (this process) exchanges a float32 parameter vector of each size with
 node B (its own process) the way the node does it: a snapshot, then
@@ -11,6 +11,10 @@ push-pull of the same bytes between A and a raw peer in a third process:
 ``sendall`` from a memoryview, ``recv_into`` a preallocated tensor, then back,
 on a connection that is already open. Methods alternate within each repeat;
 medians are reported; ratio = raw / gossip (1.0 = as fast as raw TCP).
+
+Ratios are paired: each repeat times raw and gossip back to back (their order
+alternating), and the reported ratio is the median of the per-repeat ratios, which
+cancels the machine's slow drifts that separate medians do not.
 
 Correctness is checked once per size: A starts at 1.0 and B at 3.0, and after
 one exchange both must hold 2.0 everywhere (neither node trains, so each
@@ -326,14 +330,25 @@ async def _run_size(
         "duplex_ms": statistics.median(duplex_ms),
         "gossip_ms": statistics.median(gossip_ms),
         "snapshot_ms": statistics.median(snap_ms),
+        "ratio": statistics.median(r / g for r, g in zip(raw_ms, gossip_ms, strict=True)),
+        "duplex_ratio": statistics.median(d / g for d, g in zip(duplex_ms, gossip_ms, strict=True)),
+        "ratio_iqr": _iqr([r / g for r, g in zip(raw_ms, gossip_ms, strict=True)]),
         "raw_range_ms": [min(raw_ms), max(raw_ms)],
         "gossip_range_ms": [min(gossip_ms), max(gossip_ms)],
         "correct": bool(correct and raw_correct),
     }
 
 
+def _iqr(xs: list[float]) -> list[float]:
+    """The quartiles of ``xs`` (the spread of the paired ratios)."""
+    if len(xs) < 4:
+        return [min(xs), max(xs)]
+    q = statistics.quantiles(xs, n=4)
+    return [q[0], q[2]]
+
+
 def _default_repeats(size_mib: int) -> int:
-    return 40 if size_mib <= 1 else 15 if size_mib <= 16 else 11
+    return 200 if size_mib <= 1 else 60 if size_mib <= 16 else 40
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,11 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeats",
         default="",
-        help="timed repeats: one number for every size, or one per size (default 40/15/11 by size)",
+        help="timed repeats: one number for every size, or one per size (default 200/60/40 by size; "
+        "paired ratios need 40+)",
     )
     ap.add_argument("--warmup", type=int, default=2, help="untimed exchanges of each kind per size")
     ap.add_argument("--no-mallopt", action="store_true", help="leave glibc malloc at its defaults")
-    ap.add_argument("--time-limit", type=float, default=170.0, help="hard limit on the whole run (s)")
+    ap.add_argument("--time-limit", type=float, default=400.0, help="hard limit on the whole run (s)")
     ap.add_argument(
         "--link",
         default="",
@@ -419,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                     mb = 2 * size * MiB / 1e6  # both directions
                     print(
                         f"{size:>4} MiB {res['raw_ms']:8.2f} {res['duplex_ms']:10.2f} {res['gossip_ms']:10.2f} "
-                        f"{res['raw_ms'] / res['gossip_ms']:6.2f} {res['duplex_ms'] / res['gossip_ms']:10.2f} "
+                        f"{res['ratio']:6.2f} {res['duplex_ratio']:10.2f} "
                         f"{mb / res['gossip_ms'] * 1e3:12.0f} {res['snapshot_ms']:8.2f} {r:>5} "
                         f"{'yes' if res['correct'] else 'NO':>3}",
                         flush=True,
@@ -454,11 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     for s in (1, 16, 100):
         r = by_size.get(s)
-        summary[f"ratio_{s}mib"] = round(r["raw_ms"] / r["gossip_ms"], 3) if r else None
+        summary[f"ratio_{s}mib"] = round(r["ratio"], 3) if r else None
+        if r:
+            summary[f"ratio_iqr_{s}mib"] = [round(v, 3) for v in r["ratio_iqr"]]
     summary["ms_1mib"] = round(by_size[1]["gossip_ms"], 3) if 1 in by_size else None
     if args.link:  # on a shaped link the yardstick is both directions at once
         big = by_size[max(by_size)]
-        summary[f"link_ratio_{args.link}"] = round(big["duplex_ms"] / big["gossip_ms"], 3)
+        summary[f"link_ratio_{args.link}"] = round(big["duplex_ratio"], 3)
     print(json.dumps(summary), flush=True)
     return 0 if summary["correct"] else 1
 

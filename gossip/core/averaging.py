@@ -24,20 +24,32 @@ def _check_same_shape(a: Tensor, b: Tensor, what: str) -> None:
         raise ValueError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
 
 
+# The share of the difference each side of a pairwise exchange takes.
+PAIRWISE_SCALE = 0.5
+
+
+def pairwise_difference(own_snapshot: Tensor, other_snapshot: Tensor) -> Tensor:
+    """other - own: a pairwise exchange's change before its scale (one pass; nodes form it per chunk)."""
+    _check_same_shape(own_snapshot, other_snapshot, "pairwise_difference")
+    return torch.sub(other_snapshot, own_snapshot)
+
+
 def pairwise_delta(own_snapshot: Tensor, other_snapshot: Tensor) -> Tensor:
     """The push-pull update (other - own) / 2, to add to one's *current* parameters.
 
     As a delta, one exchange preserves the sum of all models exactly even if
-    training moved the parameters since the snapshot was cut.
+    training moved the parameters since the snapshot was cut. Scaling by 1/2 is
+    exact in binary floating point, so a node that keeps the unscaled difference
+    and applies it with ``apply_delta_(x, diff, PAIRWISE_SCALE)`` gets the same
+    bits (one pass fewer per byte).
     """
-    _check_same_shape(own_snapshot, other_snapshot, "pairwise_delta")
-    return torch.sub(other_snapshot, own_snapshot).mul_(0.5)
+    return pairwise_difference(own_snapshot, other_snapshot).mul_(PAIRWISE_SCALE)
 
 
-def apply_delta_(x: Tensor, delta: Tensor) -> None:
-    """x += delta, in place."""
+def apply_delta_(x: Tensor, delta: Tensor, scale: float = 1.0) -> None:
+    """x += scale * delta, in place (one pass: the scale is fused into the add)."""
     _check_same_shape(x, delta, "apply_delta_")
-    x.add_(delta)
+    x.add_(delta, alpha=scale)
 
 
 def relative_norm(delta: Sequence[Tensor], x: Sequence[Tensor]) -> float:

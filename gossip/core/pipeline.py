@@ -9,7 +9,8 @@ One pairwise exchange on one side, in order (DESIGN.md, "The exchange pipeline")
 3. *how much of it is trusted*: each stage's ``incoming_`` may change the received
    values in place (clip them) before the delta is formed;
 4. *how it is applied*: the delta rule, ``(other - own) / 2`` added to the current
-   model between two steps, which preserves the sum of all models exactly.
+   model between two steps, which preserves the sum of all models exactly (the
+   receive buffer holds ``other - own``; the 1/2 is fused into the add).
 
 Stages are per-exchange transforms with one interface (:class:`Stage`); a stage
 sees the peer's id, so it can keep per-neighbour state, and hears whether the
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gossip.core.averaging import PAIRWISE_SCALE
 from gossip.core.codecs import PayloadReceiver, encode, payload_nbytes, round_trip_
 from gossip.core.layout import Layout
 from gossip.core.params import FlatParams
@@ -94,13 +96,15 @@ class Pipeline:
 
 
 class PairwiseDelta:
-    """One side's numbers of one pairwise exchange: ``recv`` ends as ``(other - own) / 2``.
+    """One side's numbers of one pairwise exchange: ``recv`` ends as ``other - own``.
 
     ``receiver`` takes the peer's payload (every element checked for length and
-    finiteness as it arrives); once it is whole, :meth:`delta` is the change to add
-    to the current model. On the fast path the delta is formed as each chunk
-    arrives, while it is in cache.
+    finiteness as it arrives); once it is whole, :meth:`delta` is the difference
+    whose :attr:`scale` (1/2) is the change to add to the current model. On the
+    fast path the difference is formed as each chunk arrives, while it is in cache.
     """
+
+    scale = PAIRWISE_SCALE
 
     def __init__(
         self,
@@ -127,16 +131,15 @@ class PairwiseDelta:
         )
 
     def _to_delta(self, i: int, start: int, stop: int, other: torch.Tensor) -> None:
-        torch.sub(other, self._own[i][start:stop], out=self._out[i][start:stop]).mul_(
-            0.5
-        )  # averaging.pairwise_delta
+        # averaging.pairwise_difference, into the receive buffer
+        torch.sub(other, self._own[i][start:stop], out=self._out[i][start:stop])
 
     def delta(self) -> FlatParams:
-        """The change to add, once the payload is whole and the exchange committed."""
+        """``other - own`` once the payload is whole and the exchange committed; add it times :attr:`scale`."""
         if not self.streaming:
             round_trip_(self.snap, self.codec)  # the numbers the peer decoded of ours
             for stage in self.pipeline.stages:
                 stage.incoming_(self.snap, self.recv, self.peer)
             for own, other in zip(self.snap, self.recv, strict=True):
-                torch.sub(other, own, out=other).mul_(0.5)  # averaging.pairwise_delta, in place
+                torch.sub(other, own, out=other)  # averaging.pairwise_difference, in place
         return self.recv

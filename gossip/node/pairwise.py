@@ -42,18 +42,19 @@ Connect = Callable[[str], CallerStream]  # address -> a fresh Exchange call
 Pick = Callable[[set[str]], MemberRecord | None]  # ids to leave out -> a neighbour, or None
 
 
-def deliver(party: Party, change: PairwiseDelta) -> None:
-    """Queue ``(other - own) / 2`` for the model; applying it frees the slot."""
+def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True) -> None:
+    """Queue ``(other - own) / 2`` for the model; applying it frees the slot (see ``ExchangeSlot.deliver``)."""
     delta = change.delta()
+    scale = change.scale
 
     def apply() -> None:
         if party.rest is not None and not party.slot.training:  # only after training: is it settled?
-            party.applied(averaging.relative_norm(list(delta), list(party.flat)))
+            party.applied(scale * averaging.relative_norm(list(delta), list(party.flat)))
         for x, d in zip(party.flat, delta, strict=True):
-            averaging.apply_delta_(x, d)
+            averaging.apply_delta_(x, d, scale)
         party.slot.release_locked()
 
-    party.slot.deliver(apply)
+    party.slot.deliver(apply, at_once=at_once)
 
 
 # --- caller --------------------------------------------------------------------------
@@ -204,7 +205,10 @@ async def answer(party: Party, stream: FrameStream) -> None:
         party.stats.bytes_out += header.total_bytes
         party.stats.exchanges_served += 1
         committed = True
-        deliver(party, change)
+        # Our half is taken (queued) now; when nobody trains it is added right after the
+        # OK has gone out, so the caller does not wait for our add.
+        deliver(party, change, at_once=False)
+        asyncio.get_running_loop().call_soon(slot.flush)
         party.pipeline.settle(peer, committed=True)
         faults.failpoint("pairwise.callee.applied", detail)
     finally:

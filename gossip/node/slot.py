@@ -131,10 +131,20 @@ class ExchangeSlot:
 
     # --- the mailbox -------------------------------------------------------------------
 
-    def deliver(self, apply: Callable[[], None]) -> None:
-        """Queue a result whose ``apply`` ends by releasing the slot; applied now if nobody trains."""
+    def deliver(self, apply: Callable[[], None], *, at_once: bool = True) -> None:
+        """Queue a result whose ``apply`` ends by releasing the slot; applied now if nobody trains.
+
+        ``at_once=False``: only queue it; whoever delivers calls :meth:`flush` soon after
+        (a callee answers OK first, so its add is not on the caller's critical path).
+        """
         with self.lock:
             self._pending.append(apply)
+            if not self.training and at_once:
+                self._apply_pending_locked()
+
+    def flush(self) -> None:
+        """Apply what waits if nobody trains (otherwise the training thread does, between steps)."""
+        with self.lock:
             if not self.training:
                 self._apply_pending_locked()
 
