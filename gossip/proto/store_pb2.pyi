@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,8 +7,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DigestAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIGEST_SHA256: _ClassVar[DigestAlgorithm]
+    DIGEST_BLAKE3: _ClassVar[DigestAlgorithm]
+DIGEST_SHA256: DigestAlgorithm
+DIGEST_BLAKE3: DigestAlgorithm
+
 class Manifest(_message.Message):
-    __slots__ = ("model_id", "version", "publisher", "step", "layout_json", "shard_bytes", "total_bytes", "shard_digests", "sha256", "replication", "fingerprint")
+    __slots__ = ("model_id", "version", "publisher", "step", "layout_json", "shard_bytes", "total_bytes", "shard_digests", "sha256", "replication", "fingerprint", "digest_algorithm")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUBLISHER_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +27,7 @@ class Manifest(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     publisher: str
@@ -30,21 +39,24 @@ class Manifest(_message.Message):
     sha256: bytes
     replication: int
     fingerprint: bytes
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., publisher: _Optional[str] = ..., step: _Optional[int] = ..., layout_json: _Optional[str] = ..., shard_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shard_digests: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ..., replication: _Optional[int] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
+    digest_algorithm: DigestAlgorithm
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., publisher: _Optional[str] = ..., step: _Optional[int] = ..., layout_json: _Optional[str] = ..., shard_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shard_digests: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ..., replication: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., digest_algorithm: _Optional[_Union[DigestAlgorithm, str]] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
-    __slots__ = ("model_id", "version", "index", "length", "digest")
+    __slots__ = ("model_id", "version", "index", "length", "digest", "digest_algorithm")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     index: int
     length: int
     digest: bytes
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., index: _Optional[int] = ..., length: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    digest_algorithm: DigestAlgorithm
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., index: _Optional[int] = ..., length: _Optional[int] = ..., digest: _Optional[bytes] = ..., digest_algorithm: _Optional[_Union[DigestAlgorithm, str]] = ...) -> None: ...
 
 class StoreFrame(_message.Message):
     __slots__ = ("header", "chunk")

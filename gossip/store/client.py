@@ -9,7 +9,6 @@ it. Every call has a deadline; a failure is a :class:`PeerError`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gossip.core.errors import PeerError
-from gossip.store import serde
+from gossip.store import digests, serde
 from gossip.store.shards import Holding, Located, Manifest, ShardHeader, StoreError, StoreInfo
 from gossip.transport.channels import STORE, Channels
 from gossip.transport.frames import WireError, chunk_frame, chunk_from_frame
@@ -76,7 +75,8 @@ class StoreClient:
     ) -> Fetched:
         """Stream shards ``indices`` of ``m`` from one peer, each into ``place(i)``, each checked.
 
-        One call for them all. A shard that arrives and hashes to its digest is
+        One call for them all. A shard that arrives and hashes to its digest (by the
+        algorithm ``m`` names, which its header must name too) is
         ``ok`` (and ``on_ok(i)`` is called at once), one that does not is
         ``corrupt``; one the peer does not hold is in neither. A failed call ends
         the fetch with ``error`` set; the shards checked until then still count.
@@ -86,12 +86,12 @@ class StoreClient:
         checks: list[asyncio.Task[None]] = []
         loop = asyncio.get_running_loop()
         # Each chunk is copied into place and hashed by one worker thread, in arrival order,
-        # while the event loop reads the next frames: numpy's copy and hashlib let go of
+        # while the event loop reads the next frames: numpy's copy and the hashes let go of
         # the GIL, so on two cores receiving and checking overlap, and the chunk is hashed
         # from the frame gRPC just wrote (warm) rather than from the buffer later.
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-in")
 
-        def take(dest: np.ndarray, hasher: Any, chunk: bytes | memoryview) -> None:
+        def take(dest: np.ndarray, hasher: digests.Hasher, chunk: bytes | memoryview) -> None:
             src = np.frombuffer(chunk, dtype=np.uint8)
             dest[:] = src
             hasher.update(src)
@@ -109,21 +109,28 @@ class StoreClient:
         )
         index, view, got = -1, memoryview(b""), 0
         dest = np.empty(0, dtype=np.uint8)
-        hasher = hashlib.sha256()
+        hasher = digests.hasher(m.digest_algorithm)
         try:
             while (frame := await stream.read()) is not None:
                 if index < 0:
                     h = serde.shard_header_from_frame(frame)
-                    if h.index not in wanted or (h.model_id, h.version, h.digest, h.length) != (
+                    if h.index not in wanted or (
+                        h.model_id,
+                        h.version,
+                        h.digest,
+                        h.digest_algorithm,
+                        h.length,
+                    ) != (
                         m.model_id,
                         m.version,
                         m.shard_digests[h.index],
+                        m.digest_algorithm,
                         m.shard_length(h.index),
                     ):
                         raise StoreError("invalid", f"unasked or mislabelled shard {h.index} from {address}")
                     wanted.discard(h.index)
                     index, view, got = h.index, place(h.index), 0
-                    dest, hasher = np.frombuffer(view, dtype=np.uint8), hashlib.sha256()
+                    dest, hasher = np.frombuffer(view, dtype=np.uint8), digests.hasher(m.digest_algorithm)
                     continue
                 chunk = chunk_from_frame(frame)
                 if got + len(chunk) > len(view):

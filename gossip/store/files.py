@@ -50,6 +50,7 @@ def save(rebuilt: Rebuilt, path: str | Path, fmt: str) -> None:
         "publisher": m.publisher,
         "step": str(m.step),
         "sha256": m.sha256.hex(),
+        "digest_algorithm": m.digest_algorithm,  # of the shard digests the root covers
     }
     try:
         if fmt == "pt":

@@ -3,8 +3,8 @@
 The peer names the complete snapshots it knows (newest first) and its ring. For
 the chosen snapshot every shard is fetched from one of its owners (the least
 busy first, so the load spreads over all of them), streamed straight into one
-preallocated buffer and checked against the manifest's digest; a copy that does
-not match is reported to its holder and fetched from another owner. Only when
+preallocated buffer and checked against the manifest's digest (by the algorithm
+it names); a copy that does not match is reported to its holder and fetched from another owner. Only when
 every shard matches is a model returned: never a partial or a mixed one. The
 manifest's sha256 is the root of its shard digests (checked when the manifest
 arrives), so matching shards pin every byte without a second pass. Tensors are built from the raw
@@ -28,8 +28,9 @@ import numpy as np
 from gossip.core.errors import PeerError
 from gossip.core.layout import ITEMSIZE
 from gossip.core.ring import Ring
+from gossip.store import digests
 from gossip.store.client import StoreClient
-from gossip.store.shards import Manifest, describe, root_digest
+from gossip.store.shards import Manifest, describe
 from gossip.transport.channels import Channels, transfer_timeout
 
 if TYPE_CHECKING:  # torch only for callers that want tensors; the rebuild itself never needs it
@@ -84,6 +85,7 @@ class Rebuilt:
             "seconds": round(self.seconds, 4),
             "mb_per_s": round(m.total_bytes / 1e6 / max(self.seconds, 1e-9), 2),
             "sha256": m.sha256.hex(),
+            "digest_algorithm": m.digest_algorithm,
             "peers": {address: self.peers[address] for address in sorted(self.peers)},
             "bad_replicas": self.bad_replicas,
         }
@@ -129,7 +131,8 @@ async def fetch_snapshot(
         if not candidates:
             kept = ", ".join(f"v{m.version}" for m in located.manifests) or "none"
             want = f"version {version}" if version is not None else "a complete snapshot"
-            raise SnapshotUnavailable(f"{peer} knows no {want} of {name} (kept: {kept})")
+            refused = f"; refused: {describe(located.refused, 4)}" if located.refused else ""
+            raise SnapshotUnavailable(f"{peer} knows no {want} of {name} (kept: {kept}{refused})")
         missing: dict[int, list[str]] = {}
         for m in sorted(candidates, key=lambda m: m.version, reverse=True):
             rebuilt = await _fetch(store, m, ring, addresses, timeout, concurrency, missing)
@@ -206,7 +209,7 @@ async def _fetch(
     if lost:
         missing[m.version] = sorted(lost, key=lambda k: int(k.rpartition("/s")[2]))
         return None
-    if root_digest(m.shard_digests) != m.sha256:  # checked on arrival too; costs microseconds
+    if digests.root(m.shard_digests) != m.sha256:  # checked on arrival too; costs microseconds
         missing[m.version] = ["(the manifest's sha256 is not the root of its shard digests)"]
         return None
     return Rebuilt(m, view, 0.0, dict(served), bad)

@@ -29,9 +29,10 @@ from typing import Any
 from gossip.config import StoreConfig
 from gossip.core.errors import PeerError
 from gossip.core.ring import Ring
+from gossip.store import digests
 from gossip.store.client import StoreClient
 from gossip.store.placement import Placement
-from gossip.store.shards import Holding, Manifest, ShardHeader, ShardStore, StoreStats, bitmap_has, sha256
+from gossip.store.shards import Holding, Manifest, ShardHeader, ShardStore, StoreStats, bitmap_has
 from gossip.transport.channels import transfer_timeout
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ _PUSH_STREAMS = 8  # handoff pushes in flight before a leave
 _HASH_INLINE = 1 << 20  # hash larger buffers on a worker thread, off the event loop
 
 
-async def hash_off_loop(data: bytearray | memoryview) -> bytes:
-    return sha256(data) if len(data) <= _HASH_INLINE else await asyncio.to_thread(sha256, data)
+async def hash_off_loop(data: bytearray | memoryview, algorithm: str) -> bytes:
+    if len(data) <= _HASH_INLINE:
+        return digests.digest(data, algorithm)
+    return await asyncio.to_thread(digests.digest, data, algorithm)
 
 
 class Repair:
@@ -161,7 +164,7 @@ class Repair:
                 held = self.store.get(m.model_id, m.version, i)
                 if held is None:
                     continue
-                header = ShardHeader(m.model_id, m.version, i, len(held.data), held.digest)
+                header = ShardHeader(m.model_id, m.version, i, len(held.data), held.digest, held.algorithm)
                 for owner in ring.preference_list(m.shard_key(i), m.replication):
                     if not bitmap_has(bits.get((owner, m.model_id, m.version, m.digest), b""), i):
                         pushes.append(self.push(owner, header, memoryview(held.data), streams, set()))
@@ -223,7 +226,8 @@ class Repair:
                     continue
                 if self.store.manifest(m.model_id, m.version) is not m:
                     return False  # retired or replaced while it travelled
-                if self.store.add((m.model_id, m.version, index, m.shard_digests[index]), buf):
+                sid = (m.model_id, m.version, index, m.shard_digests[index])
+                if self.store.add(sid, buf, m.digest_algorithm):
                     self.stats.repaired += 1
                     log.info("restored %s from %s", m.shard_key(index), node)
                 return True
@@ -236,6 +240,8 @@ class Repair:
     async def _scrub(self) -> None:
         for sid in self.store.due_for_scrub(self.config.scrub_interval):
             held = self.store.shards.get(sid)
-            if held is not None and not self.store.verify(sid, await hash_off_loop(held.data)):
+            if held is not None and not self.store.verify(
+                sid, await hash_off_loop(held.data, held.algorithm)
+            ):
                 log.warning("held copy of %s v%d shard %d was corrupt; dropped", sid[0], sid[1], sid[2])
                 self.wake()

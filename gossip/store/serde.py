@@ -4,7 +4,8 @@ The only module of the store that imports the generated stubs. Everything a
 peer sends is decoded and checked here before the store sees it: manifests
 through :meth:`Manifest.validate` (the layout through ``Layout.from_json``),
 holdings and ring descriptions against fixed bounds. A message that does not
-decode, or carries what the store never allows, is a ``StoreError('invalid')``.
+decode, or carries what the store never allows (a digest algorithm this node does
+not know among them), is a ``StoreError('invalid')``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from gossip.core.membership import MAX_ID_CHARS, dialable
 from gossip.proto import store_pb2 as spb
+from gossip.store import digests
 from gossip.store.shards import (
     MAX_SHARDS,
     Holding,
@@ -33,6 +35,21 @@ log = logging.getLogger(__name__)
 MAX_RING_POINTS = 1 << 20  # a peer's ring description is data: bound the hashing it can ask for
 MAX_HOLDINGS = 1024  # snapshot versions one Holdings answer may list
 MAX_RING_MEMBERS = 4096
+
+
+# An absent field reads as DIGEST_SHA256 (0): manifests and headers from before it was named.
+_ALGORITHM_PB = {digests.SHA256: spb.DIGEST_SHA256, digests.BLAKE3: spb.DIGEST_BLAKE3}
+_ALGORITHM: dict[int, str] = {number: name for name, number in _ALGORITHM_PB.items()}
+
+
+def _algorithm(number: int) -> str:
+    # proto3 enums are open: a newer peer's value arrives as a bare number.
+    name = _ALGORITHM.get(number)
+    if name is None:
+        raise StoreError(
+            "invalid", f"unknown digest algorithm {number}: this node checks {', '.join(digests.ALGORITHMS)}"
+        )
+    return name
 
 
 def _parse(msg: Message, data: bytes) -> Message:
@@ -59,6 +76,7 @@ def _manifest_pb(m: Manifest) -> spb.Manifest:
         sha256=m.sha256,
         replication=m.replication,
         fingerprint=m.fingerprint,
+        digest_algorithm=_ALGORITHM_PB[m.digest_algorithm],
     )
 
 
@@ -73,6 +91,7 @@ def _manifest(msg: spb.Manifest) -> Manifest:
         shard_bytes=msg.shard_bytes,
         total_bytes=msg.total_bytes,
         shard_digests=tuple(bytes(d) for d in msg.shard_digests),
+        digest_algorithm=_algorithm(msg.digest_algorithm),
         sha256=bytes(msg.sha256),
         replication=msg.replication,
         fingerprint=bytes(msg.fingerprint),
@@ -108,7 +127,12 @@ def shard_header_frame(h: ShardHeader) -> bytes:
     return encode(
         spb.StoreFrame(
             header=spb.ShardHeader(
-                model_id=h.model_id, version=h.version, index=h.index, length=h.length, digest=h.digest
+                model_id=h.model_id,
+                version=h.version,
+                index=h.index,
+                length=h.length,
+                digest=h.digest,
+                digest_algorithm=_ALGORITHM_PB[h.digest_algorithm],
             )
         )
     )
@@ -122,7 +146,9 @@ def shard_header_from_frame(data: bytes) -> ShardHeader:
     if msg.WhichOneof("body") != "header":
         raise StoreError("invalid", "expected a shard header first")
     h = msg.header
-    return ShardHeader(h.model_id, h.version, h.index, h.length, bytes(h.digest))
+    return ShardHeader(
+        h.model_id, h.version, h.index, h.length, bytes(h.digest), _algorithm(h.digest_algorithm)
+    )
 
 
 def shards_request_to_bytes(m: Manifest, indices: list[int]) -> bytes:
@@ -198,12 +224,13 @@ def located_from_bytes(data: bytes) -> Located:
     """A peer's answer, checked: a bad manifest or member is left out, never half-used."""
     reply = _parse(spb.LocateReply(), data)
     assert isinstance(reply, spb.LocateReply)
-    manifests = []
+    manifests, refused = [], []
     for msg in reply.manifests:
         try:
             manifests.append(_manifest(msg))
         except StoreError as exc:
             log.warning("skipping a bad manifest from a peer: %s", exc)
+            refused.append(f"v{msg.version}: {exc}")
     members = [
         (peer.node_id, peer.address)
         for peer in reply.members[:MAX_RING_MEMBERS]
@@ -211,7 +238,7 @@ def located_from_bytes(data: bytes) -> Located:
     ]
     if len(members) * reply.vnodes > MAX_RING_POINTS:
         raise StoreError("invalid", f"a ring of {len(members)} members x {reply.vnodes} points is too large")
-    return Located(reply.model_id, manifests, members, max(reply.vnodes, 1))
+    return Located(reply.model_id, manifests, members, max(reply.vnodes, 1), refused)
 
 
 def _holding_pb(h: Holding) -> spb.VersionHoldings:

@@ -22,6 +22,7 @@ from gossip.config import StoreConfig
 from gossip.core.errors import PeerError
 from gossip.core.params import FlatParams
 from gossip.core.ring import Ring
+from gossip.store import digests
 from gossip.store.client import StoreClient
 from gossip.store.placement import Member, Placement
 from gossip.store.repair import Repair, hash_off_loop
@@ -157,9 +158,15 @@ class StoreService:
         self._spawn(run())
 
     async def publish(
-        self, flat: FlatParams, version: int, step: int, model_id: str | None = None
+        self,
+        flat: FlatParams,
+        version: int,
+        step: int,
+        model_id: str | None = None,
+        algorithm: str = digests.DEFAULT,
     ) -> Manifest:
-        """Cut ``flat`` into shards, place each on its R owners, then spread the manifest."""
+        """Cut ``flat`` into shards digested by ``algorithm``, place each on its R owners, then
+        spread the manifest."""
         model_id = model_id or self.model_id
         if self.store.manifest(model_id, version) is not None or self.store.retired(model_id, version):
             raise PublishError(f"{snapshot_key(model_id, version)} exists or is older than the kept versions")
@@ -175,6 +182,7 @@ class StoreService:
             step,
             self.config.shard_bytes,
             r,
+            algorithm,
         )
         self.refresh()
         ring = self.placement.ring
@@ -223,7 +231,9 @@ class StoreService:
         adds the missing copies once the membership has caught up.
         """
         order = ring.preference_list(m.shard_key(index), len(ring))
-        header = ShardHeader(m.model_id, m.version, index, len(data), m.shard_digests[index])
+        header = ShardHeader(
+            m.model_id, m.version, index, len(data), m.shard_digests[index], m.digest_algorithm
+        )
         first = [n for n in order[:want] if n not in down]
         ok = await asyncio.gather(*(self.push_shard(n, header, data, streams, down) for n in first))
         acked = sum(ok)
@@ -240,11 +250,11 @@ class StoreService:
         """Give one copy of a shard to ``node`` (this node: keep it); False if it was not taken."""
         if node == self.node_id:
             try:
-                self.store.check_incoming(h.model_id, h.version, h.index, h.length, h.digest)
+                self.store.check_incoming(h)
             except StoreError as exc:
                 log.warning("cannot keep own shard %d: %s", h.index, exc)
                 return False
-            self.store.add((h.model_id, h.version, h.index, h.digest), bytearray(data))
+            self.store.add((h.model_id, h.version, h.index, h.digest), bytearray(data), h.digest_algorithm)
             return True
         address = self.placement.address(node)
         if address is None:  # declared dead since the ring was read
@@ -296,7 +306,7 @@ class StoreService:
 
     def admit(self, h: ShardHeader) -> None:
         """Reserve room for an incoming shard (StoreError if it may not come); ``release`` frees it."""
-        self.store.check_incoming(h.model_id, h.version, h.index, h.length, h.digest)
+        self.store.check_incoming(h)
         if self.store.bytes_held + self.reserved + h.length > self.store.capacity_bytes:
             raise StoreError("full", "store is full")
         self.reserved += h.length
@@ -307,8 +317,8 @@ class StoreService:
     def keep(self, h: ShardHeader, data: bytearray) -> None:
         """Keep a received shard whose bytes hash to ``h.digest``."""
         # The manifest may have arrived (or the version retired) while the bytes travelled.
-        self.store.check_incoming(h.model_id, h.version, h.index, h.length, h.digest)
-        self.store.add((h.model_id, h.version, h.index, h.digest), data)
+        self.store.check_incoming(h)
+        self.store.add((h.model_id, h.version, h.index, h.digest), data, h.digest_algorithm)
 
     def take_manifest(self, m: Manifest) -> str:
         outcome = self.store.add_manifest(m)
@@ -325,7 +335,7 @@ class StoreService:
     async def recheck(self, sid: ShardId) -> bool:
         """A peer says our copy is bad: hash it now; False (and dropped) if it no longer matches."""
         held = self.store.shards.get(sid)
-        ok = held is not None and self.store.verify(sid, await hash_off_loop(held.data))
+        ok = held is not None and self.store.verify(sid, await hash_off_loop(held.data, held.algorithm))
         if held is not None and not ok:
             log.warning("a peer reported our copy of %s v%d shard %d corrupt: dropped", *sid[:3])
             self.repair.wake()

@@ -3,7 +3,7 @@
 Every request is checked before it reaches the store: manifests through
 ``serde`` (the layout through ``Layout.from_json``), shard headers against the
 manifest and the capacity before a byte is buffered, shard bytes against their
-digest before they are kept. A refused request ends with the status of its
+digest, by the algorithm the header names, before they are kept. A refused request ends with the status of its
 :class:`StoreError` (INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
 NOT_FOUND) or DEADLINE_EXCEEDED, and changes nothing.
 """
@@ -50,7 +50,9 @@ def methods(svc: StoreService) -> dict[str, Method]:
                 continue  # the caller asks another owner for it
             data = memoryview(held.data)
             await stream.write(
-                serde.shard_header_frame(ShardHeader(model_id, version, index, len(data), held.digest))
+                serde.shard_header_frame(
+                    ShardHeader(model_id, version, index, len(data), held.digest, held.algorithm)
+                )
             )
             for start in range(0, len(data), step):
                 await stream.write(chunk_frame(data[start : start + step]))
@@ -98,7 +100,8 @@ def methods(svc: StoreService) -> dict[str, Method]:
 
 
 async def receive_shard(stream: ServerStream, header: ShardHeader) -> bytearray:
-    """The chunks after ``header``: exactly ``header.length`` bytes, hashing to its digest."""
+    """The chunks after ``header``: exactly ``header.length`` bytes, hashing to its digest
+    by its algorithm (checked known by ``admit``)."""
     buf = bytearray(header.length)
     view = memoryview(buf)
     got = 0
@@ -113,6 +116,6 @@ async def receive_shard(stream: ServerStream, header: ShardHeader) -> bytearray:
         got += len(chunk)
     if got != len(buf):
         raise StoreError("invalid", f"shard has {got} bytes, {len(buf)} announced")
-    if await hash_off_loop(buf) != header.digest:
+    if await hash_off_loop(buf, header.digest_algorithm) != header.digest:
         raise StoreError("invalid", "shard bytes do not match the announced digest")
     return buf

@@ -2,8 +2,9 @@
 
 A snapshot of a model is its flat parameter buffer (every dtype segment, in
 order) cut into shards of ``shard_bytes``, plus an immutable manifest that names
-the model, the version, the publisher, the layout, the sha256 of every shard
-and their root (the sha256 of those digests). Shard ``i`` of version ``v`` lives on the R ring owners
+the model, the version, the publisher, the layout, the digest of every shard
+by the algorithm it names (:mod:`~gossip.store.digests`) and their root (the
+sha256 of those digests). Shard ``i`` of version ``v`` lives on the R ring owners
 of ``shard_key(model, v, i)``; the publisher of ``v`` is the owner of
 ``snapshot_key(model, v)``. :class:`ShardStore` is one node's holdings, with the
 rules every node applies alike: manifests never change (a conflict between two
@@ -21,18 +22,19 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from gossip.config import MAX_SHARD_BYTES, MAX_STORE_ID_CHARS, StoreConfig
 from gossip.core.errors import Refused
 from gossip.core.layout import Layout, LayoutError
+from gossip.store import digests
+from gossip.store.digests import DIGEST_BYTES
 
 __all__ = ["Manifest", "ShardStore", "StoreConfig", "StoreError", "cut"]
 
-DIGEST_BYTES = 32  # sha256: with SHA-NI 1.3 GB/s here, twice blake2b's 0.7 GB/s
 MAX_SHARDS = 65536  # 64 GiB at the default shard size; keeps a manifest under the 4 MiB message limit
 MAX_LAYOUT_JSON = 2 << 20
 MAX_ID_CHARS = MAX_STORE_ID_CHARS
@@ -73,19 +75,13 @@ def shard_key(model_id: str, version: int, index: int) -> str:
     return f"{model_id}/v{version}/s{index}"
 
 
-def sha256(data: memoryview | bytes | bytearray) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def root_digest(shard_digests: Sequence[bytes]) -> bytes:
-    """The snapshot's digest: sha256 over its shard digests in order.
-
-    Every shard checked against its digest pins every byte of the buffer, so the
-    root needs no second pass over the data (a hash of the whole buffer would
-    cost a rebuild as much again as the shard checks), and a manifest whose
-    digests disagree with each other is refused on arrival, for free.
-    """
-    return hashlib.sha256(b"".join(shard_digests)).digest()
+def check_algorithm(name: str) -> None:
+    """Refuse a digest algorithm this node cannot check (StoreError 'invalid')."""
+    if name not in digests.ALGORITHMS:
+        raise StoreError(
+            "invalid",
+            f"unknown digest algorithm {name[:40]!r}: this node checks {', '.join(digests.ALGORITHMS)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,8 @@ class Manifest:
     shard_bytes: int
     total_bytes: int
     shard_digests: tuple[bytes, ...]
-    sha256: bytes
+    digest_algorithm: str  # of shard_digests, one of digests.ALGORITHMS
+    sha256: bytes  # digests.root(shard_digests), sha256 whatever the algorithm
     replication: int
     fingerprint: bytes
 
@@ -128,22 +125,22 @@ class Manifest:
     @cached_property
     def digest(self) -> bytes:
         """Identity of the manifest: equal digests, equal snapshots."""
-        canon = json.dumps(
-            [
-                self.model_id,
-                self.version,
-                self.publisher,
-                self.step,
-                self.layout_json,
-                self.shard_bytes,
-                self.total_bytes,
-                [d.hex() for d in self.shard_digests],
-                self.sha256.hex(),
-                self.replication,
-                self.fingerprint.hex(),
-            ],
-            separators=(",", ":"),
-        )
+        fields: list[Any] = [
+            self.model_id,
+            self.version,
+            self.publisher,
+            self.step,
+            self.layout_json,
+            self.shard_bytes,
+            self.total_bytes,
+            [d.hex() for d in self.shard_digests],
+            self.sha256.hex(),
+            self.replication,
+            self.fingerprint.hex(),
+        ]
+        if self.digest_algorithm != digests.SHA256:  # sha256 manifests keep the identity they had
+            fields.append(self.digest_algorithm)
+        canon = json.dumps(fields, separators=(",", ":"))
         return hashlib.blake2b(canon.encode(), digest_size=16).digest()
 
     def validate(self) -> None:
@@ -176,9 +173,10 @@ class Manifest:
             raise StoreError("invalid", f"{expected} shards exceed {MAX_SHARDS}")
         if self.num_shards != expected:
             raise StoreError("invalid", f"manifest lists {self.num_shards} shards, its sizes make {expected}")
+        check_algorithm(self.digest_algorithm)
         if any(len(d) != DIGEST_BYTES for d in (*self.shard_digests, self.sha256)):
-            raise StoreError("invalid", "manifest digests must be 32-byte sha256")
-        if root_digest(self.shard_digests) != self.sha256:
+            raise StoreError("invalid", f"manifest digests must be {DIGEST_BYTES} bytes")
+        if digests.root(self.shard_digests) != self.sha256:
             raise StoreError("invalid", "manifest sha256 is not the root of its shard digests")
 
 
@@ -196,13 +194,15 @@ def cut(
     step: int,
     shard_bytes: int,
     replication: int,
+    algorithm: str = digests.DEFAULT,
 ) -> tuple[Manifest, list[memoryview]]:
     """A snapshot of a model's bytes ``data`` (its flat buffer, see ``FlatParams.concat_bytes``):
-    its manifest and its shards (views into ``data``, no copies)."""
+    its manifest and its shards (views into ``data``, no copies), digested by ``algorithm``."""
+    check_algorithm(algorithm)
     if len(data) != layout.nbytes:
         raise LayoutError(f"{len(data)} bytes where the layout needs {layout.nbytes}")
     shards = [data[s : s + shard_bytes] for s in range(0, len(data), shard_bytes)]
-    digests = tuple(sha256(s) for s in shards)
+    shard_digests = tuple(digests.digest(s, algorithm) for s in shards)
     manifest = Manifest(
         model_id=model_id,
         version=version,
@@ -211,8 +211,9 @@ def cut(
         layout_json=json.dumps(layout.to_json(), separators=(",", ":")),
         shard_bytes=shard_bytes,
         total_bytes=len(data),
-        shard_digests=digests,
-        sha256=root_digest(digests),
+        shard_digests=shard_digests,
+        digest_algorithm=algorithm,
+        sha256=digests.root(shard_digests),
         replication=replication,
         fingerprint=layout.fingerprint(),
     )
@@ -231,6 +232,7 @@ class ShardHeader:
     index: int
     length: int
     digest: bytes
+    digest_algorithm: str
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ class Located:
     manifests: list[Manifest]
     members: list[tuple[str, str]]  # (node id, address), the peer itself included
     vnodes: int
+    refused: list[str] = field(default_factory=list)  # why each manifest left out was refused
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ class StoreStats:
 class Held:
     data: bytearray
     digest: bytes
+    algorithm: str  # of digest
     received: float
     checked: float  # when the bytes last hashed to the digest
 
@@ -384,30 +388,38 @@ class ShardStore:
 
     # --- shards ----------------------------------------------------------------
 
-    def check_incoming(self, model_id: str, version: int, index: int, length: int, digest: bytes) -> None:
+    def check_incoming(self, h: ShardHeader) -> None:
         """Whether a shard announced by a peer may be received; raises StoreError if not."""
+        model_id, version, index, length, digest = h.model_id, h.version, h.index, h.length, h.digest
         check_model_id(model_id)
         if not 0 <= version <= MAX_VERSION or not 0 <= index < MAX_SHARDS:
             raise StoreError("invalid", "version or shard index out of range")
+        check_algorithm(h.digest_algorithm)
         if len(digest) != DIGEST_BYTES:
-            raise StoreError("invalid", "shard digest must be a 32-byte sha256")
+            raise StoreError("invalid", f"shard digest must be {DIGEST_BYTES} bytes")
         if not 0 < length <= MAX_SHARD_BYTES:
             raise StoreError("invalid", f"shard of {length} bytes: must be 1..{MAX_SHARD_BYTES}")
         m = self.manifests.get((model_id, version))
         if m is not None:
-            if index >= m.num_shards or m.shard_digests[index] != digest or m.shard_length(index) != length:
+            if (
+                index >= m.num_shards
+                or m.shard_digests[index] != digest
+                or m.digest_algorithm != h.digest_algorithm
+                or m.shard_length(index) != length
+            ):
                 raise StoreError("conflict", f"shard {index} does not match the manifest of v{version}")
         elif self.retired(model_id, version):
             raise StoreError("retired", f"version {version} of {model_id} is older than the kept ones")
         if self.bytes_held + length > self.capacity_bytes:
             raise StoreError("full", f"store holds {self.bytes_held} of {self.capacity_bytes} bytes")
 
-    def add(self, sid: ShardId, data: bytearray) -> bool:
-        """Keep a shard whose bytes were checked against ``sid``'s digest; False if already held."""
+    def add(self, sid: ShardId, data: bytearray, algorithm: str) -> bool:
+        """Keep a shard whose bytes were checked against ``sid``'s digest (by ``algorithm``);
+        False if already held."""
         if sid in self.shards:
             return False
         now = self.clock()
-        self.shards[sid] = Held(data, sid[3], now, now)
+        self.shards[sid] = Held(data, sid[3], algorithm, now, now)
         self.bytes_held += len(data)
         return True
 
@@ -454,12 +466,12 @@ class ShardStore:
         return len(old)
 
     def verify(self, sid: ShardId, digest: bytes | None = None) -> bool:
-        """Check a held shard again (``digest``: its bytes' sha256 if already computed); a copy
-        that no longer matches is dropped (False)."""
+        """Check a held shard again (``digest``: its bytes' digest by its algorithm, if already
+        computed); a copy that no longer matches is dropped (False)."""
         held = self.shards.get(sid)
         if held is None:
             return False
-        if (digest if digest is not None else sha256(held.data)) != sid[3]:
+        if (digest if digest is not None else digests.digest(held.data, held.algorithm)) != sid[3]:
             self.drop(sid)
             self.corrupt_dropped += 1
             return False

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 import torch
 
@@ -102,10 +103,10 @@ def reconstruct(peer: NodeProc, out: Path, *args: str) -> tuple[int, dict[str, A
 
 def file_digest(path: Path) -> str:
     """The root digest of the flat buffer a .pt state_dict holds (one float32 segment, layout
-    order): the sha256 over the sha256 of each of its 4 KiB shards."""
+    order): the sha256 over the blake3 of each of its 4 KiB shards."""
     state = torch.load(path, weights_only=True)
     data = b"".join(t.contiguous().numpy().tobytes() for t in state.values())
-    digests = b"".join(hashlib.sha256(data[i : i + 4096]).digest() for i in range(0, len(data), 4096))
+    digests = b"".join(blake3.blake3(data[i : i + 4096]).digest() for i in range(0, len(data), 4096))
     return hashlib.sha256(digests).hexdigest()
 
 
@@ -119,6 +120,7 @@ def test_survivors_of_sigkills_rebuild_the_model_repair_it_and_fail_cleanly_with
     newest = settled(nodes)
     code, before, err = reconstruct(nodes[0], tmp_path / "before.pt")
     assert code == 0 and before["version"] == newest, err
+    assert before["digest_algorithm"] == "blake3"
     assert file_digest(tmp_path / "before.pt") == before["sha256"]
     rng = random.Random(3)
     alive = list(nodes)

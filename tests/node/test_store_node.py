@@ -114,10 +114,12 @@ def placed_on_owners(nodes: list[Node], m: Manifest) -> bool:
     )
 
 
-def test_published_shards_live_on_their_owners_and_any_node_rebuilds_the_model() -> None:
+# sha256: snapshots cut before manifests named their algorithm, which nodes still serve.
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_published_shards_live_on_their_owners_and_any_node_rebuilds_the_model(algorithm: str) -> None:
     async def main() -> None:
         async with cluster(5) as nodes:
-            m = await nodes[0].store.publish(nodes[0].flat.clone(), 1, 10)
+            m = await nodes[0].store.publish(nodes[0].flat.clone(), 1, 10, algorithm=algorithm)
             await wait_until(lambda: all(n.store.store.manifest("m", 1) for n in nodes), 10, "the manifest")
 
             assert m.num_shards == 10 and placed_on_owners(nodes, m)
@@ -125,6 +127,7 @@ def test_published_shards_live_on_their_owners_and_any_node_rebuilds_the_model()
 
             assert torch.equal(values(rebuilt), nodes[0].flat.segments["float32"])
             assert (rebuilt.manifest.version, rebuilt.manifest.publisher) == (1, "n0")
+            assert rebuilt.manifest.digest_algorithm == algorithm
             assert len(rebuilt.peers) >= 3  # fetched from several owners at once
 
     run(main())
@@ -136,9 +139,14 @@ def test_bad_store_requests_get_a_status_and_change_nothing() -> None:
             channels = transport.Channels()
             addr = node.address
             data = memoryview(b"x" * 5000)
-            good = ShardHeader("m", 1, 0, 5000, hashlib.sha256(data).digest())
+            good = ShardHeader("m", 1, 0, 5000, hashlib.sha256(data).digest(), "sha256")
             cases = [
                 (dataclasses.replace(good, digest=b"\0" * 32), data, "INVALID_ARGUMENT"),  # bytes vs digest
+                (
+                    dataclasses.replace(good, digest_algorithm="blake3"),
+                    data,
+                    "INVALID_ARGUMENT",
+                ),  # another hash
                 (dataclasses.replace(good, length=4000), data, "INVALID_ARGUMENT"),  # longer than announced
                 (dataclasses.replace(good, length=6000), data, "INVALID_ARGUMENT"),  # shorter
                 (dataclasses.replace(good, length=1 << 40), data, "INVALID_ARGUMENT"),  # unbounded
@@ -155,6 +163,12 @@ def test_bad_store_requests_get_a_status_and_change_nothing() -> None:
                 assert (
                     await asyncio.to_thread(put_shard_sync, addr, [b"\x0a\x03abc"])
                 ).name == "INVALID_ARGUMENT"
+                unknown = spb.StoreFrame(
+                    header=spb.ShardHeader(model_id="m", version=1, index=0, length=5000, digest=good.digest)
+                )
+                unknown.header.digest_algorithm = 9  # type: ignore[assignment]  # a hash this node lacks
+                frames = [unknown.SerializeToString(), wire.chunk_frame(data)]
+                assert (await asyncio.to_thread(put_shard_sync, addr, frames)).name == "INVALID_ARGUMENT"
                 assert (await asyncio.to_thread(put_shard_sync, addr, [])).name == "INVALID_ARGUMENT"
                 published = await node.store.publish(vector(1), 3, 30)
                 manifest = serde.manifest_to_bytes(
@@ -162,6 +176,15 @@ def test_bad_store_requests_get_a_status_and_change_nothing() -> None:
                 )
                 with pytest.raises(PeerError) as err:
                     await channels.unary(addr, transport.STORE + "PutManifest", manifest, 5.0)
+                assert err.value.code == "INVALID_ARGUMENT"
+                newer = spb.Manifest.FromString(
+                    serde.manifest_to_bytes(dataclasses.replace(published, version=4))
+                )
+                newer.digest_algorithm = 9  # type: ignore[assignment]
+                with pytest.raises(PeerError, match="unknown digest algorithm 9") as err:
+                    await channels.unary(
+                        addr, transport.STORE + "PutManifest", newer.SerializeToString(), 5.0
+                    )
                 assert err.value.code == "INVALID_ARGUMENT"
                 absent = spb.ShardsRequest(model_id="m", version=9, indices=[0, 1])
                 assert await asyncio.to_thread(get_shards_sync, addr, absent) == (grpc.StatusCode.OK, [])
@@ -178,10 +201,11 @@ def test_bad_store_requests_get_a_status_and_change_nothing() -> None:
     run(main())
 
 
-def test_a_corrupt_replica_is_detected_skipped_and_repaired() -> None:
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_a_corrupt_replica_is_detected_skipped_and_repaired(algorithm: str) -> None:
     async def main() -> None:
         async with cluster(4) as nodes:
-            m = await nodes[0].store.publish(nodes[0].flat.clone(), 1, 10)
+            m = await nodes[0].store.publish(nodes[0].flat.clone(), 1, 10, algorithm=algorithm)
             await wait_until(lambda: all(n.store.store.manifest("m", 1) for n in nodes), 10, "the manifest")
             first = Ring([n.node_id for n in nodes]).preference_list(m.shard_key(0), 3)[0]
             victim = next(n for n in nodes if n.node_id == first)

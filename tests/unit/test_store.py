@@ -1,4 +1,4 @@
-"""The shard store without a network: manifests, holdings, retention, files, publisher choice."""
+"""The shard store without a network: manifests, digests, holdings, retention, files, publisher choice."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import struct
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,11 +20,18 @@ from gossip.config import ConfigError, StoreConfig
 from gossip.core.layout import Layout
 from gossip.core.params import FlatParams
 from gossip.core.ring import Ring
-from gossip.store import files
+from gossip.proto import store_pb2 as spb
+from gossip.store import digests, files
 from gossip.store.reconstruct import Rebuilt
-from gossip.store.serde import manifest_from_bytes, manifest_to_bytes
+from gossip.store.serde import (
+    located_from_bytes,
+    manifest_from_bytes,
+    manifest_to_bytes,
+    shard_header_frame,
+    shard_header_from_frame,
+)
 from gossip.store.service import StoreService
-from gossip.store.shards import Manifest, ShardStore, StoreError, bitmap_has, cut, sha256
+from gossip.store.shards import Manifest, ShardHeader, ShardStore, StoreError, bitmap_has, cut
 from gossip.transport.channels import Channels
 
 
@@ -47,24 +55,58 @@ def cut_flat(
     step: int,
     shard_bytes: int,
     replication: int,
+    algorithm: str = digests.DEFAULT,
 ) -> tuple[Manifest, list[memoryview]]:
-    return cut(flat.concat_bytes(), flat.layout, model_id, version, publisher, step, shard_bytes, replication)
+    data = flat.concat_bytes()
+    return cut(data, flat.layout, model_id, version, publisher, step, shard_bytes, replication, algorithm)
 
 
-def snapshot(version: int = 1, seed: int = 0, shard_bytes: int = 4096) -> tuple[Manifest, list[memoryview]]:
-    return cut_flat(small(seed), "m", version, "n0", version * 10, shard_bytes, 3)
+def snapshot(
+    version: int = 1, seed: int = 0, shard_bytes: int = 4096, algorithm: str = digests.DEFAULT
+) -> tuple[Manifest, list[memoryview]]:
+    return cut_flat(small(seed), "m", version, "n0", version * 10, shard_bytes, 3, algorithm)
+
+
+def header(m: Manifest, shards: list[memoryview], index: int = 0) -> ShardHeader:
+    return ShardHeader(
+        m.model_id, m.version, index, len(shards[index]), m.shard_digests[index], m.digest_algorithm
+    )
+
+
+def add(store: ShardStore, m: Manifest, shards: list[memoryview], index: int) -> bool:
+    sid = (m.model_id, m.version, index, m.shard_digests[index])
+    return store.add(sid, bytearray(shards[index]), m.digest_algorithm)
+
+
+def old_wire_form(m: Manifest) -> bytes:
+    """``m`` as a node from before the digest_algorithm field would send it."""
+    msg = spb.Manifest()
+    msg.ParseFromString(manifest_to_bytes(m))
+    msg.ClearField("digest_algorithm")
+    return msg.SerializeToString()
+
+
+def identity_before_the_field(m: Manifest) -> bytes:
+    """Manifest.digest as it was computed before manifests named their algorithm."""
+    canon = json.dumps(
+        [m.model_id, m.version, m.publisher, m.step, m.layout_json, m.shard_bytes, m.total_bytes,
+         [d.hex() for d in m.shard_digests], m.sha256.hex(), m.replication, m.fingerprint.hex()],
+        separators=(",", ":"),
+    )  # fmt: skip
+    return hashlib.blake2b(canon.encode(), digest_size=16).digest()
 
 
 # --- manifests ---------------------------------------------------------------------
 
 
-def test_cut_covers_the_buffer_with_digested_shards() -> None:
+def test_cut_covers_the_buffer_with_blake3_digested_shards() -> None:
     flat = small()
     m, shards = cut_flat(flat, "m", 3, "n0", 30, 4096, 3)
 
     assert m.total_bytes == flat.nbytes == sum(len(s) for s in shards)
     assert m.num_shards == len(shards) == -(-flat.nbytes // 4096)
-    assert all(sha256(s) == d for s, d in zip(shards, m.shard_digests, strict=True))
+    assert m.digest_algorithm == "blake3"
+    assert all(blake3.blake3(s).digest() == d for s, d in zip(shards, m.shard_digests, strict=True))
     assert m.sha256 == hashlib.sha256(b"".join(m.shard_digests)).digest()
     assert [m.shard_length(i) for i in range(m.num_shards)] == [len(s) for s in shards]
     m.validate()
@@ -72,6 +114,79 @@ def test_cut_covers_the_buffer_with_digested_shards() -> None:
 
 def test_manifest_survives_its_wire_form() -> None:
     m, _ = snapshot()
+
+    back = manifest_from_bytes(manifest_to_bytes(m))
+
+    assert back == m and back.digest == m.digest
+
+
+def test_a_manifest_without_an_algorithm_is_sha256_and_keeps_its_identity() -> None:
+    m, shards = snapshot(algorithm="sha256")
+
+    back = manifest_from_bytes(old_wire_form(m))
+
+    assert back == m and back.digest_algorithm == "sha256"
+    assert all(hashlib.sha256(s).digest() == d for s, d in zip(shards, back.shard_digests, strict=True))
+    assert back.digest == identity_before_the_field(m)
+
+
+def test_the_algorithm_is_part_of_a_manifests_identity() -> None:
+    m, _ = snapshot()
+
+    relabelled = dataclasses.replace(m, digest_algorithm="sha256")
+
+    assert relabelled.digest != m.digest
+
+
+def test_a_manifest_naming_an_unknown_algorithm_is_refused() -> None:
+    m, _ = snapshot()
+    msg = spb.Manifest()
+    msg.ParseFromString(manifest_to_bytes(m))
+    msg.digest_algorithm = 7  # type: ignore[assignment]  # what a newer node might send
+
+    with pytest.raises(StoreError, match="unknown digest algorithm 7") as err:
+        manifest_from_bytes(msg.SerializeToString())
+
+    assert err.value.kind == "invalid"
+
+
+def test_a_peer_naming_only_manifests_of_unknown_algorithms_is_told_why() -> None:
+    m, _ = snapshot()
+    bad = spb.Manifest()
+    bad.ParseFromString(manifest_to_bytes(m))
+    bad.digest_algorithm = 3  # type: ignore[assignment]
+    reply = spb.LocateReply(model_id="m", manifests=[bad], vnodes=1)
+
+    located = located_from_bytes(reply.SerializeToString())
+
+    assert located.manifests == []
+    assert located.refused == [f"v{m.version}: unknown digest algorithm 3: this node checks sha256, blake3"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(number=st.integers(min_value=-(2**31), max_value=2**31 - 1))
+def test_a_shard_header_names_a_known_algorithm_or_is_refused(number: int) -> None:
+    frame = spb.StoreFrame(
+        header=spb.ShardHeader(model_id="m", version=1, index=0, length=10, digest=b"d" * 32)
+    )
+    frame.header.digest_algorithm = number  # type: ignore[assignment]
+
+    if number in (spb.DIGEST_SHA256, spb.DIGEST_BLAKE3):
+        h = shard_header_from_frame(frame.SerializeToString())
+        assert h.digest_algorithm == ("sha256" if number == spb.DIGEST_SHA256 else "blake3")
+        assert shard_header_from_frame(shard_header_frame(h)) == h
+    else:
+        with pytest.raises(StoreError, match=f"unknown digest algorithm {number}") as err:
+            shard_header_from_frame(frame.SerializeToString())
+        assert err.value.kind == "invalid"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    algorithm=st.sampled_from(digests.ALGORITHMS), seed=st.integers(0, 1000), shard=st.integers(4096, 9000)
+)
+def test_every_algorithms_manifest_survives_its_wire_form(algorithm: str, seed: int, shard: int) -> None:
+    m, _ = snapshot(seed=seed, shard_bytes=shard, algorithm=algorithm)
 
     back = manifest_from_bytes(manifest_to_bytes(m))
 
@@ -111,6 +226,13 @@ def test_a_manifest_must_list_exactly_its_shards() -> None:
         dataclasses.replace(m, shard_digests=m.shard_digests[:-1]).validate()
 
 
+def test_a_manifest_must_name_an_algorithm_this_node_checks() -> None:
+    m, _ = snapshot()
+
+    with pytest.raises(StoreError, match="unknown digest algorithm 'md5'"):
+        dataclasses.replace(m, digest_algorithm="md5").validate()
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=400))
 def test_random_bytes_never_become_a_manifest_silently(data: bytes) -> None:
@@ -126,16 +248,16 @@ def test_store_keeps_the_newest_k_versions_and_refuses_older_ones() -> None:
     store = ShardStore(keep_versions=2)
     for v in (1, 2, 3):
         m, shards = snapshot(v, seed=v)
-        store.add((m.model_id, v, 0, m.shard_digests[0]), bytearray(shards[0]))
+        add(store, m, shards, 0)
         assert store.add_manifest(m) == "new"
 
     assert [m.version for m in store.kept("m")] == [3, 2]
     assert {sid[1] for sid in store.shards} == {2, 3}
     assert store.retired("m", 1)
-    old, _ = snapshot(1, seed=1)
+    old, old_shards = snapshot(1, seed=1)
     assert store.add_manifest(old) == "retired"
     with pytest.raises(StoreError) as err:
-        store.check_incoming("m", 1, 0, 100, b"d" * 32)
+        store.check_incoming(header(old, old_shards))
     assert err.value.kind == "retired"
 
 
@@ -157,36 +279,40 @@ def test_shards_that_do_not_match_the_manifest_are_refused_and_dropped() -> None
     m, shards = snapshot(2)
     other, other_shards = snapshot(2, seed=9)
     store = ShardStore()
-    store.add(("m", 2, 0, other.shard_digests[0]), bytearray(other_shards[0]))  # arrived before the manifest
+    add(store, other, other_shards, 0)  # arrived before the manifest
 
     store.add_manifest(m)
 
     assert store.pending() == [("m", 2, 0, other.shard_digests[0])]  # kept until orphan_ttl
     assert not store.holds(m, 0)
     with pytest.raises(StoreError) as err:
-        store.check_incoming("m", 2, 0, len(shards[0]), other.shard_digests[0])
+        store.check_incoming(header(other, other_shards))
     assert err.value.kind == "conflict"
+    good = header(m, shards)
     with pytest.raises(StoreError, match="does not match"):
-        store.check_incoming("m", 2, 0, len(shards[0]) + 1, m.shard_digests[0])
-    store.check_incoming("m", 2, 0, len(shards[0]), m.shard_digests[0])
+        store.check_incoming(dataclasses.replace(good, length=good.length + 1))
+    with pytest.raises(StoreError, match="does not match"):
+        store.check_incoming(dataclasses.replace(good, digest_algorithm="sha256"))
+    store.check_incoming(good)
 
 
 @pytest.mark.parametrize(
     ("args", "kind"),
     [
-        (("", 1, 0, 10, b"d" * 32), "invalid"),
-        (("m", 1, 0, 10, b"d" * 31), "invalid"),
-        (("m", 1, 0, 0, b"d" * 32), "invalid"),
-        (("m", 1, 0, (64 << 20) + 1, b"d" * 32), "invalid"),
-        (("m", 1, 1 << 40, 10, b"d" * 32), "invalid"),
-        (("m", 1, 0, 5000, b"d" * 32), "full"),
+        (("", 1, 0, 10, b"d" * 32, "blake3"), "invalid"),
+        (("m", 1, 0, 10, b"d" * 31, "blake3"), "invalid"),
+        (("m", 1, 0, 10, b"d" * 32, "crc32"), "invalid"),
+        (("m", 1, 0, 0, b"d" * 32, "blake3"), "invalid"),
+        (("m", 1, 0, (64 << 20) + 1, b"d" * 32, "blake3"), "invalid"),
+        (("m", 1, 1 << 40, 10, b"d" * 32, "blake3"), "invalid"),
+        (("m", 1, 0, 5000, b"d" * 32, "sha256"), "full"),
     ],
 )
-def test_incoming_shards_are_bounded(args: tuple[str, int, int, int, bytes], kind: str) -> None:
+def test_incoming_shards_are_bounded(args: tuple[str, int, int, int, bytes, str], kind: str) -> None:
     store = ShardStore(capacity_bytes=4096)
 
     with pytest.raises(StoreError) as err:
-        store.check_incoming(*args)
+        store.check_incoming(ShardHeader(*args))
 
     assert err.value.kind == kind
 
@@ -196,8 +322,8 @@ def test_bitmap_scrub_and_orphans() -> None:
     store = ShardStore(clock=lambda: now[0])
     m, shards = snapshot(1)
     for i in (0, 2):
-        store.add(("m", 1, i, m.shard_digests[i]), bytearray(shards[i]))
-    store.add(("m", 7, 0, b"x" * 32), bytearray(b"abc"))  # no manifest: a publish in progress
+        add(store, m, shards, i)
+    store.add(("m", 7, 0, b"x" * 32), bytearray(b"abc"), "blake3")  # no manifest: a publish in progress
     store.add_manifest(m)
 
     bits = store.bitmap(m)
@@ -211,6 +337,18 @@ def test_bitmap_scrub_and_orphans() -> None:
     now[0] = 100.0
     assert store.expire_orphans(60.0) == 1 and store.pending() == []
     assert store.bytes_held == len(shards[0])
+
+
+@pytest.mark.parametrize("algorithm", digests.ALGORITHMS)
+def test_a_held_shard_is_rechecked_by_the_algorithm_it_came_with(algorithm: str) -> None:
+    store = ShardStore()
+    m, shards = snapshot(1, algorithm=algorithm)
+    for i in (0, 1):
+        add(store, m, shards, i)
+    store.shards[("m", 1, 1, m.shard_digests[1])].data[0] ^= 1
+
+    assert store.verify(("m", 1, 0, m.shard_digests[0])) is True
+    assert store.verify(("m", 1, 1, m.shard_digests[1])) is False
 
 
 # --- tensors and files -------------------------------------------------------------------
@@ -243,6 +381,7 @@ def test_safetensors_file_follows_the_format(tmp_path: Path) -> None:
     assert (8 + n) % 8 == 0
     assert header["__metadata__"]["version"] == "3"
     assert header["__metadata__"]["sha256"] == m.sha256.hex()
+    assert header["__metadata__"]["digest_algorithm"] == "blake3"
     assert header["a.weight"]["dtype"] == "F32" and header["a.weight"]["shape"] == [3, 4]
     assert header["h"]["dtype"] == "F16" and header["h"]["shape"] == [2]
     # The tensors tile the data section (the writer picks their order), each holding its own bytes.
