@@ -224,6 +224,24 @@ def test_a_corrupt_replica_is_detected_skipped_and_repaired(algorithm: str) -> N
     run(main())
 
 
+def test_a_rebuild_can_fill_the_buffer_of_an_earlier_one() -> None:
+    async def main() -> None:
+        async with cluster(3) as nodes:
+            await nodes[0].store.publish(vector(1), 1, 10)
+            await wait_until(lambda: nodes[2].store.store.manifest("m", 1), 10, "the manifest")
+            first = await fetch_snapshot(nodes[2].address)
+            await nodes[1].store.publish(vector(2), 2, 20)
+            await wait_until(lambda: nodes[2].store.store.manifest("m", 2), 10, "the manifest")
+
+            second = await fetch_snapshot(nodes[2].address, reuse=first)
+
+            assert second.manifest.version == 2
+            assert torch.equal(values(second), vector(2).segments["float32"])
+            assert second.buffer is first.buffer  # the same memory, filled again
+
+    run(main())
+
+
 def test_scrub_finds_silent_corruption_without_any_reader() -> None:
     async def main() -> None:
         store = dataclasses.replace(STORE, scrub_interval=0.3)
