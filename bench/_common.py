@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -64,3 +66,44 @@ def shaped_pair(rate: str, workdir: str) -> Any:
     if why is not None:
         raise SystemExit(f"a shaped link is not available here: {why}")
     return NetLab(2, Path(workdir), delay=0.0, loss=0.0, rate=rate)
+
+
+def shaped_hosts(rates: list[str], workdir: str) -> Any:
+    """Hosts (network namespaces) on one switch, host ``i``'s link shaped to ``rates[i]`` both
+    ways (what it sends and what it receives), as a context manager yielding the lab.
+
+    The tests' multi-host lab again, with no loss and no relay delay; ``lab.hosts[i].ns``
+    and ``.ip`` name the hosts.
+    """
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.support.netns import NetLab, missing_requirements
+
+    why = missing_requirements()
+    if why is not None:
+        raise SystemExit(f"shaped links are not available here: {why}")
+    return NetLab(len(rates), Path(workdir), delay=0.0, loss=0.0, rate="", rates=dict(enumerate(rates)))
+
+
+@contextlib.contextmanager
+def inside_netns(name: str) -> Iterator[None]:
+    """This thread inside the network namespace ``name`` for the block, then back where it was.
+
+    A lab that closes deletes its namespaces after killing every process inside them;
+    a process still inside one of them when its lab closes kills itself.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/self/ns/net") as home:
+        enter_netns(name)
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back out of {name}: {os.strerror(err)}")

@@ -7,7 +7,8 @@ qdisc and iptables rule, and the processes are ours to kill by pid.
 
 Degradations (this kernel has no ``netem``):
 
-- bandwidth: a ``tbf`` qdisc on every host's ``eth0`` egress;
+- bandwidth: a ``tbf`` qdisc on every host's ``eth0`` egress; a host given a rate
+  of its own (``rates``) is shaped to it both ways, on its switch port too;
 - loss: an iptables ``statistic`` rule in every host namespace that drops that
   fraction of the packets arriving on ``eth0`` (so each direction loses about it);
 - latency: every node listens on the host's loopback and is reached through a
@@ -137,6 +138,7 @@ class NetLab:
     delay: float = 0.02  # seconds, each direction
     loss: float = 0.01  # fraction of packets dropped on arrival
     rate: str = "100mbit"
+    rates: dict[int, str] = field(default_factory=dict)  # host index -> its own rate, both ways
     hosts: list[Host] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
     _adopted: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -190,9 +192,15 @@ class NetLab:
             _sh("ip", "addr", "add", f"{host.ip}/24", "dev", "eth0", ns=host.ns)
             _sh("ip", "link", "set", "eth0", "up", ns=host.ns)
             _sh("ip", "link", "set", "lo", "up", ns=host.ns)
-            if self.rate:
-                _sh("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", self.rate,
+            rate = self.rates.get(i, self.rate)
+            if rate:
+                _sh("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
                     "burst", "64kb", "latency", "100ms", ns=host.ns)  # fmt: skip
+            if i in self.rates:
+                # What the host receives too (its switch port's egress): where rates differ, a
+                # fast host's download is otherwise bounded only by the sum of its senders'.
+                _sh("tc", "qdisc", "add", "dev", host.veth, "root", "tbf", "rate", rate,
+                    "burst", "64kb", "latency", "100ms", ns=self.switch)  # fmt: skip
             if self.loss > 0:
                 _sh("iptables", "-A", "INPUT", "-i", "eth0", "-m", "statistic", "--mode", "random",
                     "--probability", f"{self.loss}", "-j", "DROP", ns=host.ns)  # fmt: skip
