@@ -13,10 +13,13 @@ is not used: it halves a lone 100 MiB hash, but where the store hashes, the othe
 core is busy already (receiving, in a rebuild; training, while publishing), and
 on 1 MiB shards it gained a third at twice the CPU.
 
-The root stays sha256 over the shard digests in order, whatever made them: it
-hashes 32 bytes per shard (microseconds), old roots keep their meaning, and the
-manifest's ``sha256`` field is what it says. The algorithm is part of the
-manifest's identity (``Manifest.digest``) instead.
+The root stays a sha256 over the shard digests in order: it hashes 32 bytes per
+shard (microseconds), and the manifest's ``sha256`` field is what it says. For
+any algorithm but sha256 the algorithm's name goes first, so the root pins how
+the shards are checked as well as what they hold (and with it the manifest's
+identity), and a node from before the field refuses such a manifest (its root
+does not match) rather than read blake3 digests as sha256. A sha256 root is
+what it always was.
 """
 
 from __future__ import annotations
@@ -59,12 +62,14 @@ def digest(data: memoryview | bytes | bytearray, algorithm: str) -> bytes:
     return h.digest()
 
 
-def root(shard_digests: Sequence[bytes]) -> bytes:
-    """The snapshot's digest: sha256 over its shard digests in order.
+def root(shard_digests: Sequence[bytes], algorithm: str) -> bytes:
+    """The snapshot's digest: sha256 over its shard digests in order, after the name of
+    their ``algorithm`` and a zero byte unless that is sha256.
 
     Every shard checked against its digest pins every byte of the buffer, so the
     root needs no second pass over the data (a hash of the whole buffer would
     cost a rebuild as much again as the shard checks), and a manifest whose
     digests disagree with each other is refused on arrival, for free.
     """
-    return hashlib.sha256(b"".join(shard_digests)).digest()
+    named = b"" if algorithm == SHA256 else algorithm.encode() + b"\0"
+    return hashlib.sha256(named + b"".join(shard_digests)).digest()

@@ -231,7 +231,8 @@ async def _fetch(
     if lost:
         missing[m.version] = sorted(lost, key=lambda k: int(k.rpartition("/s")[2]))
         return None
-    if digests.root(m.shard_digests) != m.sha256:  # checked on arrival too; costs microseconds
+    # Checked on arrival too; costs microseconds.
+    if digests.root(m.shard_digests, m.digest_algorithm) != m.sha256:
         missing[m.version] = ["(the manifest's sha256 is not the root of its shard digests)"]
         return None
     return Rebuilt(m, view, 0.0, dict(served), bad, buffer)

@@ -95,7 +95,7 @@ class Manifest:
     total_bytes: int
     shard_digests: tuple[bytes, ...]
     digest_algorithm: str  # of shard_digests, one of digests.ALGORITHMS
-    sha256: bytes  # digests.root(shard_digests), sha256 whatever the algorithm
+    sha256: bytes  # digests.root(shard_digests, digest_algorithm): a sha256 whatever the algorithm
     replication: int
     fingerprint: bytes
 
@@ -125,22 +125,23 @@ class Manifest:
     @cached_property
     def digest(self) -> bytes:
         """Identity of the manifest: equal digests, equal snapshots."""
-        fields: list[Any] = [
-            self.model_id,
-            self.version,
-            self.publisher,
-            self.step,
-            self.layout_json,
-            self.shard_bytes,
-            self.total_bytes,
-            [d.hex() for d in self.shard_digests],
-            self.sha256.hex(),
-            self.replication,
-            self.fingerprint.hex(),
-        ]
-        if self.digest_algorithm != digests.SHA256:  # sha256 manifests keep the identity they had
-            fields.append(self.digest_algorithm)
-        canon = json.dumps(fields, separators=(",", ":"))
+        # The root covers the digest algorithm (see digests.root).
+        canon = json.dumps(
+            [
+                self.model_id,
+                self.version,
+                self.publisher,
+                self.step,
+                self.layout_json,
+                self.shard_bytes,
+                self.total_bytes,
+                [d.hex() for d in self.shard_digests],
+                self.sha256.hex(),
+                self.replication,
+                self.fingerprint.hex(),
+            ],
+            separators=(",", ":"),
+        )
         return hashlib.blake2b(canon.encode(), digest_size=16).digest()
 
     def validate(self) -> None:
@@ -176,7 +177,7 @@ class Manifest:
         check_algorithm(self.digest_algorithm)
         if any(len(d) != DIGEST_BYTES for d in (*self.shard_digests, self.sha256)):
             raise StoreError("invalid", f"manifest digests must be {DIGEST_BYTES} bytes")
-        if digests.root(self.shard_digests) != self.sha256:
+        if digests.root(self.shard_digests, self.digest_algorithm) != self.sha256:
             raise StoreError("invalid", "manifest sha256 is not the root of its shard digests")
 
 
@@ -213,7 +214,7 @@ def cut(
         total_bytes=len(data),
         shard_digests=shard_digests,
         digest_algorithm=algorithm,
-        sha256=digests.root(shard_digests),
+        sha256=digests.root(shard_digests, algorithm),
         replication=replication,
         fingerprint=layout.fingerprint(),
     )

@@ -103,11 +103,11 @@ def reconstruct(peer: NodeProc, out: Path, *args: str) -> tuple[int, dict[str, A
 
 def file_digest(path: Path) -> str:
     """The root digest of the flat buffer a .pt state_dict holds (one float32 segment, layout
-    order): the sha256 over the blake3 of each of its 4 KiB shards."""
+    order): the sha256 over the name blake3 and the blake3 of each of its 4 KiB shards."""
     state = torch.load(path, weights_only=True)
     data = b"".join(t.contiguous().numpy().tobytes() for t in state.values())
     digests = b"".join(blake3.blake3(data[i : i + 4096]).digest() for i in range(0, len(data), 4096))
-    return hashlib.sha256(digests).hexdigest()
+    return hashlib.sha256(b"blake3\0" + digests).hexdigest()
 
 
 @pytest.mark.timeout(300)

@@ -107,7 +107,7 @@ def test_cut_covers_the_buffer_with_blake3_digested_shards() -> None:
     assert m.num_shards == len(shards) == -(-flat.nbytes // 4096)
     assert m.digest_algorithm == "blake3"
     assert all(blake3.blake3(s).digest() == d for s, d in zip(shards, m.shard_digests, strict=True))
-    assert m.sha256 == hashlib.sha256(b"".join(m.shard_digests)).digest()
+    assert m.sha256 == hashlib.sha256(b"blake3\0" + b"".join(m.shard_digests)).digest()
     assert [m.shard_length(i) for i in range(m.num_shards)] == [len(s) for s in shards]
     m.validate()
 
@@ -130,12 +130,20 @@ def test_a_manifest_without_an_algorithm_is_sha256_and_keeps_its_identity() -> N
     assert back.digest == identity_before_the_field(m)
 
 
-def test_the_algorithm_is_part_of_a_manifests_identity() -> None:
+def test_the_root_pins_the_algorithm_so_a_relabelled_manifest_is_refused() -> None:
     m, _ = snapshot()
 
     relabelled = dataclasses.replace(m, digest_algorithm="sha256")
 
-    assert relabelled.digest != m.digest
+    with pytest.raises(StoreError, match="root"):
+        manifest_from_bytes(manifest_to_bytes(relabelled))
+
+
+def test_a_node_from_before_the_field_refuses_a_blake3_manifest() -> None:
+    m, _ = snapshot()
+
+    # What it checks: the root over the digests alone, as if they were sha256.
+    assert hashlib.sha256(b"".join(m.shard_digests)).digest() != m.sha256
 
 
 def test_a_manifest_naming_an_unknown_algorithm_is_refused() -> None:
