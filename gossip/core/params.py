@@ -59,6 +59,11 @@ class FlatParams:
     def zeros(cls, layout: Layout) -> FlatParams:
         return cls(layout, {dt: torch.zeros(n, dtype=DTYPES[dt]) for dt, n in layout.segments.items()})
 
+    @classmethod
+    def empty(cls, layout: Layout) -> FlatParams:
+        """Uninitialised buffers, for a destination that is filled whole before it is read."""
+        return cls(layout, {dt: torch.empty(n, dtype=DTYPES[dt]) for dt, n in layout.segments.items()})
+
     @property
     def numel(self) -> int:
         return self.layout.numel

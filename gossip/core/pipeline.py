@@ -26,14 +26,16 @@ same stages on its stacked models.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from gossip.core.averaging import PAIRWISE_SCALE
 from gossip.core.codecs import PayloadReceiver, encode, payload_nbytes, round_trip_
 from gossip.core.layout import Layout
-from gossip.core.params import FlatParams
+from gossip.core.params import DTYPES, FlatParams
 
 
 class Stage:
@@ -82,7 +84,7 @@ class Pipeline:
             stage.outgoing_(snap, peer)
         return encode(snap, codec or self.codec)
 
-    def pairwise(self, snap: FlatParams, recv: FlatParams, peer: str, codec: str) -> PairwiseDelta:
+    def pairwise(self, snap: FlatParams | Runs, recv: FlatParams, peer: str, codec: str) -> PairwiseDelta:
         """The receiving half of a pairwise exchange with ``peer``; see :class:`PairwiseDelta`."""
         return PairwiseDelta(self, snap, recv, peer, codec)
 
@@ -95,13 +97,68 @@ class Pipeline:
             stage.settle(peer, committed)
 
 
+class Runs:
+    """A snapshot's values as runs of elements, per segment: its segments, or the chunks it was sent in.
+
+    A node whose snapshot *is* the frames it sends (no copy besides the frames)
+    reads its own values back from them: :meth:`of_chunks` takes the chunk bytes
+    (read-only views; cut per segment, whole elements each, in order).
+    """
+
+    def __init__(self, runs: list[list[torch.Tensor]]) -> None:
+        self._runs = runs
+        self._starts: list[list[int]] = []
+        for pieces in runs:
+            starts, at = [], 0
+            for t in pieces:
+                starts.append(at)
+                at += t.numel()
+            self._starts.append(starts)
+
+    @classmethod
+    def of(cls, flat: FlatParams) -> Runs:
+        return cls([[s] for s in flat])
+
+    @classmethod
+    def of_chunks(cls, layout: Layout, chunks: Sequence[memoryview]) -> Runs:
+        runs: list[list[torch.Tensor]] = []
+        it = iter(chunks)
+        with warnings.catch_warnings():  # the chunks are immutable bytes; they are only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            for dt, n in layout.segments.items():
+                pieces, have = [], 0
+                while have < n:
+                    t = torch.frombuffer(next(it), dtype=DTYPES[dt])
+                    pieces.append(t)
+                    have += t.numel()
+                runs.append(pieces)
+        return cls(runs)
+
+    def pieces(self, i: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first element, values)`` of each run of segment ``i``, in order."""
+        return zip(self._starts[i], self._runs[i], strict=True)
+
+    def sub(self, i: int, start: int, stop: int, other: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[start:stop] = other - own[start:stop]`` for segment ``i`` (``other`` holds that range)."""
+        starts, pieces = self._starts[i], self._runs[i]
+        k = bisect_right(starts, start) - 1
+        pos = start
+        while pos < stop:
+            first, piece = starts[k], pieces[k]
+            end = min(stop, first + piece.numel())
+            torch.sub(other[pos - start : end - start], piece[pos - first : end - first], out=out[pos:end])
+            pos = end
+            k += 1
+
+
 class PairwiseDelta:
     """One side's numbers of one pairwise exchange: ``recv`` ends as ``other - own``.
 
     ``receiver`` takes the peer's payload (every element checked for length and
     finiteness as it arrives); once it is whole, :meth:`delta` is the difference
     whose :attr:`scale` (1/2) is the change to add to the current model. On the
-    fast path the difference is formed as each chunk arrives, while it is in cache.
+    fast path the difference is formed as each chunk arrives, while it is in cache,
+    and the own values may be :class:`Runs` (the frames the snapshot was sent as).
     """
 
     scale = PAIRWISE_SCALE
@@ -109,18 +166,23 @@ class PairwiseDelta:
     def __init__(
         self,
         pipeline: Pipeline,
-        snap: FlatParams,
+        snap: FlatParams | Runs,
         recv: FlatParams,
         peer: str,
         codec: str,
     ) -> None:
         self.pipeline = pipeline
-        self.snap = snap
         self.recv = recv
         self.peer = peer
         self.codec = codec
         self.streaming = pipeline.streams(codec)
-        self._own = list(snap)
+        if isinstance(snap, Runs):
+            if not self.streaming:
+                raise ValueError("a snapshot kept as its frames serves only the raw, stage-free path")
+            self._own = snap
+        else:
+            self.snap = snap
+            self._own = Runs.of(snap)
         self._out = list(recv)
         self.receiver = PayloadReceiver(
             pipeline.layout,
@@ -131,8 +193,7 @@ class PairwiseDelta:
         )
 
     def _to_delta(self, i: int, start: int, stop: int, other: torch.Tensor) -> None:
-        # averaging.pairwise_difference, into the receive buffer
-        torch.sub(other, self._own[i][start:stop], out=self._out[i][start:stop])
+        self._own.sub(i, start, stop, other, self._out[i])  # averaging.pairwise_difference
 
     def delta(self) -> FlatParams:
         """``other - own`` once the payload is whole and the exchange committed; add it times :attr:`scale`."""

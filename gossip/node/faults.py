@@ -20,8 +20,8 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from gossip.config import ConfigError
 
@@ -108,40 +108,25 @@ def failpoint(name: str, detail: _Detail | None = None) -> None:
 T = TypeVar("T")
 
 
-class _Tapped(Sequence[T]):
-    """``items`` whose iteration passes ``first`` after item 0 went out and ``last`` after the last.
+def _tapped(items: Iterable[T], first: str, last: str | None, detail: _Detail | None) -> Iterator[T]:
+    """``items``, passing ``first`` after item 0 went out and ``last`` after the last.
 
     The senders (``gossip.node.pairwise`` and ``pushsum``) iterate the chunks and ask for the next one
     only once the previous one was written, which is what puts the points between
     two chunks on the wire.
     """
-
-    def __init__(self, items: Sequence[T], first: str, last: str | None, detail: _Detail | None) -> None:
-        self._items, self._first, self._last, self._detail = items, first, last, detail
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @overload
-    def __getitem__(self, i: int) -> T: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[T]: ...
-    def __getitem__(self, i: int | slice) -> T | Sequence[T]:
-        return self._items[i]
-
-    def __iter__(self) -> Iterator[T]:
-        for i, item in enumerate(self._items):
-            if i == 1:
-                failpoint(self._first, self._detail)
-            yield item
-        if self._last is not None:
-            failpoint(self._last, self._detail)
+    for i, item in enumerate(items):
+        if i == 1:
+            failpoint(first, detail)
+        yield item
+    if last is not None:
+        failpoint(last, detail)
 
 
 def tap(
-    chunks: Sequence[T], first: str, last: str | None = None, detail: _Detail | None = None
-) -> Sequence[T]:
+    chunks: Iterable[T], first: str, last: str | None = None, detail: _Detail | None = None
+) -> Iterable[T]:
     """``chunks`` with the failpoints ``first`` and ``last`` between them (``chunks`` itself if unarmed)."""
     if first not in _ARMED and last not in _ARMED:
         return chunks
-    return _Tapped(chunks, first, last, detail)
+    return _tapped(chunks, first, last, detail)

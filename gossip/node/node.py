@@ -69,13 +69,16 @@ class Node:
         self.phase = "created"
         self.started_at = time.monotonic()
         self.address = ""
-        self.slot = ExchangeSlot(flat, g.max_lag)
+        pipeline = Pipeline(flat.layout, g.codec)
+        # On the raw, stage-free path the snapshot is the frames it is sent in.
+        frames = g.chunk_bytes if pipeline.streams(g.codec) else 0
+        self.slot = ExchangeSlot(flat, g.max_lag, frame_bytes=frames)
         self.rest = RestPolicy(g.idle_pause, g.rest_pause, g.rest_tolerance)
         self.party = Party(
             self.node_id,
             flat,
             self.slot,
-            Pipeline(flat.layout, g.codec),
+            pipeline,
             g,
             running=lambda: self.phase == "running",
             on_wake=self._wake_rest,

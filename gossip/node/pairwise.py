@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
@@ -25,15 +25,21 @@ from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
 from gossip.core.pipeline import PairwiseDelta
 from gossip.node import faults
-from gossip.node.protocol import CallerStream, FrameStream, Party, check_header, read_header, read_payload
+from gossip.node.protocol import (
+    CallerStream,
+    FrameStream,
+    Party,
+    check_header,
+    outgoing_frames,
+    read_header,
+    read_payload,
+)
 from gossip.transport.frames import (
     COMMIT_FRAME,
     WireError,
-    chunk_frame,
     chunk_from_frame,
     header_from_frame,
     header_to_frame,
-    iter_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -96,9 +102,9 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
         party.slot.own_finished()
 
 
-async def _send(stream: FrameStream, chunks: Sequence[memoryview]) -> None:
-    for c in chunks:
-        await stream.write(chunk_frame(c))
+async def _send(stream: FrameStream, frames: Iterable[bytes]) -> None:
+    for f in frames:
+        await stream.write(f)
 
 
 async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
@@ -111,11 +117,9 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
 
     header = party.header(codec)
     chunks = faults.tap(
-        iter_chunks(party.pipeline.outgoing(slot.snap, peer.node_id), party.gossip.chunk_bytes),
-        "pairwise.caller.mid_stream",
-        detail=detail,
+        outgoing_frames(party, peer.node_id, codec), "pairwise.caller.mid_stream", detail=detail
     )
-    change = party.pipeline.pairwise(slot.snap, slot.recv, peer.node_id, codec)
+    change = party.pipeline.pairwise(slot.own_values(), slot.recv, peer.node_id, codec)
     receiver = change.receiver
     faults.failpoint("pairwise.caller.before_send", detail)
     stream = connect(peer.address)
@@ -187,12 +191,12 @@ async def answer(party: Party, stream: FrameStream) -> None:
     codec = header.codec
     slot = party.slot
     # The snapshot is taken now, whole: the answer starts at once, beside the payload.
-    if not slot.claim_incoming(party.running()):
+    if not slot.claim_incoming(party.running(), framed=party.pipeline.streams(codec)):
         party.stats.exchanges_declined += 1
         await stream.write(header_to_frame(party.header(codec, outcome="busy")))
         return
     peer = header.sender
-    change = party.pipeline.pairwise(slot.snap, slot.recv, peer, codec)
+    change = party.pipeline.pairwise(slot.own_values(), slot.recv, peer, codec)
 
     def detail() -> dict[str, object]:
         return party.fault_detail(peer)
@@ -232,17 +236,16 @@ async def _serve(
     is applied.
     """
     faults.failpoint("pairwise.callee.before_send", detail)
-    views = party.pipeline.outgoing(party.slot.snap, change.peer, change.codec)
-    chunks = iter_chunks(views, party.gossip.chunk_bytes)
+    frames = outgoing_frames(party, change.peer, change.codec)
 
     stop = False
 
     async def send() -> None:
         await stream.write(header_to_frame(party.header(change.codec, outcome="accepted")))
-        for c in faults.tap(chunks, "pairwise.callee.answering", "pairwise.callee.answered", detail):
+        for f in faults.tap(frames, "pairwise.callee.answering", "pairwise.callee.answered", detail):
             if stop:
                 return
-            await stream.write(chunk_frame(c))
+            await stream.write(f)
 
     sender = asyncio.ensure_future(send())
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,7 +27,14 @@ from gossip.node import faults
 from gossip.node.rest import RestPolicy
 from gossip.node.slot import ExchangeSlot
 from gossip.transport.channels import transfer_timeout
-from gossip.transport.frames import Header, WireError, chunk_from_frame, header_from_frame
+from gossip.transport.frames import (
+    Header,
+    WireError,
+    chunk_frame,
+    chunk_from_frame,
+    header_from_frame,
+    iter_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ class Party:
     avoid: dict[str, float] = field(default_factory=dict)  # peer id -> left out of picks until
     # Push-sum receives in flight at once; more get RESOURCE_EXHAUSTED.
     push_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PUSHES))
+    spare: list[FlatParams] = field(default_factory=list)  # push-sum receive buffers to reuse
     rest: RestPolicy | None = None  # set once training is over: how hard to keep averaging
     on_wake: Callable[[], None] = lambda: None  # the rest policy woke up: average again at once
 
@@ -102,6 +110,14 @@ class Party:
             outcome=outcome,
             pipeline=self.pipeline.spec,
         )
+
+    def take_buffer(self) -> FlatParams:
+        """A receive buffer for one push (reused: no allocation or page faults per push)."""
+        return self.spare.pop() if self.spare else FlatParams.empty(self.flat.layout)
+
+    def give_back(self, buf: FlatParams) -> None:
+        if len(self.spare) < MAX_CONCURRENT_PUSHES:
+            self.spare.append(buf)
 
     def heard(self, peer: str, step: int) -> None:
         """A header from ``peer`` said it is at ``step`` (a peer whose step advances still trains)."""
@@ -137,6 +153,14 @@ class Party:
             "busy_replies": s.busy_replies,
             **extra,
         }
+
+
+def outgoing_frames(party: Party, peer: str, codec: str) -> Iterable[bytes]:
+    """The chunk frames of the slot's snapshot for ``peer``: the snapshot itself when it was taken as frames."""
+    if party.slot.frames is not None:
+        return party.slot.frames
+    views = party.pipeline.outgoing(party.slot.snap, peer, codec)
+    return (chunk_frame(c) for c in iter_chunks(views, party.gossip.chunk_bytes))
 
 
 def read_header(frame: bytes | None, what: str) -> Header:

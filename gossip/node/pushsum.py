@@ -17,9 +17,18 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams
+from gossip.core.pipeline import Runs
 from gossip.node import faults
-from gossip.node.protocol import CallerStream, FrameStream, Party, check_header, read_header, read_payload
-from gossip.transport.frames import WireError, chunk_frame, header_to_frame, iter_chunks
+from gossip.node.protocol import (
+    CallerStream,
+    FrameStream,
+    Party,
+    check_header,
+    outgoing_frames,
+    read_header,
+    read_payload,
+)
+from gossip.transport.frames import WireError, header_to_frame
 from gossip.transport.serde import push_ack_from_bytes, push_ack_to_bytes
 
 log = logging.getLogger(__name__)
@@ -48,17 +57,14 @@ async def push(party: Party, peer: MemberRecord, connect: Callable[[str], Caller
         return party.fault_detail(peer.node_id, w_send=w_send)
 
     chunks = faults.tap(
-        iter_chunks(party.pipeline.outgoing(slot.snap, peer.node_id), party.gossip.chunk_bytes),
-        "push.caller.mid_stream",
-        "push.caller.sent",
-        detail,
+        outgoing_frames(party, peer.node_id, codec), "push.caller.mid_stream", "push.caller.sent", detail
     )
     faults.failpoint("push.caller.before_send", detail)
     stream = connect(peer.address)
     try:
         await stream.write(header_to_frame(header))
-        for c in chunks:
-            await stream.write(chunk_frame(c))
+        for f in chunks:
+            await stream.write(f)
         await stream.done_writing()
         accepted = push_ack_from_bytes(await stream.response())
     except (PeerError, WireError) as exc:
@@ -75,10 +81,15 @@ async def push(party: Party, peer: MemberRecord, connect: Callable[[str], Caller
     # Merges (and SGD) may have moved z since the snapshot was sent, so remove
     # exactly the numerator that left, snap * w_send, from z * w. Applied between
     # steps like every result, and holding the slot (so snap stays put).
+    own = slot.own_values()
+    sent = own if isinstance(own, Runs) else Runs.of(own)
+
     def apply() -> None:
         keep = party.weight - w_send
-        for z, s in zip(party.flat, slot.snap, strict=True):
-            z.mul_(party.weight / keep).sub_(s, alpha=w_send / keep)
+        for i, z in enumerate(party.flat):
+            z.mul_(party.weight / keep)
+            for first, s in sent.pieces(i):
+                z[first : first + s.numel()].sub_(s, alpha=w_send / keep)
         party.weight = keep
         slot.release_locked()
 
@@ -104,6 +115,7 @@ async def receive(party: Party, stream: FrameStream) -> bytes:
         for z, zi in zip(party.flat, z_in, strict=True):
             w_new = averaging.push_sum_merge_(z, party.weight, zi, w_in)
         party.weight = w_new
+        party.give_back(z_in)
 
     party.slot.deliver(apply)
     faults.failpoint("push.callee.applied", detail)
@@ -117,6 +129,7 @@ async def _read(
 ) -> tuple[FlatParams, float, int, Callable[[], dict[str, object]]]:
     """The pushed model (checked), its weight, its size in bytes and the failpoint detail."""
     sender, whole = "an unknown sender", False
+    buf: FlatParams | None = None
     try:
         header = read_header(await stream.read(), "push")
         sender = header.sender
@@ -131,11 +144,14 @@ async def _read(
             return party.fault_detail(header.sender, w_in=header.weight)
 
         faults.failpoint("push.callee.header", detail)
-        receiver = party.pipeline.receiver(FlatParams.zeros(party.flat.layout), header.codec)
+        buf = party.take_buffer()
+        receiver = party.pipeline.receiver(buf, header.codec)
         z_in = await read_payload(stream, receiver, "push.callee.mid_stream", detail, until_end=True)
         whole = True
         return z_in, header.weight, receiver.received, detail
     finally:
         if not whole:
+            if buf is not None:
+                party.give_back(buf)
             # Refused, timed out, or the sender vanished (its call was cancelled).
             log.warning("push from %s ended before it was whole and checked; nothing merged", sender)

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 
 from gossip.core.params import FlatParams
+from gossip.core.pipeline import Runs
+from gossip.transport.frames import chunk_frame, chunk_from_frame, iter_chunks
 
 
 class _InFlight:
@@ -50,11 +52,17 @@ class ExchangeSlot:
     read or write the model as one step (a snapshot for the store, a load).
     """
 
-    def __init__(self, flat: FlatParams, max_lag: int) -> None:
+    def __init__(self, flat: FlatParams, max_lag: int, frame_bytes: int = 0) -> None:
         self.flat = flat
         self.max_lag = max_lag
         self.lock = threading.Lock()
-        self.snap = FlatParams.zeros(flat.layout)  # the holder's snapshot of its own model
+        # frame_bytes > 0: an own snapshot is taken as the chunk frames it is sent in
+        # (one copy, which is the snapshot; none when sending); see ``claim_own``.
+        self.frame_bytes = frame_bytes if frame_bytes % 8 == 0 else 0
+        self.frames: list[bytes] | None = None  # the holder's snapshot as frames, when taken so
+        self._snap: FlatParams | None = (
+            None  # the holder's snapshot of its own model (allocated on first use)
+        )
         self.recv = FlatParams.zeros(flat.layout)  # the holder's receive buffer (becomes the delta)
         self.step = 0
         self.training = False
@@ -64,6 +72,27 @@ class ExchangeSlot:
         self._pending: list[Callable[[], None]] = []
 
     # --- state, for status and tests ------------------------------------------------
+
+    @property
+    def snap(self) -> FlatParams:
+        """The holder's snapshot, when it was taken as a copy (``framed=False``)."""
+        if self._snap is None:
+            self._snap = FlatParams.zeros(self.flat.layout)
+        return self._snap
+
+    def own_values(self) -> FlatParams | Runs:
+        """What the holder's snapshot holds: its frames' values, or the copy."""
+        if self.frames is not None:
+            return Runs.of_chunks(self.flat.layout, [chunk_from_frame(f) for f in self.frames])
+        return self.snap
+
+    def _take(self, framed: bool) -> None:
+        """Take the snapshot (the lock held): as frames ready to send, or as a copy."""
+        if framed and self.frame_bytes:
+            self.frames = [chunk_frame(c) for c in iter_chunks(self.flat.byte_views(), self.frame_bytes)]
+        else:
+            self.frames = None
+            self.snap.copy_(self.flat)
 
     @property
     def busy(self) -> bool:
@@ -84,39 +113,43 @@ class ExchangeSlot:
 
     # --- claiming ----------------------------------------------------------------------
 
-    def claim_own(self, running: bool) -> bool:
-        """Take the slot for an exchange of our own, snapshot included; False if busy or not running."""
+    def claim_own(self, running: bool, framed: bool = True) -> bool:
+        """Take the slot for an exchange of our own, snapshot included; False if busy or not running.
+
+        ``framed``: as frames if the slot keeps frames (``frame_bytes``), else as a copy.
+        """
         with self.lock:
             if self._busy or not running:
                 return False
             self._busy = True
             self._own.begin(self.step)
-            self.snap.copy_(self.flat)
+            self._take(framed)
             return True
 
-    def reclaim_own(self, running: bool) -> bool:
+    def reclaim_own(self, running: bool, framed: bool = True) -> bool:
         """Take the slot again after a free back-off (the own exchange is still in flight)."""
         with self.lock:
             if self._busy or not running:
                 return False  # someone exchanged with us meanwhile: this step is mixed already
             self._busy = True
-            self.snap.copy_(self.flat)
+            self._take(framed)
             return True
 
-    def claim_incoming(self, running: bool) -> bool:
+    def claim_incoming(self, running: bool, framed: bool = True) -> bool:
         """Take the slot for an exchange a peer started, snapshot included; False if busy or not running."""
         with self.lock:
             if self._busy or not running:
                 return False
             self._busy = True
             self._incoming.begin(self.step)
-            self.snap.copy_(self.flat)
+            self._take(framed)
             return True
 
     def release(self) -> None:
         """Give the slot back without a result (declined, failed, abandoned)."""
         with self.lock:
             self._busy = False
+            self.frames = None
 
     def own_finished(self) -> None:
         self._own.end()
@@ -155,6 +188,7 @@ class ExchangeSlot:
     def release_locked(self) -> None:
         """For a result's ``apply``, which runs with the lock held."""
         self._busy = False
+        self.frames = None
 
     def _apply_pending_locked(self) -> None:
         pending, self._pending = self._pending, []

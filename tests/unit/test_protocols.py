@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gossip.config import GossipConfig
+from gossip.core import averaging
 from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline, Stage
@@ -28,13 +29,17 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def party(
-    name: str, values: list[float], strategy: str = "pairwise", stages: tuple[Stage, ...] = ()
+    name: str,
+    values: list[float],
+    strategy: str = "pairwise",
+    stages: tuple[Stage, ...] = (),
+    frame_bytes: int = 0,
+    chunk_bytes: int = 4096,
 ) -> Party:
     flat = vector(values)
-    g = GossipConfig(strategy=strategy, chunk_bytes=4096)
-    return Party(
-        name, flat, ExchangeSlot(flat, max_lag=1), Pipeline(flat.layout, "raw", stages), g, lambda: True
-    )
+    g = GossipConfig(strategy=strategy, chunk_bytes=chunk_bytes)
+    slot = ExchangeSlot(flat, max_lag=1, frame_bytes=frame_bytes)
+    return Party(name, flat, slot, Pipeline(flat.layout, "raw", stages), g, lambda: True)
 
 
 def member(p: Party) -> MemberRecord:
@@ -70,6 +75,32 @@ def test_a_pairwise_exchange_in_memory_meets_in_the_middle() -> None:
     )
     assert (a.stats.exchanges_ok, b.stats.exchanges_served) == (1, 1)
     assert not a.slot.busy and not b.slot.busy
+
+
+@pytest.mark.parametrize(
+    ("a_chunk", "b_chunk"),
+    [(4096, 4096), (4096, 12288), (12288, 4100), (4100, 4096)],
+    ids=["same", "callee-larger", "callee-unaligned", "caller-unaligned"],
+)
+def test_snapshots_kept_as_frames_give_the_exact_delta(a_chunk: int, b_chunk: int) -> None:
+    """A snapshot taken as its frames (no separate copy) yields the same bits as a copied one,
+    whatever chunk sizes the two sides cut their payloads in."""
+    gen = torch.Generator().manual_seed(7)
+    xa, xb = torch.randn(9001, generator=gen), torch.randn(9001, generator=gen)
+
+    async def main() -> tuple[Party, Party]:
+        a = party("a", xa.tolist(), frame_bytes=a_chunk, chunk_bytes=a_chunk)
+        b = party("b", xb.tolist(), frame_bytes=b_chunk, chunk_bytes=b_chunk)
+        assert a.slot.claim_own(running=True)
+        assert (a.slot.frames is not None) == (a_chunk % 8 == 0)
+        assert await pairwise.call(a, member(b), serving(b, [])) == "ok"
+        await asyncio.sleep(0)  # the callee adds its half right after its OK
+        return a, b
+
+    a, b = run(main())
+    assert torch.equal(values(a), xa + averaging.pairwise_delta(xa, xb))
+    assert torch.equal(values(b), xb + averaging.pairwise_delta(xb, xa))
+    assert a.slot.frames is None and b.slot.frames is None  # released with the slot
 
 
 def test_a_busy_callee_declines_and_nothing_moves() -> None:
@@ -187,6 +218,35 @@ def test_a_push_in_memory_moves_half_the_mass() -> None:
     assert torch.allclose(values(b), torch.full((8,), 7.0 / 3.0))  # (3 * 1 + 1 * 0.5) / 1.5
     mass = values(a) * a.weight + values(b) * b.weight
     assert torch.allclose(mass, torch.full((8,), 4.0))
+
+
+@pytest.mark.parametrize("frame_bytes", [0, 4096, 8192], ids=["copied", "frames", "larger-frames"])
+def test_a_push_from_a_snapshot_kept_as_frames_removes_exactly_what_left(frame_bytes: int) -> None:
+    """The sender gives up exactly the numerator it sent, snapshot kept as frames or copied,
+    even when its model moved between the snapshot and the acknowledgement."""
+    gen = torch.Generator().manual_seed(3)
+    xa, xb = torch.randn(5000, generator=gen), torch.randn(5000, generator=gen)
+    moved = torch.randn(5000, generator=gen)
+
+    async def main() -> tuple[Party, Party]:
+        a = party("a", xa.tolist(), "push-sum", frame_bytes=frame_bytes)
+        b = party("b", xb.tolist(), "push-sum")
+        assert a.slot.claim_own(running=True)
+        assert (a.slot.frames is not None) == bool(frame_bytes)
+        values(a).add_(moved)  # a training step after the snapshot
+
+        def connect(address: str) -> MemoryCall:
+            return memory_call(lambda stream: pushsum.receive(b, stream), address)
+
+        await pushsum.run_own(a, member(b), connect)
+        return a, b
+
+    a, b = run(main())
+    z = (xa + moved).mul_(1.0 / 0.5).sub_(xa, alpha=0.5 / 0.5)  # the copy path's arithmetic
+    assert a.weight == 0.5 and torch.equal(values(a), z)
+    assert not a.slot.busy and a.slot.frames is None
+    # The receiver merged exactly the snapshot (not the moved model), with the weight sent.
+    assert b.weight == 1.5 and torch.equal(values(b), xb.clone().mul_(1.0 / 1.5).add_(xa, alpha=0.5 / 1.5))
 
 
 def test_frame_streams_are_what_the_protocols_need() -> None:
