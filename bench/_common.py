@@ -48,33 +48,8 @@ def enter_netns(name: str) -> None:
             raise OSError(err, f"setns into {name}: {os.strerror(err)}")
 
 
-def shaped_pair(rate: str, workdir: str) -> Any:
-    """Two hosts (network namespaces) whose links are shaped to ``rate`` each way, as a context manager.
-
-    The multi-host lab of the tests (``tests/support/netns.py``) with two hosts, no loss
-    and no relay delay: yields the lab; ``lab.hosts[i].ns`` and ``.ip`` name them.
-    """
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from tests.support.netns import NetLab, missing_requirements
-
-    why = missing_requirements()
-    if why is not None:
-        raise SystemExit(f"a shaped link is not available here: {why}")
-    return NetLab(2, Path(workdir), delay=0.0, loss=0.0, rate=rate)
-
-
-def shaped_hosts(rates: list[str], workdir: str) -> Any:
-    """Hosts (network namespaces) on one switch, host ``i``'s link shaped to ``rates[i]`` both
-    ways (what it sends and what it receives), as a context manager yielding the lab.
-
-    The tests' multi-host lab again, with no loss and no relay delay; ``lab.hosts[i].ns``
-    and ``.ip`` name the hosts.
-    """
+def _lab(n: int, workdir: str, **shape: Any) -> Any:
+    """The tests' multi-host lab (``tests/support/netns.py``) with ``n`` hosts and no loss."""
     import sys
     from pathlib import Path
 
@@ -86,7 +61,25 @@ def shaped_hosts(rates: list[str], workdir: str) -> Any:
     why = missing_requirements()
     if why is not None:
         raise SystemExit(f"shaped links are not available here: {why}")
-    return NetLab(len(rates), Path(workdir), delay=0.0, loss=0.0, rate="", rates=dict(enumerate(rates)))
+    return NetLab(n, Path(workdir), loss=0.0, **shape)
+
+
+def shaped_pair(rate: str, workdir: str, delay: float = 0.0) -> Any:
+    """Two hosts (network namespaces) whose links are shaped to ``rate`` each way, as a context manager.
+
+    Its relays (``host.address``, to ``host.local``) hold data ``delay`` seconds each
+    way. Yields the lab; ``lab.hosts[i].ns`` and ``.ip`` name the hosts.
+    """
+    return _lab(2, workdir, delay=delay, rate=rate)
+
+
+def shaped_hosts(rates: list[str], workdir: str) -> Any:
+    """Hosts (network namespaces) on one switch, host ``i``'s link shaped to ``rates[i]`` both
+    ways (what it sends and what it receives), as a context manager yielding the lab.
+
+    No relay delay; ``lab.hosts[i].ns`` and ``.ip`` name the hosts.
+    """
+    return _lab(len(rates), workdir, delay=0.0, rate="", rates=dict(enumerate(rates)))
 
 
 @contextlib.contextmanager

@@ -44,11 +44,13 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from _common import enter_netns, recv_exact, shaped_pair, watch_parent
+from _common import enter_netns, inside_netns, recv_exact, shaped_pair, watch_parent
 
 MiB = 1 << 20
+_NETNS_PY = Path(__file__).resolve().parents[1] / "tests" / "support" / "netns.py"
 # Both nodes' gossip settings: the defaults, but no averaging of their own after "training"
 # (they never train); GOSSIP_CHUNK_BYTES overrides the chunk size for an experiment.
 GOSSIP: Any = None
@@ -94,9 +96,17 @@ def raw_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) 
     ls.listen(1)
     conn.send(ls.getsockname()[1])
     ls.settimeout(STARTUP_TIMEOUT)
-    c, _ = ls.accept()
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     bufs: dict[int, tuple[memoryview, memoryview, torch.Tensor, torch.Tensor]] = {}
+    while True:  # a relay's readiness probe is a connection too: serve each until it closes
+        c, _ = ls.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with c:
+            _serve_raw(c, bufs)
+
+
+def _serve_raw(c: socket.socket, bufs: dict[int, Any]) -> None:
+    import torch
+
     hdr = bytearray(8)
     while True:
         try:
@@ -117,6 +127,72 @@ def raw_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) 
         else:
             recv_exact(c, recv)
             c.sendall(send)
+
+
+# --- bare gRPC peer (own process): the floor of any exchange over grpc.aio ---------------
+
+BARE_METHOD = "/bench.Bare/Duplex"
+
+
+def _bare_frames(nbytes: int, chunk: int) -> list[bytes]:
+    """Ready chunk frames of ``nbytes`` in all: sent as they are, no copy per exchange."""
+    from gossip.transport.frames import chunk_frame
+
+    block = memoryview(bytes(chunk))
+    return [chunk_frame(block[: min(chunk, nbytes - s)]) for s in range(0, nbytes, chunk)]
+
+
+def bare_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
+    watch_parent(ppid)
+    if netns:
+        enter_netns(netns)
+    _setup_process(mallopt)
+    asyncio.run(_bare_peer(conn, host))
+
+
+async def _bare_peer(conn: Any, host: str) -> None:
+    """A grpc.aio server with gossip's options whose one method answers while it reads, like an exchange."""
+    import grpc
+    import grpc.aio
+
+    from gossip.transport.frames import chunk_from_frame
+    from gossip.transport.server import SERVER_OPTIONS
+
+    cache: dict[int, list[bytes]] = {}
+
+    async def duplex(requests: Any, context: Any) -> None:
+        first = await context.read()
+        n = int.from_bytes(first, "little")
+        frames = cache.setdefault(n, _bare_frames(n, GOSSIP.chunk_bytes))
+
+        async def send() -> None:
+            for f in frames:
+                await context.write(f)
+
+        sender = asyncio.ensure_future(send())
+        got = 0
+        while got < n:
+            msg = await context.read()
+            if msg is grpc.aio.EOF:
+                break
+            got += len(chunk_from_frame(msg))
+        await sender
+
+    def ident(b: bytes) -> bytes:
+        return b
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    handler = grpc.stream_stream_rpc_method_handler(duplex, ident, ident)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Bare", {"Duplex": handler}),)
+    )
+    port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    conn.send(port)
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(None, conn.poll, 0.5):
+        pass
+    await server.stop(0)
 
 
 # --- node B (own process) -----------------------------------------------------------
@@ -146,10 +222,11 @@ async def _node_peer(conn: Any, host: str) -> None:
                 continue
             cmd, arg = conn.recv()
             if cmd == "create":
-                n, value = arg
+                n, value, listen, advertise = arg
                 flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
                 flat.segments["float32"].fill_(value)
-                node = await Node.create(flat, NodeConfig(listen=f"{host}:0", node_id=f"B{n}", gossip=GOSSIP))
+                config = NodeConfig(listen=listen, advertise=advertise, node_id=f"B{n}", gossip=GOSSIP)
+                node = await Node.create(flat, config)
                 nodes[n] = node
                 conn.send(("ok", node.address))
             elif cmd == "check":
@@ -219,6 +296,30 @@ def _raw_duplex(sock: socket.socket, send: memoryview, recv: memoryview) -> None
     sender.join()
 
 
+async def _bare_duplex(method: Any, frames: list[bytes], nbytes: int) -> None:
+    """One exchange over a bare grpc.aio stream: both directions at once, ready frames, no node logic."""
+    from gossip.transport.frames import chunk_from_frame
+
+    call = method()
+
+    async def send() -> None:
+        await call.write(nbytes.to_bytes(8, "little"))
+        for f in frames:
+            await call.write(f)
+        await call.done_writing()
+
+    sender = asyncio.ensure_future(send())
+    got = 0
+    while got < nbytes:
+        msg = await call.read()
+        got += len(chunk_from_frame(msg))
+    await sender
+    await call.code()
+
+
+_CPU: list[float] = []  # node A's CPU time (every thread) per exchange, ms
+
+
 async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
     """One exchange started as the node starts its own: (snapshot ms, exchange ms to committed)."""
     from gossip.node import pairwise
@@ -231,11 +332,13 @@ async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
     if not node.slot.claim_own(running=True):  # the snapshot copy, as Node.step takes it
         raise RuntimeError("node A is busy before its exchange")
     t1 = time.perf_counter()
+    c1 = time.process_time()
     try:
         outcome = await asyncio.wait_for(pairwise.call(node.party, peer, connect), CALL_TIMEOUT)
     finally:
         node.slot.own_finished()
     t2 = time.perf_counter()
+    _CPU.append((time.process_time() - c1) * 1e3)
     if outcome != "ok":
         node.slot.release()
         raise RuntimeError(f"exchange ended {outcome!r}")
@@ -245,7 +348,14 @@ async def _gossip_exchange(node: Any, peer: Any) -> tuple[float, float]:
 
 
 async def _run_size(
-    size_mib: int, repeats: int, warmup: int, b: Child, sock: socket.socket, host: str
+    size_mib: int,
+    repeats: int,
+    warmup: int,
+    b: Child,
+    b_at: tuple[str, str | None],
+    sock: socket.socket,
+    host: str,
+    bare: Any,
 ) -> dict[str, Any]:
     import torch
 
@@ -255,7 +365,7 @@ async def _run_size(
 
     nbytes = size_mib * MiB
     n = nbytes // 4
-    b_addr = b.call("create", (n, 3.0))
+    b_addr = b.call("create", (n, 3.0, *b_at))
     flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
     flat.segments["float32"].fill_(1.0)
     node = await Node.create(
@@ -288,14 +398,22 @@ async def _run_size(
         if not raw_correct:
             print(f"  !! {size_mib} MiB: raw peer's bytes did not arrive intact", file=sys.stderr)
 
+        bare_frames = _bare_frames(nbytes, GOSSIP.chunk_bytes)
         for _ in range(warmup):
             _raw_exchange(sock, raw_send, raw_recv)
             await _gossip_exchange(node, peer)
+            await _bare_duplex(bare, bare_frames, nbytes)
 
         raw_ms: list[float] = []
         duplex_ms: list[float] = []
         gossip_ms: list[float] = []
+        bare_ms: list[float] = []
         snap_ms: list[float] = []
+
+        async def bare_once() -> None:
+            t0 = time.perf_counter()
+            await _bare_duplex(bare, bare_frames, nbytes)
+            bare_ms.append((time.perf_counter() - t0) * 1e3)
 
         def raw_once() -> None:
             t0 = time.perf_counter()
@@ -310,11 +428,14 @@ async def _run_size(
             snap_ms.append(s)
             gossip_ms.append(g)
 
+        _CPU.clear()
         for i in range(repeats):
             if i % 2 == 0:
                 raw_once()
                 await gossip_once()
+                await bare_once()
             else:
+                await bare_once()
                 await gossip_once()
                 raw_once()
         # Deltas between equal models are zero: still 2.0 after all the repeats.
@@ -333,6 +454,10 @@ async def _run_size(
         "ratio": statistics.median(r / g for r, g in zip(raw_ms, gossip_ms, strict=True)),
         "duplex_ratio": statistics.median(d / g for d, g in zip(duplex_ms, gossip_ms, strict=True)),
         "ratio_iqr": _iqr([r / g for r, g in zip(raw_ms, gossip_ms, strict=True)]),
+        "bare_ms": statistics.median(bare_ms),
+        "cpu_ms": statistics.median(_CPU),
+        "bare_ratio": statistics.median(r / b for r, b in zip(raw_ms, bare_ms, strict=True)),
+        "vs_bare": statistics.median(b / g for b, g in zip(bare_ms, gossip_ms, strict=True)),
         "raw_range_ms": [min(raw_ms), max(raw_ms)],
         "gossip_range_ms": [min(gossip_ms), max(gossip_ms)],
         "correct": bool(correct and raw_correct),
@@ -345,6 +470,25 @@ def _iqr(xs: list[float]) -> list[float]:
         return [min(xs), max(xs)]
     q = statistics.quantiles(xs, n=4)
     return [q[0], q[2]]
+
+
+def delayed(net: Any, host: Any, port: int, k: int, delay: float) -> int:
+    """Start a delaying relay on ``host``'s link address to its local ``port``; the port to dial."""
+    from tests.support.netns import RELAY_PORT
+
+    relay_port = RELAY_PORT + k
+    argv = [sys.executable, str(_NETNS_PY), "relay", "--listen", f"{host.ip}:{relay_port}",
+            "--to", f"127.0.0.1:{port}", "--delay", str(delay)]  # fmt: skip
+    net.start(host, f"relay-{k}", argv)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            socket.create_connection((host.ip, relay_port), timeout=1).close()
+            return relay_port
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _default_repeats(size_mib: int) -> int:
@@ -362,6 +506,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--warmup", type=int, default=2, help="untimed exchanges of each kind per size")
     ap.add_argument("--no-mallopt", action="store_true", help="leave glibc malloc at its defaults")
+    ap.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="with --link: add MS milliseconds each way through the lab's delaying TCP relay "
+        "(this kernel has no netem), for every method alike",
+    )
     ap.add_argument("--time-limit", type=float, default=400.0, help="hard limit on the whole run (s)")
     ap.add_argument(
         "--link",
@@ -371,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         "to RATE each way with tc tbf, e.g. 1gbit or 200mbit (root; default: loopback, one host)",
     )
     args = ap.parse_args(argv)
+    if args.delay and not args.link:
+        ap.error("--delay needs --link")
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.repeats:
         reps = [int(r) for r in args.repeats.split(",")]
@@ -407,45 +561,73 @@ def main(argv: list[str] | None = None) -> int:
     lab = contextlib.ExitStack()
     try:
         here, there, ns = "127.0.0.1", "127.0.0.1", None
+        listen = there  # where the peers on the far host listen
+        net: Any = None
         if args.link:
-            net = lab.enter_context(shaped_pair(args.link, lab.enter_context(tempfile.TemporaryDirectory())))
+            net = lab.enter_context(
+                shaped_pair(args.link, lab.enter_context(tempfile.TemporaryDirectory()), args.delay / 1e3)
+            )
             (a_host, b_host) = net.hosts
-            enter_netns(a_host.ns)  # node A and the raw client: host 0; node B and the raw peer: host 1
+            # Node A and the raw client: host 0 (left before the lab closes, which kills what is
+            # inside its hosts); node B and the raw and bare peers: host 1.
+            lab.enter_context(inside_netns(a_host.ns))
             here, there, ns = a_host.ip, b_host.ip, b_host.ns
-        raw = Child(raw_peer, mallopt, "raw-peer", ns, there)
+            # With a delay every peer listens inside its host and is dialled through a delaying relay.
+            listen = "127.0.0.1" if args.delay else there
+        b_at: tuple[str, str | None] = (f"{listen}:0", None)
+        if args.delay:
+            b_at = (b_host.local, b_host.address)  # the lab's own relay leads to node B
+        raw = Child(raw_peer, mallopt, "raw-peer", ns, listen)
         children.append(raw)
-        b = Child(node_peer, mallopt, "node-B", ns, there)
+        b = Child(node_peer, mallopt, "node-B", ns, listen)
         children.append(b)
+        bare_peer_proc = Child(bare_peer, mallopt, "bare-grpc-peer", ns, listen)
+        children.append(bare_peer_proc)
         raw_port = raw.recv(STARTUP_TIMEOUT)
+        bare_port = bare_peer_proc.recv(STARTUP_TIMEOUT)
         if b.recv(STARTUP_TIMEOUT)[0] != "ready":
             raise RuntimeError("node B did not start")
+        if args.delay:
+            raw_port = delayed(net, b_host, raw_port, 1, args.delay / 1e3)
+            bare_port = delayed(net, b_host, bare_port, 2, args.delay / 1e3)
         sock = socket.create_connection((there, raw_port), timeout=CALL_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             print(
-                f"{'size':>7} {'raw ms':>8} {'duplex ms':>10} {'gossip ms':>10} {'ratio':>6} {'vs duplex':>10} "
-                f"{'gossip MB/s':>12} {'snap ms':>8} {'reps':>5} {'ok':>3}",
+                f"{'size':>7} {'raw ms':>8} {'duplex ms':>10} {'bare ms':>8} {'gossip ms':>10} {'ratio':>6} "
+                f"{'vs duplex':>10} {'vs bare':>8} {'gossip MB/s':>12} {'snap ms':>8} {'reps':>5} {'ok':>3}",
                 flush=True,
             )
 
             async def run_all() -> None:
-                for size, r in zip(sizes, reps, strict=True):
-                    res = await _run_size(size, r, args.warmup, b, sock, here)
-                    results.append(res)
-                    mb = 2 * size * MiB / 1e6  # both directions
-                    print(
-                        f"{size:>4} MiB {res['raw_ms']:8.2f} {res['duplex_ms']:10.2f} {res['gossip_ms']:10.2f} "
-                        f"{res['ratio']:6.2f} {res['duplex_ratio']:10.2f} "
-                        f"{mb / res['gossip_ms'] * 1e3:12.0f} {res['snapshot_ms']:8.2f} {r:>5} "
-                        f"{'yes' if res['correct'] else 'NO':>3}",
-                        flush=True,
-                    )
+                import grpc.aio
+
+                from gossip.transport.channels import CHANNEL_OPTIONS
+
+                channel = grpc.aio.insecure_channel(f"{there}:{bare_port}", options=CHANNEL_OPTIONS)
+                bare = channel.stream_stream(BARE_METHOD)
+                try:
+                    for size, r in zip(sizes, reps, strict=True):
+                        res = await _run_size(size, r, args.warmup, b, b_at, sock, here, bare)
+                        results.append(res)
+                        mb = 2 * size * MiB / 1e6  # both directions
+                        print(
+                            f"{size:>4} MiB {res['raw_ms']:8.2f} {res['duplex_ms']:10.2f} {res['bare_ms']:8.2f} "
+                            f"{res['gossip_ms']:10.2f} {res['ratio']:6.2f} {res['duplex_ratio']:10.2f} "
+                            f"{res['vs_bare']:8.2f} {mb / res['gossip_ms'] * 1e3:12.0f} {res['snapshot_ms']:8.2f} "
+                            f"{res['cpu_ms']:7.1f} {r:>5} {'yes' if res['correct'] else 'NO':>3}",
+                            flush=True,
+                        )
+                finally:
+                    await channel.close()
 
             asyncio.run(run_all())
         finally:
             sock.close()
             with contextlib.suppress(Exception):
                 b.call("quit", timeout=10)
+            with contextlib.suppress(Exception):
+                bare_peer_proc.conn.send(("quit", None))
     finally:
         for c in children:
             c.end()
@@ -460,7 +642,13 @@ def main(argv: list[str] | None = None) -> int:
         "raw_ms": {str(s): round(r["raw_ms"], 3) for s, r in by_size.items()},
         "raw_duplex_ms": {str(s): round(r["duplex_ms"], 3) for s, r in by_size.items()},
         "gossip_ms": {str(s): round(r["gossip_ms"], 3) for s, r in by_size.items()},
+        "bare_grpc_ms": {str(s): round(r["bare_ms"], 3) for s, r in by_size.items()},
+        # raw / bare gRPC: the most any exchange over grpc.aio could reach against raw TCP here
+        "bare_grpc_ratio": {str(s): round(r["bare_ratio"], 3) for s, r in by_size.items()},
+        # bare gRPC / gossip: what the node's logic costs over that floor
+        "gossip_vs_bare": {str(s): round(r["vs_bare"], 3) for s, r in by_size.items()},
         "snapshot_ms": {str(s): round(r["snapshot_ms"], 3) for s, r in by_size.items()},
+        "caller_cpu_ms": {str(s): round(r["cpu_ms"], 3) for s, r in by_size.items()},
         "raw_range_ms": {str(s): [round(v, 3) for v in r["raw_range_ms"]] for s, r in by_size.items()},
         "gossip_range_ms": {str(s): [round(v, 3) for v in r["gossip_range_ms"]] for s, r in by_size.items()},
         "repeats": {str(s): r["repeats"] for s, r in by_size.items()},
@@ -476,7 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["ms_1mib"] = round(by_size[1]["gossip_ms"], 3) if 1 in by_size else None
     if args.link:  # on a shaped link the yardstick is both directions at once
         big = by_size[max(by_size)]
-        summary[f"link_ratio_{args.link}"] = round(big["duplex_ratio"], 3)
+        key = f"link_ratio_{args.link}" + (f"_{args.delay:g}ms" if args.delay else "")
+        summary[key] = round(big["duplex_ratio"], 3)
+        summary["delay_ms"] = args.delay
+        summary["link_ratio_by_size"] = {str(s): round(r["duplex_ratio"], 3) for s, r in by_size.items()}
     print(json.dumps(summary), flush=True)
     return 0 if summary["correct"] else 1
 
