@@ -12,9 +12,14 @@ nodes on the raw path do), one whose slots copy it into a separate buffer and
 frame it while sending (what they did before, and what a pipeline with stages
 or another codec still does). Correctness: 1.0 and 3.0 meet at 2.0 each time.
 
+Then the snapshot a publishing node hands its store, taken on the training thread
+under the node's lock: a fresh clone of the model against a copy into the buffer of
+an earlier snapshot (what nodes do once the store is done with one), paired.
+
 The last line is JSON: frames_ms and copy_ms (medians, per exchange, both sides),
 frames_vs_copy (median of the per-repeat ratios copy / frames; > 1 = frames are
-cheaper), repeats, correct.
+cheaper), publish_clone_ms and publish_reuse_ms (medians) and publish_clone_vs_reuse
+(paired), repeats, correct.
 """
 
 from __future__ import annotations
@@ -95,6 +100,21 @@ async def _run(mib: int, repeats: int, warmup: int) -> dict[str, Any]:
         for k in order:
             times[k].append(await _exchange(*pairs[k]))
     correct = correct and all(_correct(a, b) for a, b in pairs.values())
+
+    model = pairs["frames"][0].flat
+    spare = model.clone()
+    clone_ms: list[float] = []
+    reuse_ms: list[float] = []
+    for i in range(repeats):
+        for how in ("clone", "reuse") if i % 2 == 0 else ("reuse", "clone"):
+            t0 = time.perf_counter()
+            if how == "clone":
+                fresh = model.clone()
+                clone_ms.append((time.perf_counter() - t0) * 1e3)
+                del fresh
+            else:
+                spare.copy_(model)
+                reuse_ms.append((time.perf_counter() - t0) * 1e3)
     return {
         "bench": "protocol",
         "mib": mib,
@@ -102,6 +122,11 @@ async def _run(mib: int, repeats: int, warmup: int) -> dict[str, Any]:
         "copy_ms": round(statistics.median(times["copy"]), 2),
         "frames_vs_copy": round(
             statistics.median(c / f for c, f in zip(times["copy"], times["frames"], strict=True)), 3
+        ),
+        "publish_clone_ms": round(statistics.median(clone_ms), 2),
+        "publish_reuse_ms": round(statistics.median(reuse_ms), 2),
+        "publish_clone_vs_reuse": round(
+            statistics.median(c / r for c, r in zip(clone_ms, reuse_ms, strict=True)), 2
         ),
         "repeats": repeats,
         "correct": correct,
@@ -124,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.mib} MiB exchange, both sides, no transport: snapshot as frames {summary['frames_ms']:.1f} ms, "
         f"copied {summary['copy_ms']:.1f} ms; copy / frames {summary['frames_vs_copy']:.2f}"
+    )
+    print(
+        f"{args.mib} MiB snapshot to publish: fresh clone {summary['publish_clone_ms']:.1f} ms, "
+        f"into a reused buffer {summary['publish_reuse_ms']:.1f} ms"
     )
     print(json.dumps(summary), flush=True)
     return 0 if summary["correct"] else 1

@@ -78,6 +78,9 @@ class StoreService:
         self.reserved = 0  # bytes of shards being received
         self.publishing = False
         self._queued: tuple[FlatParams, int, int] | None = None  # the snapshot due while one is placed
+        # A snapshot buffer the store is done with: the node copies its next snapshot into
+        # it instead of allocating (and page-faulting) a new one on the training thread.
+        self.spare: FlatParams | None = None
         self._spawn: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.ensure_future
         self.repair = Repair(
             node_id,
@@ -138,6 +141,7 @@ class StoreService:
         if self.publishing:
             if self._queued is not None:
                 log.info("skipping v%d: v%d is newer", self._queued[1], version)
+                self.spare = self._queued[0]
             self._queued = (flat, version, step)
             return
         self.publishing = True
@@ -151,6 +155,7 @@ class StoreService:
                     except PublishError as exc:
                         self.stats.publish_failed += 1
                         log.warning("snapshot v%d not published: %s", job[1], exc)
+                    self.spare = job[0]  # placed (local copies are copies): free for the next one
                     job, self._queued = self._queued, None
             finally:
                 self.publishing = False

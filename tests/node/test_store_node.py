@@ -385,6 +385,37 @@ def test_training_steps_publish_each_version_once_from_its_ring_owner() -> None:
     run(main())
 
 
+def test_each_snapshot_reuses_an_earlier_ones_buffer_and_keeps_its_own_values() -> None:
+    async def main() -> None:
+        store = dataclasses.replace(STORE, publish_every=1, keep_versions=10)
+        async with cluster(1, store=store) as (node,):
+            buffers: list[int] = []
+
+            def train() -> None:
+                for k in range(1, 5):
+                    node.flat.segments["float32"].fill_(float(k))  # this step's model
+                    node.step()  # publishes version k, a snapshot of it
+                    deadline = time.monotonic() + 20
+                    while (
+                        len(node.store.store.kept("m")) < k
+                        or node.store.publishing
+                        or node.store.spare is None
+                    ):
+                        assert time.monotonic() < deadline, f"v{k} was not published"
+                        time.sleep(0.01)
+                    buffers.append(id(node.store.spare))
+                node.finish_training()
+
+            await asyncio.to_thread(train)
+            assert len(set(buffers)) == 1  # one buffer, copied into again and again
+            for k in range(1, 5):
+                rebuilt = await fetch_snapshot(node.address, "m", version=k)
+                values = FlatParams.from_bytes(rebuilt.manifest.layout, rebuilt.data).segments["float32"]
+                assert torch.all(values == float(k)), f"v{k} does not hold its own step's model"
+
+    run(main())
+
+
 def test_a_publish_right_after_crashes_places_shards_on_every_member_that_answers() -> None:
     async def main() -> None:
         async with cluster(5) as nodes:  # SLOW: the crashed nodes stay members throughout
