@@ -70,11 +70,14 @@ def _setup_process(mallopt: bool) -> None:
     chunk = int(os.environ.get("GOSSIP_CHUNK_BYTES", GossipConfig().chunk_bytes))
     GOSSIP = GossipConfig(chunk_bytes=chunk, idle_pause=0.0)
 
-    from gossip.cluster.sysutil import tune_malloc
+    import gossip.node.node  # noqa: F401  (everything a node imports, before the heap is frozen)
+    from gossip.cluster.sysutil import freeze_heap, tune_malloc
 
     torch.set_num_threads(1)  # as gossip's runner does: one thread per node process
     if mallopt:
         tune_malloc()
+    if not os.environ.get("GOSSIP_BENCH_NO_FREEZE"):
+        freeze_heap()  # as the runner does once the node is built
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(name)s: %(message)s")
 
 

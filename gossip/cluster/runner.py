@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossip.cluster.sysutil import tune_malloc
+from gossip.cluster.sysutil import freeze_heap, tune_malloc
 from gossip.config import NodeConfig, RunOptions, TrainConfig
 from gossip.core.layout import LayoutError
 from gossip.node.node import JoinError, Node
@@ -190,6 +190,7 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    freeze_heap()  # what is built now lives as long as the process: keep collections off it
     node = Node.around(model, config, seed=train.seed * 7919 + max(config.rank, 0))
     metrics = _Metrics(opts.metrics, node.node_id, config.rank)
     rec = _Recorder(node, trainer, ds, metrics, opts)
