@@ -2,11 +2,13 @@
 
 The caller sends its header and snapshot; the callee answers with a header
 (``accepted`` or ``busy``, decided at once from the header) and, if accepted,
-its own snapshot once it has read and checked the caller's. The caller reads and
-checks the whole answer, then sends the commit frame and closes; the callee takes
-its half only on exactly that frame, so a cancel, a timeout or a refusal never
-commits one side alone. Each side then adds ``(other - own) / 2`` to its current
-model between two steps (the delta rule keeps the sum of the models exact).
+streams its own snapshot while the caller's arrives. The caller reads and checks
+the whole answer, then sends the commit frame and waits for the status; the
+callee takes its half only on exactly that frame, so a cancel, a timeout or a
+refusal never commits one side alone, and answers OK once its half is queued.
+Each side then adds ``(other - own) / 2`` to its current model between two steps
+(the delta rule keeps the sum of the models exact). On the raw path a snapshot is
+the chunk frames it is sent in (``ExchangeSlot.frame_bytes``).
 
 What a crash at each named failpoint does to the models is the table in the
 docs' crash semantics page; the fault matrix tests it.
