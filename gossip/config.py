@@ -194,6 +194,40 @@ class SecurityConfig:
             )
 
 
+_RATE_UNITS = {
+    # tc's units: *bit are bits per second, *bps bytes per second.
+    "bit": 1 / 8,
+    "kbit": 1e3 / 8,
+    "mbit": 1e6 / 8,
+    "gbit": 1e9 / 8,
+    "bps": 1.0,
+    "kbps": 1e3,
+    "mbps": 1e6,
+    "gbps": 1e9,
+}
+
+
+def parse_rate(spec: str) -> float:
+    """Bytes per second of a rate such as ``50mbit``, ``1gbit`` or ``2mbps`` (tc's units).
+
+    Raises ConfigError with the reason for anything else.
+    """
+    text = spec.strip().lower()
+    for unit in sorted(_RATE_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                value = float(text[: -len(unit)])
+            except ValueError:
+                break
+            if not 0 < value < math.inf:
+                raise ConfigError(f"rate {spec!r} must be positive")
+            return value * _RATE_UNITS[unit]
+    raise ConfigError(
+        f"rate {spec!r} is not a number with a unit: bit, kbit, mbit, gbit (bits per second) "
+        "or bps, kbps, mbps, gbps (bytes per second), e.g. 50mbit"
+    )
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     # Loopback unless told otherwise: nothing is exposed by accident.
@@ -211,6 +245,8 @@ class NodeConfig:
     join_timeout: float = 15.0
     # Deadline of the small control calls (join, sync, leave, status).
     rpc_timeout: float = 2.0
+    # The most this node sends, all calls together (e.g. 50mbit); empty = no limit.
+    max_send_rate: str = ""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -228,6 +264,7 @@ class NodeConfig:
             raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.join_timeout <= 0 or self.rpc_timeout <= 0:
             raise ConfigError("join_timeout and rpc_timeout must be > 0")
+        self.send_rate  # noqa: B018  (a bad rate fails here)
         m = self.membership
         if not m.interval < m.suspect_after < m.dead_after < 1e6:
             raise ConfigError(
@@ -237,6 +274,11 @@ class NodeConfig:
         self.gossip.validate()
         self.store.validate()
         self.security.validate()
+
+    @property
+    def send_rate(self) -> float | None:
+        """``max_send_rate`` in bytes per second, or None for no limit."""
+        return parse_rate(self.max_send_rate) if self.max_send_rate.strip() else None
 
 
 @dataclass(frozen=True)
@@ -293,6 +335,7 @@ class SimulateConfig:
     # Seconds a churned node stays down: under the membership's 4 s suspicion, so the
     # others see a crash and a reboot (failed exchanges), not a departure.
     churn_downtime: float = 2.0
+    max_send_rate: str = ""  # every node's --max-send-rate (empty: no limit)
 
     @property
     def start_seconds(self) -> float:
@@ -305,6 +348,8 @@ class SimulateConfig:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if self.start_timeout is not None and not self.start_timeout > 0:
             raise ConfigError(f"--start-timeout must be > 0, got {self.start_timeout}")
+        if self.max_send_rate.strip():
+            parse_rate(self.max_send_rate)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from gossip.config import (
 )
 from gossip.core.membership import MembershipConfig
 
-# knob -> (section, help). Sections: train, gossip, node, run, store, sim.
+# knob -> (section, help). Sections: train, gossip, node, link (node and sim), run, store, sim.
 KNOBS: dict[str, tuple[str, str]] = {
     "dataset": ("train", "digits, synthetic[:N] or a path to an .npz file with X and y"),
     "model": ("train", "logreg, mlp, cnn or package.module:factory returning an nn.Module"),
@@ -71,6 +71,12 @@ KNOBS: dict[str, tuple[str, str]] = {
         "control calls per second all connections get together, shared among those calling "
         "(0 = per connection only; raise it for clusters of hundreds of nodes)",
     ),
+    "max_send_rate": (
+        "link",
+        "the most a node sends, all calls together, e.g. 50mbit (bits/s) or 5mbps (bytes/s), tc's units; "
+        "keeps gossip off a shared link's capacity, and makes slow links reproducible on one machine "
+        "(deadlines stretch to match; give every node the same rate)",
+    ),
     "metrics": ("run", "append metrics as JSON lines to this file"),
     "wait_for": (
         "run",
@@ -111,8 +117,12 @@ KNOBS: dict[str, tuple[str, str]] = {
     "start_timeout": ("sim", "seconds the nodes may take to start (default: grows with --nodes)"),
 }
 
-NODE_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "run", "store")]
-SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "sim", "store")] + ["threads"]
+NODE_KNOBS = [
+    k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "link", "run", "store")
+]
+SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "link", "sim", "store")] + [
+    "threads"
+]
 SIM_DEFAULTS: dict[str, Any] = {"topology": "exponential"}
 
 _BOOL_KNOBS = {"exit_when_done", "baseline", "init_from_network", "reconstruct"}
@@ -221,6 +231,7 @@ def node_config(v: dict[str, Any]) -> NodeConfig:
         rank=v["rank"],
         world_size=v["world_size"],
         join_timeout=v["join_timeout"],
+        max_send_rate=v["max_send_rate"],
         security=SecurityConfig(
             tls_cert=v["tls_cert"],
             tls_key=v["tls_key"],
@@ -270,6 +281,7 @@ def simulate_config(v: dict[str, Any]) -> SimulateConfig:
         reconstruct=bool(v["reconstruct"]),
         churn=v["churn"],
         churn_downtime=v["churn_downtime"],
+        max_send_rate=v["max_send_rate"],
     )
     if v["start_timeout"] is not None:
         sim = replace(sim, start_timeout=v["start_timeout"])

@@ -60,6 +60,8 @@ def node_command(
         cmd += ["--init-from-network"]
     if join_timeout is not None:
         cmd += ["--join-timeout", str(join_timeout)]
+    if sim.max_send_rate:
+        cmd += ["--max-send-rate", sim.max_send_rate]
     cmd += ["--rank", str(rank), "--world-size", str(sim.nodes)]
     if not incarnation:  # a restarted node joins a running network and trains at once
         cmd += ["--wait-for", str(sim.nodes)]

@@ -38,7 +38,8 @@ from gossip.node.slot import ExchangeSlot
 from gossip.store import servicer as store_servicer
 from gossip.store.service import StoreService
 from gossip.transport import security
-from gossip.transport.channels import GOSSIP, Channels
+from gossip.transport.channels import DEADLINE_BYTES_PER_S, GOSSIP, Channels
+from gossip.transport.pacing import SendPacer
 from gossip.transport.server import Server, start_server
 
 __all__ = ["JoinError", "Node", "Stats"]
@@ -74,6 +75,8 @@ class Node:
         frames = g.chunk_bytes if pipeline.streams(g.codec) else 0
         self.slot = ExchangeSlot(flat, g.max_lag, frame_bytes=frames)
         self.rest = RestPolicy(g.idle_pause, g.rest_pause, g.rest_tolerance)
+        rate = config.send_rate
+        self.pacer = SendPacer(rate) if rate else None  # --max-send-rate: every call, both ways
         self.party = Party(
             self.node_id,
             flat,
@@ -82,6 +85,7 @@ class Node:
             g,
             running=lambda: self.phase == "running",
             on_wake=self._wake_rest,
+            send_floor=rate or DEADLINE_BYTES_PER_S,
         )
         self._rng = random.Random(seed)
         self._round = 0
@@ -89,7 +93,7 @@ class Node:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rest_wake = asyncio.Event()
-        self.channels = Channels()
+        self.channels = Channels(pacer=self.pacer)
         self.members: Members | None = None
         self.store = StoreService(
             self.node_id,
@@ -98,6 +102,7 @@ class Node:
             fingerprint=flat.fingerprint,
             rpc_timeout=config.rpc_timeout,
             chunk_bytes=g.chunk_bytes,
+            send_floor=rate or DEADLINE_BYTES_PER_S,
         )
 
     # --- lifecycle -----------------------------------------------------------------
@@ -155,6 +160,7 @@ class Node:
             ],
             interceptors=sec.server_interceptors(),
             credentials=sec.server_credentials,
+            pacer=self.pacer,
         )
         if warning := security.exposure_warning(self.config.listen, sec):
             log.warning("%s", warning)

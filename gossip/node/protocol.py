@@ -26,7 +26,7 @@ from gossip.core.pipeline import Pipeline
 from gossip.node import faults
 from gossip.node.rest import RestPolicy
 from gossip.node.slot import ExchangeSlot
-from gossip.transport.channels import transfer_timeout
+from gossip.transport.channels import DEADLINE_BYTES_PER_S, transfer_timeout
 from gossip.transport.frames import (
     Header,
     WireError,
@@ -88,6 +88,7 @@ class Party:
     spare: list[FlatParams] = field(default_factory=list)  # push-sum receive buffers to reuse
     rest: RestPolicy | None = None  # set once training is over: how hard to keep averaging
     on_wake: Callable[[], None] = lambda: None  # the rest policy woke up: average again at once
+    send_floor: float = DEADLINE_BYTES_PER_S  # the throughput deadlines assume (lower when paced)
 
     @property
     def fingerprint(self) -> bytes:
@@ -96,7 +97,7 @@ class Party:
     @property
     def deadline(self) -> float:
         """The deadline of one exchange: the base plus the payload at the throughput floor."""
-        return transfer_timeout(self.gossip.exchange_timeout, self.flat.nbytes)
+        return transfer_timeout(self.gossip.exchange_timeout, self.flat.nbytes, self.send_floor)
 
     def header(self, codec: str, weight: float = 1.0, outcome: str = "") -> Header:
         return Header(

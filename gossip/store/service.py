@@ -41,7 +41,7 @@ from gossip.store.shards import (
     describe,
     snapshot_key,
 )
-from gossip.transport.channels import Channels, transfer_timeout
+from gossip.transport.channels import DEADLINE_BYTES_PER_S, Channels, transfer_timeout
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class StoreService:
         fingerprint: bytes = b"",
         rpc_timeout: float = 2.0,
         chunk_bytes: int = 1 << 20,
+        send_floor: float = DEADLINE_BYTES_PER_S,
     ) -> None:
         self.node_id = node_id
         self.config = config
@@ -71,6 +72,7 @@ class StoreService:
         self.fingerprint = fingerprint
         self.rpc_timeout = rpc_timeout
         self.chunk_bytes = chunk_bytes
+        self.send_floor = send_floor  # the throughput the deadlines of our pushes assume
         self.store = ShardStore(config.keep_versions, config.capacity_bytes)
         self.client = StoreClient(channels)
         self.stats = StoreStats()
@@ -267,7 +269,7 @@ class StoreService:
             return False
         async with streams:
             try:
-                timeout = transfer_timeout(self.rpc_timeout, len(data))
+                timeout = transfer_timeout(self.rpc_timeout, len(data), self.send_floor)
                 return await self.client.put_shard(address, h, data, self.chunk_bytes, timeout)
             except PeerError as exc:
                 if exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):

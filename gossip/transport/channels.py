@@ -19,6 +19,7 @@ import grpc.aio
 
 from gossip.core.errors import PeerError
 from gossip.transport.frames import MAX_FRAME_BYTES
+from gossip.transport.pacing import SendPacer
 
 __all__ = ["CallStream", "Channels", "PeerError", "transfer_timeout"]
 
@@ -43,10 +44,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 DEADLINE_BYTES_PER_S = 20e6
 
 
-def transfer_timeout(base: float, nbytes: int) -> float:
+def transfer_timeout(base: float, nbytes: int, floor: float = DEADLINE_BYTES_PER_S) -> float:
     """The deadline of a call that moves ``nbytes``: ``base`` plus twice their time at 20 MB/s
-    (the margin covers a loaded machine)."""
-    return base + 2 * nbytes / DEADLINE_BYTES_PER_S
+    (the margin covers a loaded machine), or at ``floor`` bytes/s (a paced sender's rate)."""
+    return base + 2 * nbytes / min(floor, DEADLINE_BYTES_PER_S)
 
 
 def _peer_error(address: str, exc: BaseException) -> PeerError:
@@ -69,11 +70,14 @@ class CallStream:
     call's single answer; ``cancel`` ends the call at once (idempotent).
     """
 
-    def __init__(self, call: Any, address: str) -> None:
+    def __init__(self, call: Any, address: str, pacer: SendPacer | None = None) -> None:
         self._call = call
         self.address = address
+        self._pacer = pacer
 
     async def write(self, frame: bytes) -> None:
+        if self._pacer is not None:
+            await self._pacer.take(len(frame))
         try:
             await self._call.write(frame)
         except _CALL_ERRORS as exc:
@@ -118,10 +122,12 @@ class Channels:
         self,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        pacer: SendPacer | None = None,
     ) -> None:
         self._credentials = credentials
         self._metadata = tuple(metadata)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.pacer = pacer  # paces every request this side sends (``--max-send-rate``)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -154,6 +160,8 @@ class Channels:
     async def unary(self, address: str, method: str, request: bytes, timeout: float) -> bytes:
         """Call a unary method (its full path) with an encoded request; the encoded answer."""
         call = self.channel(address).unary_unary(method)
+        if self.pacer is not None:
+            await self.pacer.take(len(request))
         try:
             return bytes(await call(request, timeout=timeout, metadata=self._metadata))
         except _CALL_ERRORS as exc:
@@ -162,14 +170,14 @@ class Channels:
     def stream(self, address: str, method: str, timeout: float) -> CallStream:
         """Open a bidirectional call: the caller writes frames and reads the answer's."""
         call = self.channel(address).stream_stream(method)(timeout=timeout, metadata=self._metadata)
-        return CallStream(call, address)
+        return CallStream(call, address, self.pacer)
 
     def upload(self, address: str, method: str, timeout: float) -> CallStream:
         """Open a client-streaming call: write frames, ``done_writing``, then ``response``."""
         call = self.channel(address).stream_unary(method)(timeout=timeout, metadata=self._metadata)
-        return CallStream(call, address)
+        return CallStream(call, address, self.pacer)
 
     def download(self, address: str, method: str, request: bytes, timeout: float) -> CallStream:
         """Open a server-streaming call with one encoded request; read its frames."""
         call = self.channel(address).unary_stream(method)(request, timeout=timeout, metadata=self._metadata)
-        return CallStream(call, address)
+        return CallStream(call, address, self.pacer)

@@ -24,6 +24,7 @@ import grpc.aio
 from gossip.core.errors import Refused
 from gossip.transport.channels import MESSAGE_LIMIT
 from gossip.transport.frames import WireError
+from gossip.transport.pacing import SendPacer
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ Server: TypeAlias = grpc.aio.Server
 class ServerStream:
     """The frames of one incoming call, seen from the serving side."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, pacer: SendPacer | None = None) -> None:
         self._context = context
+        self._pacer = pacer
 
     async def read(self) -> bytes | None:
         """The next frame, or None once the caller finished sending."""
@@ -61,6 +63,8 @@ class ServerStream:
         return None if frame is grpc.aio.EOF else bytes(frame)
 
     async def write(self, frame: bytes) -> None:
+        if self._pacer is not None:
+            await self._pacer.take(len(frame))
         await self._context.write(frame)
 
 
@@ -116,35 +120,40 @@ async def _guarded(context: Context, name: str, level: int, run: Awaitable[Any])
     return None
 
 
-def _handler(path: str, method: Method) -> grpc.RpcMethodHandler:
+def _handler(path: str, method: Method, pacer: SendPacer | None = None) -> grpc.RpcMethodHandler:
     fn = method.fn
     level = logging.INFO if method.quiet else logging.WARNING
 
     def guarded(context: Context, run: Awaitable[Any]) -> Awaitable[Any]:
         return _guarded(context, path, level, run)
 
+    async def paced(answer: bytes | None) -> bytes | None:
+        if pacer is not None and answer is not None:
+            await pacer.take(len(answer))
+        return answer
+
     if method.kind == "unary":
 
         async def uu(request: bytes, context: Context) -> bytes | None:
-            return await guarded(context, fn(request))
+            return await paced(await guarded(context, fn(request)))
 
         return grpc.unary_unary_rpc_method_handler(uu)
     if method.kind == "upload":
 
         async def su(_requests: object, context: Context) -> bytes | None:
-            return await guarded(context, fn(ServerStream(context)))
+            return await paced(await guarded(context, fn(ServerStream(context))))
 
         return grpc.stream_unary_rpc_method_handler(su)
     if method.kind == "download":
 
         async def us(request: bytes, context: Context) -> None:
-            await guarded(context, fn(request, ServerStream(context)))
+            await guarded(context, fn(request, ServerStream(context, pacer)))
 
         return grpc.unary_stream_rpc_method_handler(us)
     if method.kind == "bidi":
 
         async def ss(_requests: object, context: Context) -> None:
-            await guarded(context, fn(ServerStream(context)))
+            await guarded(context, fn(ServerStream(context, pacer)))
 
         return grpc.stream_stream_rpc_method_handler(ss)
     raise ValueError(f"unknown method kind {method.kind!r}")
@@ -163,9 +172,12 @@ def refusing_handler(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandl
     return grpc.stream_stream_rpc_method_handler(refuse)
 
 
-def generic_handler(service: str, methods: dict[str, Method]) -> grpc.GenericRpcHandler:
-    """gRPC's handler for ``service`` (e.g. ``gossip.proto.Gossip``) with these methods."""
-    handlers = {n: _handler(f"{service}/{n}", m) for n, m in methods.items()}
+def generic_handler(
+    service: str, methods: dict[str, Method], pacer: SendPacer | None = None
+) -> grpc.GenericRpcHandler:
+    """gRPC's handler for ``service`` (e.g. ``gossip.proto.Gossip``) with these methods;
+    ``pacer`` paces every answer (``--max-send-rate``)."""
+    handlers = {n: _handler(f"{service}/{n}", m, pacer) for n, m in methods.items()}
     return grpc.method_handlers_generic_handler(service, handlers)
 
 
@@ -174,12 +186,15 @@ async def start_server(
     services: Sequence[tuple[str, dict[str, Method]]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    pacer: SendPacer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve ``services`` on ``listen`` (port 0 picks a free port); returns the server and its port."""
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=list(interceptors), maximum_concurrent_rpcs=MAX_OPEN_CALLS
     )
-    server.add_generic_rpc_handlers(tuple(generic_handler(name, methods) for name, methods in services))
+    server.add_generic_rpc_handlers(
+        tuple(generic_handler(name, methods, pacer) for name, methods in services)
+    )
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)

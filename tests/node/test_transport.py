@@ -274,3 +274,52 @@ def test_callee_takes_no_half_when_the_caller_closes_without_committing() -> Non
             await node.stop(leave=False)
 
     run(main())
+
+
+# --- --max-send-rate ----------------------------------------------------------------
+
+
+def test_paced_nodes_exchange_at_their_send_rate_and_exactly() -> None:
+    """Two nodes capped at 16 Mbit/s (2 MB/s) each: a 1 MiB exchange in 64 KiB chunks cannot
+    take less than the 15 chunks after the first need at that rate, and still meets in the middle."""
+    n = 1 << 18  # 1 MiB of float32
+    rate = 2e6
+    gossip = GossipConfig(chunk_bytes=1 << 16)
+
+    async def main() -> float:
+        b = await Node.create(
+            _vector([3.0] * n), NodeConfig(node_id="b", max_send_rate="16mbit", gossip=gossip)
+        )
+        a = await Node.create(
+            _vector([1.0] * n),
+            NodeConfig(node_id="a", peers=(b.address,), max_send_rate="16mbit", gossip=gossip),
+        )
+        try:
+            assert await a.wait_for_members(2, CALL_TIMEOUT)
+            peer = next(m for m in a.neighbours() if m.node_id == "b")
+            assert a.party.deadline > 2 * (n * 4) / rate  # the deadline stretched to the rate
+
+            def connect(address: str) -> Any:
+                return a.channels.stream(address, GOSSIP + "Exchange", a.party.deadline)
+
+            assert a.pacer is not None and b.pacer is not None
+            sent_a, sent_b = a.pacer.sent, b.pacer.sent
+            t0 = asyncio.get_running_loop().time()
+            assert a.slot.claim_own(running=True)
+            try:
+                assert await pairwise.call(a.party, peer, connect) == "ok"
+            finally:
+                a.slot.own_finished()
+            elapsed = asyncio.get_running_loop().time() - t0
+            await asyncio.sleep(0)  # b adds its half right after its OK
+            assert torch.equal(a.flat.segments["float32"], torch.full((n,), 2.0))
+            assert torch.equal(b.flat.segments["float32"], torch.full((n,), 2.0))
+            # Every byte of both payloads went through the pacers.
+            assert a.pacer.sent - sent_a >= n * 4 and b.pacer.sent - sent_b >= n * 4
+            return elapsed
+        finally:
+            await a.stop(leave=False)
+            await b.stop(leave=False)
+
+    elapsed = run(main())
+    assert elapsed >= 15 * (1 << 16) / rate * 0.99, elapsed  # a rate limit only ever slows
