@@ -65,7 +65,7 @@ def training_specs(dataset: str, model: str, partition: str, nodes: int, seed: i
 
     try:
         ds = load_dataset(dataset, seed=seed)
-        build_model(model, ds.input_shape, ds.num_classes, seed=seed)
+        build_model(model, ds.input_shape, ds.num_classes, seed=seed, target_shape=ds.target_shape)
         cut(ds.y_train, max(nodes, 1), partition, seed=seed)
     except (DataError, ModelError) as exc:
         raise ConfigError(str(exc)) from None

@@ -28,8 +28,16 @@ from gossip.core.membership import MembershipConfig
 
 # knob -> (section, help). Sections: train, gossip, node, link (node and sim), run, store, sim.
 KNOBS: dict[str, tuple[str, str]] = {
-    "dataset": ("train", "digits, synthetic[:N] or a path to an .npz file with X and y"),
-    "model": ("train", "logreg, mlp, cnn or package.module:factory returning an nn.Module"),
+    "dataset": (
+        "train",
+        "digits, synthetic[:N], text:stdlib[:CONTEXT] (next-byte prediction on this Python's standard "
+        "library source) or a path to an .npz file with X and y",
+    ),
+    "model": (
+        "train",
+        "logreg, mlp, cnn, gpt:LAYERS:DIM:HEADS (a small causal transformer, for text:stdlib) or "
+        "package.module:factory returning an nn.Module",
+    ),
     "partition": ("train", "iid or dirichlet:ALPHA (label skew)"),
     "epochs": ("train", "passes over the node's own data"),
     "batch_size": ("train", "minibatch size"),

@@ -94,6 +94,11 @@ def simulate_table(s: dict[str, Any]) -> None:
         f"nodes               {s['nodes']} ({s['topology']}, {s['strategy']})",
         f"mean accuracy       {s['mean_accuracy']:.4f} (min {s['min_accuracy']:.4f})",
         f"consensus distance  {cd:.3e}" if cd is not None else "consensus distance  n/a",
+        *(
+            [f"bits per byte       {s['mean_bits_per_byte']:.3f} (validation; accuracy is next-byte)"]
+            if "mean_bits_per_byte" in s
+            else []
+        ),
         f"bytes sent          {s['bytes_sent']:,}",
         f"wall time           {s['wall_seconds']:.1f} s",
     ]

@@ -20,7 +20,7 @@ from typing import Any
 from gossip.cluster.churn import Churn
 from gossip.cluster.procs import Cluster, Progress, SimulationError, read_jsonl
 from gossip.cluster.rebuild import node_step, parse_kill, pick_victims, rebuild_from
-from gossip.cluster.summary import consensus_by_eval, plot, summarize
+from gossip.cluster.summary import consensus_by_eval, is_text, plot, summarize
 from gossip.config import GossipConfig, SimulateConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -195,5 +195,6 @@ def _write(
     title = f"{sim.nodes} nodes, {gossip.topology}, {gossip.strategy}, {train.model} on {train.dataset}"
     if sim.churn:
         title += f", churn {sim.churn:g}/node/min"
-    plot(merged, sim.nodes, out / "plot.png", title, launched, summary.get("churn", {}).get("events", ()))
+    events = summary.get("churn", {}).get("events", ())
+    plot(merged, sim.nodes, out / "plot.png", title, launched, events, text=is_text(train.dataset))
     return summary

@@ -76,7 +76,9 @@ def rebuild_from(
         from gossip.train.trainer import evaluate as test
 
         ds = load_dataset(train.dataset, seed=train.seed)
-        model = build_model(train.model, ds.input_shape, ds.num_classes, seed=train.seed)
+        model = build_model(
+            train.model, ds.input_shape, ds.num_classes, seed=train.seed, target_shape=ds.target_shape
+        )
         if Layout.of_model(model).fingerprint() != m.fingerprint:
             return {**result, "rebuild_error": f"snapshot {m.key} is not a {train.model} model"}
         # strict=False: a snapshot holds the trainable parameters, not buffers.

@@ -147,7 +147,9 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
     torch.set_num_threads(max(1, opts.threads))
     tune_malloc()
     ds = load_dataset(train.dataset, seed=train.seed)
-    model = build_model(train.model, ds.input_shape, ds.num_classes, seed=train.seed)
+    model = build_model(
+        train.model, ds.input_shape, ds.num_classes, seed=train.seed, target_shape=ds.target_shape
+    )
     if config.rank >= 0 and config.world_size > 0:
         x, y = node_data(ds, config.rank, config.world_size, train.partition, seed=train.seed)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -87,7 +88,16 @@ def summarize(
         "wall_seconds": round(wall, 2),
         "config": {"train": asdict(train), "gossip": asdict(gossip), "simulate": asdict(sim)},
     }
+    if is_text(train.dataset):  # a label per byte: the loss is nats per byte, accuracy next-byte
+        bpb = [float(finals[r]["loss"]) / math.log(2) for r in sorted(finals)]
+        summary["bits_per_byte"] = bpb
+        summary["mean_bits_per_byte"] = float(np.mean(bpb))
     return summary, merged
+
+
+def is_text(dataset: str) -> bool:
+    """Whether ``dataset`` has a label per byte (``text:...``): bits per byte and next-byte accuracy."""
+    return dataset.startswith("text:")
 
 
 def plot(
@@ -97,17 +107,23 @@ def plot(
     title: str,
     start: float,
     events: Sequence[dict[str, Any]] = (),
+    text: bool = False,
 ) -> None:
+    """Accuracy and consensus distance over time; with ``text``, next-byte accuracy, validation
+    bits per byte and consensus distance."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(16 if text else 11, 4.2))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if text else 2)
+    ax1, ax2 = axes[0], axes[-1]
     for r in range(nodes):
         recs = [m for m in merged if m["rank"] == r]
         xs = [m.get("unix_time", start) - start for m in recs]
         ax1.plot(xs, [m["accuracy"] for m in recs], lw=1, label=f"node {r}")
+        if text:
+            axes[1].plot(xs, [m["loss"] / math.log(2) for m in recs], lw=1, label=f"node {r}")
         pts = [
             (x, m["consensus_distance"]) for x, m in zip(xs, recs, strict=True) if m.get("consensus_distance")
         ]
@@ -117,9 +133,13 @@ def plot(
         color = "tab:red" if e["event"] == "killed" else "tab:green"
         ax1.axvline(e["unix_time"] - start, color=color, ls=":", lw=0.8)
     ax1.set_xlabel("seconds since launch")
-    ax1.set_ylabel("test accuracy")
+    ax1.set_ylabel("next-byte accuracy (validation)" if text else "test accuracy")
     ax1.set_ylim(0, 1)
     ax1.grid(alpha=0.3)
+    if text:
+        axes[1].set_xlabel("seconds since launch")
+        axes[1].set_ylabel("validation bits per byte")
+        axes[1].grid(alpha=0.3)
     ax2.set_xlabel("seconds since launch")
     ax2.set_ylabel("squared distance from the average model")
     ax2.set_yscale("log")

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -38,7 +37,7 @@ from gossip.core.topology import MIXING_RULES, Topology, TopologyError
 from gossip.sim.mixing import STRATEGIES, Mixer, bytes_per_message, make_mixer
 from gossip.train.data import DataError, Dataset, load_dataset, partition
 from gossip.train.models import build_model
-from gossip.train.trainer import evaluate
+from gossip.train.trainer import cross_entropy, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,9 @@ class Simulator:
         self.dataset = dataset if dataset is not None else load_dataset(cfg.dataset, seed=cfg.seed)
         ds = self.dataset
         if model is None:
-            module = build_model(cfg.model, ds.input_shape, ds.num_classes, seed=cfg.seed)
+            module = build_model(
+                cfg.model, ds.input_shape, ds.num_classes, seed=cfg.seed, target_shape=ds.target_shape
+            )
         else:
             module = model if isinstance(model, nn.Module) else model()
         if any(True for _ in module.buffers()):
@@ -239,7 +240,7 @@ class Simulator:
         return out
 
     def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-        per_sample = F.cross_entropy(self._logits(params, x), y, reduction="none")
+        per_sample = cross_entropy(self._logits(params, x), y, reduction="none")
         return (per_sample * mask).sum() / mask.sum()
 
     # --- one round -------------------------------------------------------------------
@@ -334,7 +335,7 @@ class Simulator:
         with torch.no_grad():
             for rows in self.params.split(chunk):
                 logits = self._forward(self.views(rows), ds.x_test)
-                out.append((logits.argmax(dim=-1) == ds.y_test).to(torch.float64).mean(dim=1))
+                out.append((logits.argmax(dim=-1) == ds.y_test).to(torch.float64).flatten(1).mean(dim=1))
         return torch.cat(out)
 
     def evaluate(self) -> RoundMetrics:

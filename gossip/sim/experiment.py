@@ -116,7 +116,7 @@ def _check(exp: Experiment) -> None:
             ds = _dataset(datasets, cfg)
             partition(ds.y_train, cfg.nodes, cfg.partition, seed=cfg.seed)
             if (cfg.model, ds.name) not in models:
-                build_model(cfg.model, ds.input_shape, ds.num_classes)
+                build_model(cfg.model, ds.input_shape, ds.num_classes, target_shape=ds.target_shape)
                 models.add((cfg.model, ds.name))
         except (ConfigError, DataError, ModelError) as exc:
             raise ConfigError(f"{exp.source}: {label}: {exc}") from None

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from gossip.config import ConfigError
+from gossip.train import text
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Dataset:
     # Shape of one sample before flattening, e.g. (1, 8, 8) for digits, so a
     # model such as a CNN can restore it.
     input_shape: tuple[int, ...]
+    # Targets per sample: () for one class label, (T,) for a label per token (text).
+    target_shape: tuple[int, ...] = ()
 
     @property
     def num_features(self) -> int:
@@ -69,7 +72,28 @@ def load_dataset(spec: str, seed: int = 0) -> Dataset:
         return _load_synthetic(spec, seed)
     if spec.lower().endswith(".npz"):
         return _load_npz(Path(spec))
-    raise DataError(f"unknown dataset {spec!r}: use digits, synthetic or a path to an .npz file")
+    if spec.startswith("text:"):
+        return _load_text(spec)
+    raise DataError(f"unknown dataset {spec!r}: use digits, synthetic, text:stdlib or a path to an .npz file")
+
+
+def _load_text(spec: str) -> Dataset:
+    """Byte-level language modelling on the local standard library's source (``gossip.train.text``)."""
+    context = text.parse_spec(spec)
+    train, valid, files = text.corpus()
+    x_train, y_train = text.windows(train, context)
+    x_test, y_test = text.windows(valid, context)
+    log.debug("text:stdlib: %d files, %d + %d bytes, context %d", files, len(train), len(valid), context)
+    return Dataset(
+        name=spec,
+        x_train=torch.from_numpy(x_train),
+        y_train=torch.from_numpy(y_train),
+        x_test=torch.from_numpy(x_test),
+        y_test=torch.from_numpy(y_test),
+        num_classes=256,
+        input_shape=(context,),
+        target_shape=(context,),
+    )
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -109,9 +133,9 @@ def _load_synthetic(spec: str, seed: int) -> Dataset:
 
     size = SYNTHETIC_DEFAULT_SIZE
     if spec != "synthetic":
-        text = spec.split(":", 1)[1]
+        size_text = spec.split(":", 1)[1]
         try:
-            size = int(text)
+            size = int(size_text)
         except ValueError:
             raise DataError(f"bad dataset spec {spec!r}: synthetic:N needs an integer N") from None
         # Below this a stratified 80/20 split cannot give every class a test sample.
@@ -282,8 +306,8 @@ def partition(labels: np.ndarray | Tensor, parts: int, spec: str = "iid", seed: 
     ALPHA gives each part few classes, large ALPHA approaches IID.
     """
     y = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-    if y.ndim != 1:
-        raise DataError(f"partition needs one label per sample, got shape {y.shape}")
+    if y.ndim < 1:
+        raise DataError(f"partition needs labels per sample, got shape {y.shape}")
     n = len(y)
     if parts < 1:
         raise DataError(f"cannot partition into {parts} parts")
@@ -294,9 +318,13 @@ def partition(labels: np.ndarray | Tensor, parts: int, spec: str = "iid", seed: 
     if spec == "iid":
         return [np.sort(p) for p in np.array_split(rng.permutation(n), parts)]
     if spec.startswith("dirichlet:"):
-        text = spec.split(":", 1)[1]
+        if y.ndim != 1:
+            raise DataError(
+                f"partition {spec!r} skews class labels; this dataset has a label per token: use iid"
+            )
+        alpha_text = spec.split(":", 1)[1]
         try:
-            alpha = float(text)
+            alpha = float(alpha_text)
         except ValueError:
             raise DataError(f"bad partition spec {spec!r}: dirichlet:ALPHA needs a number") from None
         if not (math.isfinite(alpha) and alpha > 0):

@@ -20,6 +20,26 @@ from gossip.train.models import build_model
 log = logging.getLogger(__name__)
 
 
+def cross_entropy(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of logits (N, C) against labels (N,), or of (N, T, C) against a label per
+    token (N, T), where a sample's loss is the mean over its tokens (nats per token).
+
+    ``reduction``: ``mean`` or ``sum`` over samples, or ``none`` for one loss per sample.
+    """
+    if y.dim() == 1:
+        return F.cross_entropy(logits, y, reduction=reduction)
+    per_sample = F.cross_entropy(logits.transpose(1, -1), y, reduction="none").flatten(1).mean(dim=1)
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def correct(logits: Tensor, y: Tensor) -> Tensor:
+    """Per sample, the fraction of its labels the argmax gets right (0 or 1 for one label)."""
+    hits = logits.argmax(dim=-1) == y
+    return hits.reshape(len(y), -1).to(torch.float64).mean(dim=1)
+
+
 class MomentumSGD:
     """``torch.optim.SGD`` (heavy ball, no dampening, no Nesterov), step for step.
 
@@ -123,7 +143,7 @@ class LocalTrainer:
             self._order = torch.randperm(len(self.x), generator=self._generator)
         idx = self._order[within * self.cfg.batch_size : (within + 1) * self.cfg.batch_size]
         self.model.train()
-        loss = F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        loss = cross_entropy(self.model(self.x[idx]), self.y[idx])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.lr_schedule == "cosine":
@@ -147,23 +167,24 @@ class LocalTrainer:
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on (x, y), computed in eval mode."""
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y), computed in eval mode (per token
+    for a label per token: nats per byte and next-byte accuracy on text)."""
     if len(x) == 0:
         raise ValueError("cannot evaluate on an empty set")
     was_training = model.training
     model.eval()
     total_loss = 0.0
-    correct = 0
+    right = 0.0
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
                 logits = model(x[start : start + batch_size])
                 target = y[start : start + batch_size]
-                total_loss += F.cross_entropy(logits, target, reduction="sum").item()
-                correct += int((logits.argmax(dim=1) == target).sum())
+                total_loss += cross_entropy(logits, target, reduction="sum").item()
+                right += float(correct(logits, target).sum())
     finally:
         model.train(was_training)
-    return total_loss / len(x), correct / len(x)
+    return total_loss / len(x), right / len(x)
 
 
 def train_baseline(
@@ -182,7 +203,9 @@ def train_baseline(
     full_epochs, rest = divmod(visits, n)
     steps = full_epochs * math.ceil(n / cfg.batch_size) + math.ceil(rest / cfg.batch_size)
 
-    model = build_model(cfg.model, ds.input_shape, ds.num_classes, seed=cfg.seed)
+    model = build_model(
+        cfg.model, ds.input_shape, ds.num_classes, seed=cfg.seed, target_shape=ds.target_shape
+    )
     trainer = LocalTrainer(model, ds.x_train, ds.y_train, cfg, seed=cfg.seed, total_steps=steps)
     while not trainer.done():
         trainer.step()

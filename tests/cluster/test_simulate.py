@@ -143,3 +143,22 @@ def test_ctrl_c_writes_the_partial_summary_and_plot(tmp_path: Path) -> None:
     assert all(math.isfinite(a) for a in summary["accuracies"])
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mean accuracy" in stdout  # the partial table
+
+
+@pytest.mark.timeout(300)
+def test_simulate_trains_the_text_workload_and_reports_bits_per_byte(tmp_path: Path) -> None:
+    out = tmp_path / "text"
+    proc = run_simulate(
+        out,
+        *("--nodes", "2", "--dataset", "text:stdlib:256", "--model", "gpt:1:16:2"),
+        *("--epochs", "1", "--batch-size", "64", "--lr", "0.3"),
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bits per byte" in proc.stdout
+    s = _summary(out)
+    assert len(s["bits_per_byte"]) == 2
+    # One short epoch already beats a uniform guess over 256 bytes (8 bits).
+    assert all(math.isfinite(b) and b < 7.5 for b in s["bits_per_byte"])
+    assert s["mean_bits_per_byte"] == pytest.approx(sum(s["bits_per_byte"]) / 2)
+    assert (out / "plot.png").stat().st_size > 0

@@ -53,7 +53,7 @@ def test_synthetic_default_size() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mnist", "unknown dataset 'mnist': use digits, synthetic or a path to an .npz file"),
+        ("mnist", "unknown dataset 'mnist': use digits, synthetic, text:stdlib or a path to an .npz file"),
         ("synthetic:abc", "needs an integer N"),
         ("synthetic:3", "at least"),
     ],
