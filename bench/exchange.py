@@ -87,11 +87,16 @@ def _setup_process(mallopt: bool) -> None:
 DUPLEX = 1 << 63  # the length word's top bit: send the answer while the payload arrives
 
 
-def raw_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
+def _child(ppid: int, mallopt: bool, netns: str | None) -> None:
+    """A peer process's start: gone with its parent, on its host, tuned like a node."""
     watch_parent(ppid)
     if netns:
         enter_netns(netns)
     _setup_process(mallopt)
+
+
+def raw_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
+    _child(ppid, mallopt, netns)
     import torch
 
     ls = socket.socket()
@@ -146,10 +151,7 @@ def _bare_frames(nbytes: int, chunk: int) -> list[bytes]:
 
 
 def bare_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
-    watch_parent(ppid)
-    if netns:
-        enter_netns(netns)
-    _setup_process(mallopt)
+    _child(ppid, mallopt, netns)
     asyncio.run(_bare_peer(conn, host))
 
 
@@ -202,10 +204,7 @@ async def _bare_peer(conn: Any, host: str) -> None:
 
 
 def node_peer(conn: Any, ppid: int, mallopt: bool, netns: str | None, host: str) -> None:
-    watch_parent(ppid)
-    if netns:
-        enter_netns(netns)
-    _setup_process(mallopt)
+    _child(ppid, mallopt, netns)
     asyncio.run(_node_peer(conn, host))
 
 
