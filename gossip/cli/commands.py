@@ -193,7 +193,31 @@ def consensus(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if top.n < 2:
         raise ConfigError(f"consensus needs at least 2 nodes, got {top.n}")
-    result = run_consensus(top, args.rounds, args.strategy, args.rule, args.seed, args.dim, args.loss)
+    from gossip.core.compress import CompressError, Compressor
+
+    try:
+        compressor = Compressor.parse(args.compress)
+    except CompressError as exc:
+        raise ConfigError(f"--compress: {exc}") from None
+    if compressor.spec != "none" and (args.strategy != "sync" or args.loss):
+        raise ConfigError("--compress runs CHOCO-Gossip on sync rounds: use --strategy sync and no --loss")
+    if args.gamma is not None and not 0 < args.gamma <= 1:
+        raise ConfigError(f"--gamma must be in (0, 1], got {args.gamma}")
+    try:
+        result = run_consensus(
+            top,
+            args.rounds,
+            args.strategy,
+            args.rule,
+            args.seed,
+            args.dim,
+            args.loss,
+            args.compress,
+            args.gamma,
+        )
+    except FloatingPointError as exc:
+        print(f"gossip consensus: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result.to_json()) if args.json else format_result(result))
     return 0
 

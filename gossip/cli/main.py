@@ -127,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the vectors, matchings and random graphs (default: 0)"
     )
     p.add_argument("--loss", type=float, default=0.0, help="probability that a message is lost (default: 0)")
+    p.add_argument(
+        "--compress",
+        default="none",
+        metavar="SPEC",
+        help="run CHOCO-Gossip (sync rounds) sending each node's change through this compressor: "
+        "fp16, bf16, int8, int4, sign, topk:F, randk:F or a sparsifier + a coder, e.g. topk:0.01+int8 "
+        "(default: none)",
+    )
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=None,
+        help="CHOCO-Gossip's consensus step in (0, 1] (default: one that converged on a ring of 16 "
+        "for that compressor)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = sub.add_parser(

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gossip.core.compress import Compressor
+
 # Rows per chunk in consensus_distance: bounds the float64 temporary to ~32 MiB.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -273,3 +275,26 @@ def push_sum_round_lossy_(x: Tensor, w: Tensor, out_peer: Tensor, delivered: Ten
     num.index_add_(0, out_peer, x * sent.to(x.dtype).view(col))
     w.copy_(kept.index_add(0, out_peer, sent))
     x.copy_(num / w.to(x.dtype).view(col))
+
+
+def choco_round_(
+    x: Tensor, x_hat: Tensor, w: Tensor, compressor: Compressor, gens: Sequence[torch.Generator], gamma: float
+) -> list[int]:
+    """One round of CHOCO-Gossip (Koloskova, Stich, Jaggi 2019, Algorithm 1) on stacked (n, d) rows.
+
+    Each node i sends q_i = Q(x_i - x̂_i) to its neighbours; everyone adds q_i to its
+    copy of x̂_i (the copies stay equal: q is the decoded payload), then
+    x_i += γ Σ_j w_ij (x̂_j - x̂_i). The compression error is fed back through x̂:
+    what was not sent this round is still in x_i - x̂_i next round, so the models
+    reach exact consensus with any compressor for a small enough γ, and the sum of
+    the models is preserved when W is doubly stochastic. Returns each node's
+    payload size in bytes (sent once to each neighbour).
+    """
+    _check_same_shape(x, x_hat, "choco_round_")
+    sizes = []
+    for i in range(x.shape[0]):
+        payload, q = compressor.compress(x[i] - x_hat[i], gens[i])
+        x_hat[i] += q.to(x_hat.dtype)
+        sizes.append(len(payload))
+    x.add_(w @ x_hat - x_hat, alpha=gamma)
+    return sizes

@@ -89,6 +89,20 @@ class Compressor:
         """Whether E[decoded] differs from the input: such a stage needs error feedback."""
         return self.sparsifier == "topk" or self.coder == "sign"
 
+    def default_step(self) -> float:
+        """A CHOCO-Gossip consensus step that converged with this compressor on a ring of 16
+        (the research docs' table): smaller as fewer or noisier values travel."""
+        step = 1.0
+        if self.sparsifier == "topk":
+            step = min(0.4, 2 * self.fraction)
+        elif self.sparsifier == "randk":
+            step = self.fraction
+        if self.coder == "sign":
+            step = min(step, 0.2)
+        elif self.coder in _HALF:
+            step = min(step, 0.4)  # their error does not shrink with the values: a floor
+        return step
+
     def kept(self, n: int) -> int:
         """How many of ``n`` entries travel."""
         return n if self.sparsifier is None else max(1, min(n, math.ceil(self.fraction * n))) if n else 0

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossip.core.averaging import consensus_distance
+from gossip.core.averaging import choco_round_, consensus_distance
+from gossip.core.compress import Compressor
 from gossip.core.spectral import describe, second_eigenvalue
 from gossip.core.topology import Topology
 from gossip.sim.mixing import STRATEGIES, expected_pairwise_matrix, make_mixer
@@ -43,6 +44,8 @@ PAIRWISE_SAMPLES = 512
 # blocks of half the rounds so far, up to MAX_ROUNDS.
 STABLE = 0.002
 MIN_ROUNDS = 40
+# A distance this many times the start's: a compressed run whose step is too large diverges.
+DIVERGED = 1e6
 MAX_ROUNDS = 100_000
 
 
@@ -66,6 +69,11 @@ class ConsensusResult:
     lambda2: float
     # Rounds [first, last] the rate was fitted over.
     fit_rounds: tuple[int, int] = field(default=(0, 0))
+    # CHOCO-Gossip with a compressor (sync rounds only): its spec, step size, and the mean
+    # payload a node sent per round (to each neighbour), against the dense float64 one.
+    compress: str = "none"
+    gamma: float = 1.0
+    payload_bytes: float = 0.0
 
     @property
     def ratio(self) -> float | None:
@@ -143,11 +151,23 @@ def run_consensus(
     seed: int = 0,
     dim: int = 16,
     loss: float = 0.0,
+    compress: str = "none",
+    gamma: float | None = None,
 ) -> ConsensusResult:
     """Average random vectors (n, dim) and fit the contraction rate.
 
     ``rounds``: that many rounds; None: until the fitted rate is stable (see the module).
+    ``compress``: run CHOCO-Gossip with this compressor (sync rounds; ``gamma`` is its
+    consensus step, default ``Compressor.default_step``); the theory column stays the
+    uncompressed |λ2|², the fastest compressed gossip could go.
     """
+    compressor = Compressor.parse(compress)
+    choco = compressor.spec != "none"
+    if choco and (strategy != "sync" or loss):
+        raise ValueError("--compress runs CHOCO-Gossip on sync rounds, without message loss")
+    step = (compressor.default_step() if choco else 1.0) if gamma is None else gamma
+    if not 0 < step <= 1:
+        raise ValueError(f"the consensus step must be in (0, 1], got {step}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if top.n < 2:
@@ -161,18 +181,36 @@ def run_consensus(
     mixer = make_mixer(strategy, top, gen, rule, loss)
     start = consensus_distance(x)
     distances = [1.0]
+    x_hat = torch.zeros_like(x)
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(top.n)]
+    sizes: list[float] = []
 
     def advance(count: int) -> None:
         nonlocal x
         for _ in range(count):
-            x, _ = mixer.mix(x, len(distances) - 1)
-            distances.append(consensus_distance(x) / start)
+            t = len(distances) - 1
+            if choco:
+                w = torch.from_numpy(top.mixing_matrix(t, rule)).to(x.dtype)
+                sizes.append(float(np.mean(choco_round_(x, x_hat, w, compressor, gens, step))))
+            else:
+                x, _ = mixer.mix(x, t)
+            d = consensus_distance(x) / start
+            if not d < DIVERGED:
+                raise FloatingPointError(
+                    f"consensus diverged at round {t + 1}: the distance grew {d:.1e}-fold (try a smaller --gamma)"
+                )
+            distances.append(d)
 
     if rounds is not None:
         advance(rounds)
         rate, first, last = fit_rate(distances)
     else:
         rate, first, last = _until_stable(advance, distances)
+    if choco and distances[-1] > 1.0:
+        raise FloatingPointError(
+            f"consensus diverged: after {len(distances) - 1} rounds the distance is {distances[-1]:.1e} times "
+            "the start's (try a smaller --gamma)"
+        )
     return ConsensusResult(
         topology=top.name,
         spec=top.spec,
@@ -190,6 +228,9 @@ def run_consensus(
         spectral_gap=float(info["spectral_gap"]),
         lambda2=float(info["lambda2"]),
         fit_rounds=(first, last),
+        compress=compressor.spec,
+        gamma=step,
+        payload_bytes=float(np.mean(sizes)) if sizes else 8.0 * dim,
     )
 
 
@@ -221,7 +262,14 @@ def format_result(r: ConsensusResult, max_rows: int = 100) -> str:
     step = max(1, math.ceil(len(r.distances) / max_rows))
     lines = [
         f"topology {r.spec} (n={r.nodes}), strategy {r.strategy}, mixing rule {r.rule}, "
-        f"dim {r.dim}, seed {r.seed}" + (f", message loss {r.loss:g}" if r.loss else ""),
+        f"dim {r.dim}, seed {r.seed}"
+        + (f", message loss {r.loss:g}" if r.loss else "")
+        + (
+            f", CHOCO-Gossip {r.compress} with step {r.gamma:g}: {r.payload_bytes:.0f} bytes per node per round "
+            f"against {8 * r.dim} dense"
+            if r.compress != "none"
+            else ""
+        ),
         f"{'round':>6}  distance (relative to round 0)" + (f", every {step}th round" if step > 1 else ""),
     ]
     shown = [*range(0, len(r.distances), step)]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gossip.cli.main import main
-from gossip.core.averaging import consensus_distance
+from gossip.core.averaging import choco_round_, consensus_distance
+from gossip.core.compress import Compressor
 from gossip.core.topology import Topology
 from gossip.sim.consensus import FLOOR, fit_rate, run_consensus
 from gossip.sim.mixing import make_mixer
@@ -146,3 +147,48 @@ def test_cli_consensus_bad_input_is_one_line_and_exit_2(
     assert main(["consensus", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# --- CHOCO-Gossip: compressed consensus with error feedback ------------------------------
+
+
+def test_a_choco_round_preserves_the_sum_and_keeps_the_public_copies_in_step() -> None:
+    top = Topology.parse("ring", 8, seed=0)
+    w = torch.from_numpy(top.mixing_matrix(0, "metropolis"))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 300, generator=gen, dtype=torch.float64)
+    total = x.sum(dim=0).clone()
+    x_hat = torch.zeros_like(x)
+    c = Compressor.parse("topk:0.1+int8")
+    gens = [torch.Generator().manual_seed(i) for i in range(8)]
+    for _ in range(50):
+        sizes = choco_round_(x, x_hat, w, c, gens, 0.2)
+    assert torch.allclose(x.sum(dim=0), total, atol=1e-9)  # W doubly stochastic: the mean stays
+    assert all(s <= c.max_nbytes(300) for s in sizes)
+
+
+@pytest.mark.parametrize("spec", ["int8", "topk:0.1+int8", "sign"])
+def test_choco_gossip_converges_linearly_and_slower_than_uncompressed(spec: str) -> None:
+    top = Topology.parse("ring", 16, seed=0)
+    plain = run_consensus(top, 200, "sync", dim=512)
+    r = run_consensus(top, 400, "sync", dim=512, compress=spec)
+    assert r.compress == spec and r.distances[-1] < 1e-2
+    assert plain.measured_rate - 1e-9 <= r.measured_rate < 1.0
+    assert r.payload_bytes < 512 * 4  # fewer bytes than float32, let alone float64
+
+
+def test_compression_slows_the_rate_monotonically() -> None:
+    top = Topology.parse("ring", 16, seed=0)
+    rates = [
+        run_consensus(top, 300, "sync", dim=1024, compress=s).measured_rate
+        for s in ("int8", "topk:0.1+int8", "topk:0.01+int8")
+    ]
+    assert rates == sorted(rates) and rates[-1] < 1.0
+
+
+def test_a_step_too_large_is_reported_as_divergence_not_a_rate() -> None:
+    top = Topology.parse("ring", 16, seed=0)
+    with pytest.raises(FloatingPointError, match="smaller --gamma"):
+        run_consensus(top, 300, "sync", dim=512, compress="topk:0.1", gamma=1.0)
+    with pytest.raises(ValueError, match="sync rounds"):
+        run_consensus(top, 10, "pairwise", dim=16, compress="int8")
