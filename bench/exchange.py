@@ -54,6 +54,7 @@ _NETNS_PY = Path(__file__).resolve().parents[1] / "tests" / "support" / "netns.p
 # Both nodes' gossip settings: the defaults, but no averaging of their own after "training"
 # (they never train); GOSSIP_CHUNK_BYTES overrides the chunk size for an experiment.
 GOSSIP: Any = None
+RATE = ""  # both nodes' --max-send-rate (--max-send-rate here; children read it from the environment)
 CALL_TIMEOUT = 30.0  # any single exchange or command
 STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
 
@@ -66,9 +67,10 @@ def _setup_process(mallopt: bool) -> None:
 
     from gossip.config import GossipConfig
 
-    global GOSSIP
+    global GOSSIP, RATE
     chunk = int(os.environ.get("GOSSIP_CHUNK_BYTES", GossipConfig().chunk_bytes))
     GOSSIP = GossipConfig(chunk_bytes=chunk, idle_pause=0.0)
+    RATE = os.environ.get("GOSSIP_MAX_SEND_RATE", "")
 
     import gossip.node.node  # noqa: F401  (everything a node imports, before the heap is frozen)
     from gossip.cluster.sysutil import freeze_heap, tune_malloc
@@ -227,7 +229,9 @@ async def _node_peer(conn: Any, host: str) -> None:
                 n, value, listen, advertise = arg
                 flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
                 flat.segments["float32"].fill_(value)
-                config = NodeConfig(listen=listen, advertise=advertise, node_id=f"B{n}", gossip=GOSSIP)
+                config = NodeConfig(
+                    listen=listen, advertise=advertise, node_id=f"B{n}", gossip=GOSSIP, max_send_rate=RATE
+                )
                 node = await Node.create(flat, config)
                 nodes[n] = node
                 conn.send(("ok", node.address))
@@ -371,7 +375,8 @@ async def _run_size(
     flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
     flat.segments["float32"].fill_(1.0)
     node = await Node.create(
-        flat, NodeConfig(listen=f"{host}:0", node_id=f"A{n}", peers=(b_addr,), gossip=GOSSIP)
+        flat,
+        NodeConfig(listen=f"{host}:0", node_id=f"A{n}", peers=(b_addr,), gossip=GOSSIP, max_send_rate=RATE),
     )
     try:
         if not await node.wait_for_members(2, CALL_TIMEOUT):
@@ -516,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --link: add MS milliseconds each way through the lab's delaying TCP relay "
         "(this kernel has no netem), for every method alike",
     )
+    ap.add_argument(
+        "--max-send-rate",
+        default="",
+        metavar="RATE",
+        help="give both gossip nodes --max-send-rate RATE (the raw and bare peers are not paced): "
+        "compare with --link RATE to see the user-space limit against a shaped link",
+    )
     ap.add_argument("--time-limit", type=float, default=400.0, help="hard limit on the whole run (s)")
     ap.add_argument(
         "--link",
@@ -527,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.delay and not args.link:
         ap.error("--delay needs --link")
+    if args.max_send_rate:
+        os.environ["GOSSIP_MAX_SEND_RATE"] = args.max_send_rate  # before the children start
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.repeats:
         reps = [int(r) for r in args.repeats.split(",")]
@@ -656,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": {str(s): r["repeats"] for s, r in by_size.items()},
         "correct": all(r["correct"] for r in results),
         "mallopt": mallopt,
+        "max_send_rate": args.max_send_rate or None,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     for s in (1, 16, 100):
