@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -123,11 +124,17 @@ def test_a_few_steps_on_one_slice_lower_the_validation_bits_per_byte(ds: object)
 
 
 def test_the_simulator_runs_the_same_workload() -> None:
-    sim = Simulator(
-        SimConfig(
-            nodes=4, topology="ring", dataset="text:stdlib:256", model="gpt:1:16:2", rounds=4, eval_every=4
-        )
+    full = load_dataset("text:stdlib:64")
+    small = dataclasses.replace(
+        full,
+        x_train=full.x_train[:512],
+        y_train=full.y_train[:512],
+        x_test=full.x_test[:64],
+        y_test=full.y_test[:64],
     )
-    history = sim.run()
+    cfg = SimConfig(
+        nodes=4, topology="ring", dataset="text:stdlib:64", model="gpt:1:16:2", rounds=4, eval_every=4
+    )
+    history = Simulator(cfg, dataset=small).run()
     last = history[-1]
     assert 0.0 <= last.mean_accuracy <= 1.0 and math.isfinite(last.test_loss)
