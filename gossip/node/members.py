@@ -119,11 +119,15 @@ class Members:
         interval = self.config.membership.interval
         loop = asyncio.get_running_loop()
         syncing: set[str] = set()
+        last = loop.time()  # when the previous round began
         while True:
             pause = interval * self.rng.uniform(0.8, 1.2)
-            woke = loop.time() + pause
             await asyncio.sleep(pause)
-            late = loop.time() - woke
+            # Measured from the previous round's start, not from this sleep's: a pause that
+            # lands while a round runs (after its own check) is caught by the next round.
+            now = loop.time()
+            late = now - last - pause
+            last = now
             if late > interval:
                 # Paused (SIGSTOP), starved or blocked: no gossip was heard meanwhile.
                 ms.discount(late)
