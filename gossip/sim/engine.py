@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gossip.config import ConfigError, TrainConfig, check_sgd
-from gossip.core.averaging import consensus_distance
+from gossip.core.averaging import choco_round_, consensus_distance
+from gossip.core.compress import CompressError, Compressor
 from gossip.core.topology import MIXING_RULES, Topology, TopologyError
 from gossip.sim.mixing import STRATEGIES, Mixer, bytes_per_message, make_mixer
 from gossip.train.data import DataError, Dataset, load_dataset, partition
@@ -72,6 +73,11 @@ class SimConfig:
     stragglers: float = 0.0  # fraction of nodes that are slow ...
     straggler_skip: float = 0.5  # ... and miss each round with this probability
     eval_every: int = 10  # rounds between evaluations (and the last round)
+    # CHOCO-Gossip: each node sends Q(x - x_hat) to its neighbours through this compressor
+    # (gossip.core.compress) and mixes the public copies with consensus step gamma (0: the
+    # compressor's default step); sync rounds only. Bytes are the real payloads' sizes.
+    compress: str = "none"
+    gamma: float = 0.0
 
     def validate(self) -> None:
         """Check ranges and names; one-line ConfigError naming the knob."""
@@ -93,6 +99,19 @@ class SimConfig:
             raise ConfigError("crash_fraction must leave at least one node alive")
         if self.crash_round < -1 or self.crash_round > self.rounds:
             raise ConfigError(f"crash_round must be -1 or in 0..rounds, got {self.crash_round}")
+        try:
+            compressed = Compressor.parse(self.compress).spec != "none"
+        except CompressError as exc:
+            raise ConfigError(f"compress: {exc}") from None
+        if not 0 <= self.gamma <= 1:
+            raise ConfigError(f"gamma must be in [0, 1] (0: the compressor's default), got {self.gamma}")
+        if compressed and (
+            self.strategy != "sync" or self.message_loss or self.crash_fraction or self.stragglers
+        ):
+            raise ConfigError(
+                "compress runs CHOCO-Gossip on sync rounds: strategy sync, without message_loss, "
+                "crash_fraction or stragglers"
+            )
 
     def build_topology(self) -> Topology:
         try:
@@ -193,6 +212,9 @@ class Simulator:
         self._mix_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self._fault_gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.mixer: Mixer = make_mixer(cfg.strategy, self.topology, self._mix_gen, cfg.rule, cfg.message_loss)
+        compressor = Compressor.parse(cfg.compress)
+        self._compressor = compressor if compressor.spec != "none" else None
+        self._gamma = cfg.gamma or compressor.default_step()
 
         named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
         self.names = [k for k, _ in named]
@@ -220,6 +242,9 @@ class Simulator:
         self.steps = 0
         self.bytes_sent = 0
         self.history: list[RoundMetrics] = []
+        if self._compressor is not None:
+            self._hat = torch.zeros_like(self.params)  # every node's public copy, known to its neighbours
+            self._choco_gens = [torch.Generator().manual_seed(cfg.seed * 7919 + 3 + i) for i in range(n)]
         self._loss_sum = 0.0
         self._loss_rounds = 0
         log.debug("simulator: %d nodes x %d parameters, %s on %s", n, self.dim, cfg.strategy, cfg.topology)
@@ -298,8 +323,11 @@ class Simulator:
     def step(self) -> None:
         """One round: mix the snapshot, add local_steps SGD steps, advance the round."""
         active = self._active()
-        mixed, messages = self.mixer.mix(self.params, self.round, active)
-        self.bytes_sent += messages * bytes_per_message(self.dim)
+        if self._compressor is not None:
+            mixed = self._choco_mix()
+        else:
+            mixed, messages = self.mixer.mix(self.params, self.round, active)
+            self.bytes_sent += messages * bytes_per_message(self.dim)
         h = self.cfg.local_steps
         for s in range(h):
             losses = self._local_step(mixed, s < h - 1, active)
@@ -308,6 +336,16 @@ class Simulator:
                 self._loss_rounds += 1
         self.params = mixed
         self.round += 1
+
+    def _choco_mix(self) -> Tensor:
+        """One CHOCO-Gossip round on a copy of the parameters; counts each payload once per neighbour."""
+        assert self._compressor is not None
+        w = torch.from_numpy(self.topology.mixing_matrix(self.round, self.cfg.rule)).to(self.params.dtype)
+        mixed = self.params.clone()
+        sizes = choco_round_(mixed, self._hat, w, self._compressor, self._choco_gens, self._gamma)
+        neighbours = ((w != 0).sum(dim=1) - (w.diagonal() != 0).to(torch.int64)).tolist()
+        self.bytes_sent += sum(size * k for size, k in zip(sizes, neighbours, strict=True))
+        return mixed
 
     # --- metrics ---------------------------------------------------------------------
 

@@ -113,7 +113,7 @@ def test_cli_experiment_bad_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert "unknown key 'nodez'" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name", ["topologies", "noniid", "faults"])
+@pytest.mark.parametrize("name", ["topologies", "noniid", "faults", "compress"])
 def test_shipped_experiment_files_are_valid(name: str) -> None:
     exp = load_experiment(SIMULATIONS / f"{name}.toml")
     assert exp.name == name and exp.description
