@@ -77,6 +77,7 @@ class Node:
         self.rest = RestPolicy(g.idle_pause, g.rest_pause, g.rest_tolerance)
         rate = config.send_rate
         self.pacer = SendPacer(rate) if rate else None  # --max-send-rate: every call, both ways
+        floor = rate or DEADLINE_BYTES_PER_S  # the throughput our transfers' deadlines assume
         self.party = Party(
             self.node_id,
             flat,
@@ -85,7 +86,7 @@ class Node:
             g,
             running=lambda: self.phase == "running",
             on_wake=self._wake_rest,
-            send_floor=rate or DEADLINE_BYTES_PER_S,
+            send_floor=floor,
         )
         self._rng = random.Random(seed)
         self._round = 0
@@ -102,7 +103,7 @@ class Node:
             fingerprint=flat.fingerprint,
             rpc_timeout=config.rpc_timeout,
             chunk_bytes=g.chunk_bytes,
-            send_floor=rate or DEADLINE_BYTES_PER_S,
+            send_floor=floor,
         )
 
     # --- lifecycle -----------------------------------------------------------------

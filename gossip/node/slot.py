@@ -60,9 +60,8 @@ class ExchangeSlot:
         # (one copy, which is the snapshot; none when sending); see ``claim_own``.
         self.frame_bytes = frame_bytes if frame_bytes % 8 == 0 else 0
         self.frames: list[bytes] | None = None  # the holder's snapshot as frames, when taken so
-        self._snap: FlatParams | None = (
-            None  # the holder's snapshot of its own model (allocated on first use)
-        )
+        # The holder's snapshot of its own model when taken as a copy (allocated on first use).
+        self._snap: FlatParams | None = None
         self.recv = FlatParams.zeros(flat.layout)  # the holder's receive buffer (becomes the delta)
         self.step = 0
         self.training = False
@@ -113,30 +112,29 @@ class ExchangeSlot:
 
     # --- claiming ----------------------------------------------------------------------
 
-    def claim_own(self, running: bool, framed: bool = True) -> bool:
-        """Take the slot for an exchange of our own, snapshot included; False if busy or not running.
-
-        ``framed``: as frames if the slot keeps frames (``frame_bytes``), else as a copy.
-        """
+    def claim_own(self, running: bool) -> bool:
+        """Take the slot for an exchange of our own, snapshot included (as frames when the slot
+        keeps frames); False if busy or not running."""
         with self.lock:
             if self._busy or not running:
                 return False
             self._busy = True
             self._own.begin(self.step)
-            self._take(framed)
+            self._take(framed=True)
             return True
 
-    def reclaim_own(self, running: bool, framed: bool = True) -> bool:
+    def reclaim_own(self, running: bool) -> bool:
         """Take the slot again after a free back-off (the own exchange is still in flight)."""
         with self.lock:
             if self._busy or not running:
                 return False  # someone exchanged with us meanwhile: this step is mixed already
             self._busy = True
-            self._take(framed)
+            self._take(framed=True)
             return True
 
-    def claim_incoming(self, running: bool, framed: bool = True) -> bool:
-        """Take the slot for an exchange a peer started, snapshot included; False if busy or not running."""
+    def claim_incoming(self, running: bool, framed: bool) -> bool:
+        """Take the slot for an exchange a peer started, snapshot included (as frames when ``framed``
+        and the slot keeps frames, else as a copy); False if busy or not running."""
         with self.lock:
             if self._busy or not running:
                 return False

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossip.core.averaging import choco_round_, consensus_distance
+from gossip.core.averaging import consensus_distance
 from gossip.core.compress import Compressor
 from gossip.core.spectral import describe, second_eigenvalue
 from gossip.core.topology import Topology
-from gossip.sim.mixing import STRATEGIES, expected_pairwise_matrix, make_mixer
+from gossip.sim.mixing import STRATEGIES, ChocoMixer, expected_pairwise_matrix, make_mixer
 
 # Relative squared distances this small are float64 rounding, not signal: values of
 # size 1 carry errors near 1e-16, i.e. squared distances near 1e-32.
@@ -181,19 +181,13 @@ def run_consensus(
     mixer = make_mixer(strategy, top, gen, rule, loss)
     start = consensus_distance(x)
     distances = [1.0]
-    x_hat = torch.zeros_like(x)
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(top.n)]
-    sizes: list[float] = []
+    choco_mixer = ChocoMixer(top, compressor, step, rule, seed * 1_000_003) if choco else None
 
     def advance(count: int) -> None:
         nonlocal x
         for _ in range(count):
             t = len(distances) - 1
-            if choco:
-                w = torch.from_numpy(top.mixing_matrix(t, rule)).to(x.dtype)
-                sizes.append(float(np.mean(choco_round_(x, x_hat, w, compressor, gens, step))))
-            else:
-                x, _ = mixer.mix(x, t)
+            x, _ = choco_mixer.mix(x, t) if choco_mixer is not None else mixer.mix(x, t)
             d = consensus_distance(x) / start
             if not d < DIVERGED:
                 raise FloatingPointError(
@@ -206,7 +200,7 @@ def run_consensus(
         rate, first, last = fit_rate(distances)
     else:
         rate, first, last = _until_stable(advance, distances)
-    if choco and distances[-1] > 1.0:
+    if choco_mixer is not None and distances[-1] > 1.0:
         raise FloatingPointError(
             f"consensus diverged: after {len(distances) - 1} rounds the distance is {distances[-1]:.1e} times "
             "the start's (try a smaller --gamma)"
@@ -230,7 +224,7 @@ def run_consensus(
         fit_rounds=(first, last),
         compress=compressor.spec,
         gamma=step,
-        payload_bytes=float(np.mean(sizes)) if sizes else 8.0 * dim,
+        payload_bytes=float(np.mean(choco_mixer.payloads)) if choco_mixer is not None else 8.0 * dim,
     )
 
 

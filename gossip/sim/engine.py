@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gossip.config import ConfigError, TrainConfig, check_sgd
-from gossip.core.averaging import choco_round_, consensus_distance
+from gossip.core.averaging import consensus_distance
 from gossip.core.compress import CompressError, Compressor
 from gossip.core.topology import MIXING_RULES, Topology, TopologyError
-from gossip.sim.mixing import STRATEGIES, Mixer, bytes_per_message, make_mixer
+from gossip.sim.mixing import STRATEGIES, ChocoMixer, Mixer, bytes_per_message, make_mixer
 from gossip.train.data import DataError, Dataset, load_dataset, partition
 from gossip.train.models import build_model
 from gossip.train.trainer import cross_entropy, evaluate
@@ -213,8 +213,17 @@ class Simulator:
         self._fault_gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.mixer: Mixer = make_mixer(cfg.strategy, self.topology, self._mix_gen, cfg.rule, cfg.message_loss)
         compressor = Compressor.parse(cfg.compress)
-        self._compressor = compressor if compressor.spec != "none" else None
-        self._gamma = cfg.gamma or compressor.default_step()
+        self._choco = (
+            None
+            if compressor.spec == "none"
+            else ChocoMixer(
+                self.topology,
+                compressor,
+                cfg.gamma or compressor.default_step(),
+                cfg.rule,
+                cfg.seed * 7919 + 3,
+            )
+        )
 
         named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
         self.names = [k for k, _ in named]
@@ -242,9 +251,6 @@ class Simulator:
         self.steps = 0
         self.bytes_sent = 0
         self.history: list[RoundMetrics] = []
-        if self._compressor is not None:
-            self._hat = torch.zeros_like(self.params)  # every node's public copy, known to its neighbours
-            self._choco_gens = [torch.Generator().manual_seed(cfg.seed * 7919 + 3 + i) for i in range(n)]
         self._loss_sum = 0.0
         self._loss_rounds = 0
         log.debug("simulator: %d nodes x %d parameters, %s on %s", n, self.dim, cfg.strategy, cfg.topology)
@@ -323,8 +329,9 @@ class Simulator:
     def step(self) -> None:
         """One round: mix the snapshot, add local_steps SGD steps, advance the round."""
         active = self._active()
-        if self._compressor is not None:
-            mixed = self._choco_mix()
+        if self._choco is not None:
+            mixed, nbytes = self._choco.mix(self.params, self.round)
+            self.bytes_sent += nbytes
         else:
             mixed, messages = self.mixer.mix(self.params, self.round, active)
             self.bytes_sent += messages * bytes_per_message(self.dim)
@@ -336,16 +343,6 @@ class Simulator:
                 self._loss_rounds += 1
         self.params = mixed
         self.round += 1
-
-    def _choco_mix(self) -> Tensor:
-        """One CHOCO-Gossip round on a copy of the parameters; counts each payload once per neighbour."""
-        assert self._compressor is not None
-        w = torch.from_numpy(self.topology.mixing_matrix(self.round, self.cfg.rule)).to(self.params.dtype)
-        mixed = self.params.clone()
-        sizes = choco_round_(mixed, self._hat, w, self._compressor, self._choco_gens, self._gamma)
-        neighbours = ((w != 0).sum(dim=1) - (w.diagonal() != 0).to(torch.int64)).tolist()
-        self.bytes_sent += sum(size * k for size, k in zip(sizes, neighbours, strict=True))
-        return mixed
 
     # --- metrics ---------------------------------------------------------------------
 
