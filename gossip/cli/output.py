@@ -126,6 +126,27 @@ def simulate_table(s: dict[str, Any]) -> None:
     out.print("\n".join(lines))
 
 
+def _figure(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _training_line(s: dict[str, Any]) -> str:
+    return (
+        f"training    epoch {s.get('epoch', 0):.2f}  loss {_figure(s.get('train_loss'))}"
+        f"  eval loss {_figure(s.get('eval_loss'))}  accuracy {_figure(s.get('eval_accuracy'))}"
+        f" ({s.get('evals', 0)} evals)"
+    )
+
+
+def _exchange_line(s: dict[str, Any]) -> str:
+    started = sum(s.get("exchange_seconds_buckets", ()))
+    mean = s.get("exchange_seconds_sum", 0.0) / started * 1000 if started else None
+    return (
+        f"averaging   mean exchange {_figure(mean, '.1f')} ms  last change norm {_figure(s.get('last_delta_norm'), '.4g')}"
+        f"  rate-limited calls: refused {s.get('calls_refused', 0)}, held {s.get('calls_delayed', 0)}"
+    )
+
+
 def status_text(s: dict[str, Any]) -> str:
     state = "resting" if s.get("resting") else "training" if s.get("training") else "serving"
     lines = [
@@ -135,6 +156,8 @@ def status_text(s: dict[str, Any]) -> str:
         f"exchanges   ok {s['exchanges_ok']}  served {s['exchanges_served']}  failed {s['exchanges_failed']}"
         f"  declined {s['exchanges_declined']}",
         f"bytes       in {s['bytes_in']}  out {s['bytes_out']}",
+        _training_line(s),
+        _exchange_line(s),
         f"neighbours  {', '.join(s['neighbours']) or '-'}",
         f"members     {len(s['members'])}",
     ]

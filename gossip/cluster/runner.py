@@ -100,6 +100,7 @@ class _Recorder:
     def measure(self, **flags: bool) -> dict[str, Any]:
         """An evaluation now (parameters dumped if asked), not yet written."""
         loss, acc = evaluate(self.trainer.model, self.ds.x_test, self.ds.y_test)
+        self.node.report(eval_loss=loss, eval_accuracy=acc)
         stats = self.node.stats
         rec: dict[str, Any] = {
             "step": self.trainer.step_count,
@@ -130,6 +131,7 @@ def _train_thread(trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, 
     try:
         while not trainer.done() and not stop.is_set():
             rec.last_loss = trainer.step()
+            node.report(epoch=trainer.epoch, train_loss=rec.last_loss)
             node.step()
             if trainer.evaluation_due() and not trainer.done():
                 rec.record()

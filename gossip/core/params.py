@@ -9,7 +9,7 @@ no per-tensor packing).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +84,17 @@ class FlatParams:
 
     def is_finite(self) -> bool:
         return all(all_finite(s) for s in self.segments.values())
+
+    def gather(self, coords: Sequence[int]) -> list[float]:
+        """The values at sorted flat ``coords`` (counted over the segments in order), as floats."""
+        out: list[float] = []
+        first = 0
+        for s in self.segments.values():
+            mine = [c - first for c in coords if first <= c < first + s.numel()]
+            if mine:
+                out += s[torch.tensor(mine, dtype=torch.long)].float().tolist()
+            first += s.numel()
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Named tensors (views into the buffers) in layout order."""

@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from gossip.config import ConfigError, NodeConfig
 from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline
-from gossip.core.status import MemberView, NodeStatus
+from gossip.core.status import MemberView, NodeStatus, TrainingReport, sample_coordinates
 from gossip.core.topology import Topology, TopologyError
 from gossip.node import pairwise, pushsum, servicer
 from gossip.node.members import JoinError, Members
@@ -40,6 +40,7 @@ from gossip.store.service import StoreService
 from gossip.transport import security
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, GOSSIP, Channels
 from gossip.transport.pacing import SendPacer
+from gossip.transport.ratelimit import PeerRateLimiter
 from gossip.transport.server import Server, start_server
 
 __all__ = ["JoinError", "Node", "Stats"]
@@ -96,6 +97,9 @@ class Node:
         self._rest_wake = asyncio.Event()
         self.channels = Channels(pacer=self.pacer)
         self.members: Members | None = None
+        self.training_report = TrainingReport()  # what the trainer last said (Node.report)
+        self._limiter: PeerRateLimiter | None = None
+        self._sampled = sample_coordinates(flat.fingerprint, flat.numel)  # for the spread estimate
         self.store = StoreService(
             self.node_id,
             config.store,
@@ -153,13 +157,15 @@ class Node:
         self._loop = asyncio.get_running_loop()
         sec = security.load(self.config.security, serving=True)
         self.channels.secure(sec.channel_credentials, sec.metadata)
+        interceptors = sec.server_interceptors()
+        self._limiter = next((i for i in interceptors if isinstance(i, PeerRateLimiter)), None)
         self._server, port = await start_server(
             self.config.listen,
             [
                 ("gossip.proto.Gossip", servicer.methods(self.party, lambda: self.members, self.status)),
                 ("gossip.proto.Store", store_servicer.methods(self.store)),
             ],
-            interceptors=sec.server_interceptors(),
+            interceptors=interceptors,
             credentials=sec.server_credentials,
             pacer=self.pacer,
         )
@@ -251,6 +257,11 @@ class Node:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._launch_exchange)
         self._maybe_publish(final=False)
+
+    def report(self, **figures: float | None) -> None:
+        """Tell the node how training goes, for its status: ``epoch``, ``train_loss``, ``eval_loss``,
+        ``eval_accuracy`` (any thread; see :meth:`~gossip.core.status.TrainingReport.update`)."""
+        self.training_report.update(**figures)
 
     def gossip_now(self) -> bool:
         """Start an averaging-only exchange now (from the event loop, when nobody trains)."""
@@ -371,7 +382,6 @@ class Node:
     # --- status --------------------------------------------------------------------------
 
     def status(self) -> NodeStatus:
-        s = self.stats
         members: tuple[MemberView, ...] = ()
         neighbours: tuple[str, ...] = ()
         if self.members is not None:
@@ -400,14 +410,13 @@ class Node:
             fingerprint=self.flat.fingerprint,
             weight=self.weight,
             uptime_seconds=time.monotonic() - self.started_at,
-            exchanges_ok=s.exchanges_ok,
-            exchanges_failed=s.exchanges_failed,
-            exchanges_declined=s.exchanges_declined,
-            exchanges_served=s.exchanges_served,
-            bytes_in=s.bytes_in,
-            bytes_out=s.bytes_out,
             members=members,
             neighbours=neighbours,
             training=self.slot.training,
             resting=self.party.rest is not None and not self.slot.training and self.rest.resting,
+            **self.stats.status_fields(),
+            **asdict(self.training_report),
+            calls_refused=self._limiter.refused if self._limiter is not None else 0,
+            calls_delayed=self._limiter.delayed if self._limiter is not None else 0,
+            sample=tuple(self.flat.gather(self._sampled)),
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 
 from gossip.core import averaging
@@ -56,8 +57,12 @@ def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True) -> Non
     scale = change.scale
 
     def apply() -> None:
-        if party.rest is not None and not party.slot.training:  # only after training: is it settled?
-            party.applied(scale * averaging.relative_norm(list(delta), list(party.flat)))
+        settling = party.rest is not None and not party.slot.training  # after training: is it settled?
+        if settling or party.stats.norm_due():
+            moved = scale * averaging.norm(list(delta))
+            party.stats.last_delta_norm = moved
+            if settling:
+                party.applied(averaging.norm_ratio(moved, averaging.norm(list(party.flat))))
         for x, d in zip(party.flat, delta, strict=True):
             averaging.apply_delta_(x, d, scale)
         party.slot.release_locked()
@@ -124,6 +129,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     change = party.pipeline.pairwise(slot.own_values(), slot.recv, peer.node_id, codec)
     receiver = change.receiver
     faults.failpoint("pairwise.caller.before_send", detail)
+    began = time.monotonic()
     stream = connect(peer.address)
     sender: asyncio.Task[None] | None = None
     try:
@@ -172,6 +178,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     party.stats.bytes_out += header.total_bytes
     party.stats.bytes_in += receiver.received
     party.stats.exchanges_ok += 1
+    party.stats.completed(peer.node_id, time.monotonic() - began)
     deliver(party, change)
     party.pipeline.settle(peer.node_id, committed=True)
     return "ok"
@@ -209,6 +216,7 @@ async def answer(party: Party, stream: FrameStream) -> None:
         party.stats.bytes_in += change.receiver.received
         party.stats.bytes_out += header.total_bytes
         party.stats.exchanges_served += 1
+        party.stats.completed(peer)
         committed = True
         # Our half is taken (queued) now; when nobody trains it is added right after the
         # OK has gone out, so the caller does not wait for our add.

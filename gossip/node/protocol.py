@@ -23,6 +23,7 @@ from gossip.core.errors import Refused
 from gossip.core.layout import LayoutError
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline
+from gossip.core.status import Histogram
 from gossip.node import faults
 from gossip.node.rest import RestPolicy
 from gossip.node.slot import ExchangeSlot
@@ -68,6 +69,40 @@ class Stats:
     busy_replies: int = 0  # our attempts a peer declined
     bytes_in: int = 0
     bytes_out: int = 0
+    durations: Histogram = field(default_factory=Histogram)  # of the exchanges we started, completed
+    exchanged_with: dict[str, int] = field(default_factory=dict)  # peer -> exchanges completed
+    last_delta_norm: float | None = None  # of the last change averaging applied, measured <= 1/s
+    _norm_due: float = 0.0
+
+    def status_fields(self) -> dict[str, Any]:
+        """The counters as :class:`~gossip.core.status.NodeStatus` names them."""
+        return {
+            "exchanges_ok": self.exchanges_ok,
+            "exchanges_failed": self.exchanges_failed,
+            "exchanges_declined": self.exchanges_declined,
+            "exchanges_served": self.exchanges_served,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "last_delta_norm": self.last_delta_norm,
+            "exchange_seconds_bounds": self.durations.bounds,
+            "exchange_seconds_buckets": tuple(self.durations.counts),
+            "exchange_seconds_sum": self.durations.total,
+            "exchanged_with": dict(self.exchanged_with),
+        }
+
+    def completed(self, peer: str, seconds: float | None = None) -> None:
+        """An exchange with ``peer`` completed; ``seconds`` it took when we started it."""
+        self.exchanged_with[peer] = self.exchanged_with.get(peer, 0) + 1
+        if seconds is not None:
+            self.durations.observe(seconds)
+
+    def norm_due(self) -> bool:
+        """Whether to measure the next applied change's norm (a pass over the model: once a second)."""
+        now = time.monotonic()
+        if now < self._norm_due:
+            return False
+        self._norm_due = now + 1.0
+        return True
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from gossip.core import averaging
@@ -60,6 +61,7 @@ async def push(party: Party, peer: MemberRecord, connect: Callable[[str], Caller
         outgoing_frames(party, peer.node_id, codec), "push.caller.mid_stream", "push.caller.sent", detail
     )
     faults.failpoint("push.caller.before_send", detail)
+    began = time.monotonic()
     stream = connect(peer.address)
     try:
         await stream.write(header_to_frame(header))
@@ -95,6 +97,7 @@ async def push(party: Party, peer: MemberRecord, connect: Callable[[str], Caller
 
     party.stats.exchanges_ok += 1
     party.stats.bytes_out += header.total_bytes
+    party.stats.completed(peer.node_id, time.monotonic() - began)
     slot.deliver(apply)
     return True
 
@@ -104,13 +107,16 @@ async def receive(party: Party, stream: FrameStream) -> bytes:
     if party.push_slots.locked():
         raise Refused("RESOURCE_EXHAUSTED", "too many pushes in flight")
     async with party.push_slots:
-        z_in, w_in, nbytes, detail = await asyncio.wait_for(_read(party, stream), party.deadline)
+        z_in, w_in, nbytes, detail, sender = await asyncio.wait_for(_read(party, stream), party.deadline)
 
     def apply() -> None:
-        if party.rest is not None and not party.slot.training:  # moves z by w_in/(w + w_in) of z_in - z
+        settling = party.rest is not None and not party.slot.training
+        if settling or party.stats.norm_due():  # moves z by w_in/(w + w_in) of z_in - z
             share = w_in / (party.weight + w_in)
-            moved = [(zi - z) * share for z, zi in zip(party.flat, z_in, strict=True)]
-            party.applied(averaging.relative_norm(moved, list(party.flat)))
+            moved = share * averaging.norm([zi - z for z, zi in zip(party.flat, z_in, strict=True)])
+            party.stats.last_delta_norm = moved
+            if settling:
+                party.applied(averaging.norm_ratio(moved, averaging.norm(list(party.flat))))
         w_new = party.weight
         for z, zi in zip(party.flat, z_in, strict=True):
             w_new = averaging.push_sum_merge_(z, party.weight, zi, w_in)
@@ -121,13 +127,14 @@ async def receive(party: Party, stream: FrameStream) -> bytes:
     faults.failpoint("push.callee.applied", detail)
     party.stats.bytes_in += nbytes
     party.stats.exchanges_served += 1
+    party.stats.completed(sender)
     return push_ack_to_bytes(True)
 
 
 async def _read(
     party: Party, stream: FrameStream
-) -> tuple[FlatParams, float, int, Callable[[], dict[str, object]]]:
-    """The pushed model (checked), its weight, its size in bytes and the failpoint detail."""
+) -> tuple[FlatParams, float, int, Callable[[], dict[str, object]], str]:
+    """The pushed model (checked), its weight, its size in bytes, the failpoint detail and the sender."""
     sender, whole = "an unknown sender", False
     buf: FlatParams | None = None
     try:
@@ -148,7 +155,7 @@ async def _read(
         receiver = party.pipeline.receiver(buf, header.codec)
         z_in = await read_payload(stream, receiver, "push.callee.mid_stream", detail, until_end=True)
         whole = True
-        return z_in, header.weight, receiver.received, detail
+        return z_in, header.weight, receiver.received, detail, sender
     finally:
         if not whole:
             if buf is not None:

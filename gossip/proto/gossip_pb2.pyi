@@ -133,7 +133,14 @@ class MemberView(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[MemberState, str]] = ..., heartbeat: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "address", "step", "rank", "topology", "strategy", "members", "neighbours", "exchanges_ok", "exchanges_failed", "exchanges_declined", "bytes_in", "bytes_out", "weight", "phase", "parameters", "fingerprint", "uptime_seconds", "exchanges_served", "training", "resting")
+    __slots__ = ("node_id", "address", "step", "rank", "topology", "strategy", "members", "neighbours", "exchanges_ok", "exchanges_failed", "exchanges_declined", "bytes_in", "bytes_out", "weight", "phase", "parameters", "fingerprint", "uptime_seconds", "exchanges_served", "training", "resting", "epoch", "train_loss", "eval_loss", "eval_accuracy", "evals", "last_delta_norm", "exchange_seconds_bounds", "exchange_seconds_buckets", "exchange_seconds_sum", "exchanged_with", "calls_refused", "calls_delayed", "sample")
+    class ExchangedWithEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +162,19 @@ class StatusReply(_message.Message):
     EXCHANGES_SERVED_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     RESTING_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    EVALS_FIELD_NUMBER: _ClassVar[int]
+    LAST_DELTA_NORM_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_SECONDS_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_SECONDS_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGED_WITH_FIELD_NUMBER: _ClassVar[int]
+    CALLS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_DELAYED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     step: int
@@ -176,4 +196,17 @@ class StatusReply(_message.Message):
     exchanges_served: int
     training: bool
     resting: bool
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ..., training: _Optional[bool] = ..., resting: _Optional[bool] = ...) -> None: ...
+    epoch: float
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float
+    evals: int
+    last_delta_norm: float
+    exchange_seconds_bounds: _containers.RepeatedScalarFieldContainer[float]
+    exchange_seconds_buckets: _containers.RepeatedScalarFieldContainer[int]
+    exchange_seconds_sum: float
+    exchanged_with: _containers.ScalarMap[str, int]
+    calls_refused: int
+    calls_delayed: int
+    sample: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ..., training: _Optional[bool] = ..., resting: _Optional[bool] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., evals: _Optional[int] = ..., last_delta_norm: _Optional[float] = ..., exchange_seconds_bounds: _Optional[_Iterable[float]] = ..., exchange_seconds_buckets: _Optional[_Iterable[int]] = ..., exchange_seconds_sum: _Optional[float] = ..., exchanged_with: _Optional[_Mapping[str, int]] = ..., calls_refused: _Optional[int] = ..., calls_delayed: _Optional[int] = ..., sample: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -562,6 +562,45 @@ def test_status_lists_members_with_states_and_counters() -> None:
             assert reply["neighbours"] == ["n1"]
             assert reply["training"] is False and reply["resting"] is False
             assert reply["store"]["replication"] == 3
+            # Who it exchanged with, and how long its own exchanges took.
+            assert sum(reply["exchanged_with"].values()) == 3 + reply["exchanges_served"]
+            assert set(reply["exchanged_with"]) <= {"n1", "n2"}
+            assert sum(reply["exchange_seconds_buckets"]) == 3 > 0 < reply["exchange_seconds_sum"]
+            assert len(reply["exchange_seconds_buckets"]) == len(reply["exchange_seconds_bounds"]) + 1
+            assert reply["last_delta_norm"] == a.stats.last_delta_norm is not None
+            assert reply["calls_refused"] == reply["calls_delayed"] == 0
+            # A four-element model is sampled whole, for the spread estimate.
+            assert reply["sample"] == torch.cat(list(a.flat)).tolist()
+            # Nothing trains here: no figures until someone reports them, then those.
+            assert reply["train_loss"] is reply["eval_accuracy"] is None and reply["evals"] == 0
+            a.report(epoch=1.5, train_loss=0.25)
+            a.report(eval_loss=0.5, eval_accuracy=0.75)
+            a.report(train_loss=float("nan"))
+            reply = await fetch_status(a.address, CALL_TIMEOUT)
+            assert (reply["epoch"], reply["eval_loss"], reply["eval_accuracy"], reply["evals"]) == (
+                1.5,
+                0.5,
+                0.75,
+                1,
+            )
+            assert reply["train_loss"] is None  # NaN has no JSON form
+            assert a.status().train_loss != a.status().train_loss  # but the status keeps it
+
+    run(main())
+
+
+def test_status_reports_the_change_one_exchange_applied_on_both_sides() -> None:
+    async def main() -> None:
+        async with cluster([[1.0] * 4, [3.0] * 4]) as (a, b):
+            await drive([a], 1)  # one exchange (and no averaging after training here)
+            await wait_until(
+                lambda: None not in (a.stats.last_delta_norm, b.stats.last_delta_norm),
+                CALL_TIMEOUT,
+                "both adds",
+            )
+            # Each moves by (3 - 1) / 2 in four entries: ||(1, 1, 1, 1)|| = 2.
+            assert a.stats.last_delta_norm == b.stats.last_delta_norm == 2.0
+            assert (a.stats.exchanged_with, b.stats.exchanged_with) == ({"n1": 1}, {"n0": 1})
 
     run(main())
 
