@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -157,6 +158,38 @@ def status(args: argparse.Namespace) -> int:
         output.print_failure("status", str(exc))
         return 1
     print(json.dumps(found) if args.json else output.status_text(found))
+    return 0
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    check_address(args.peer, "--peer")
+    check_address(args.listen, "--listen")
+    if not args.timeout > 0:
+        raise ConfigError("--timeout must be > 0")
+    if not 0.1 <= args.interval <= 3600:
+        raise ConfigError(f"--interval must be between 0.1 and 3600 seconds, got {args.interval}")
+    sec = _client_security(args)
+    setup_logging(args.verbose)
+    from gossip.observe.dashboard import serve_dashboard
+
+    def ready(url: str) -> None:
+        print(f"dashboard of the cluster of {args.peer} at {url} (Ctrl-C to stop)", flush=True)
+
+    async def serve() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await serve_dashboard(
+            args.peer, args.listen, interval=args.interval, timeout=args.timeout, security=sec, on_ready=ready
+        )
+
+    try:
+        asyncio.run(serve())
+    except (ConnectionError, OSError) as exc:
+        output.print_failure("dashboard", str(exc))
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: stopped, cleanly
+        return 0
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``gossip`` command: node, simulate, status, reconstruct, topology, consensus, experiment.
+"""The ``gossip`` command: node, simulate, status, dashboard, reconstruct, topology, consensus, experiment.
 
 The CLI owns the terminal. Bad arguments, config files or paths end with one
 line on stderr, ``gossip COMMAND: error: ...``, and exit code 2, before any work
@@ -56,6 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--timeout", type=float, default=3.0, help="deadline of each call in seconds (default: 3)")
     knobs.add_client_security(p)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="a live web page of the whole cluster",
+        description="Find the cluster through one node, ask every member for its status every "
+        "--interval seconds and serve a live page: the graph, loss and accuracy curves, consensus "
+        "spread, throughput, member events and store health. Plain HTTP without authentication: "
+        "it listens on loopback unless told otherwise.",
+    )
+    p.add_argument("--peer", required=True, metavar="HOST:PORT", help="any node of the cluster")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="where to serve the page (default: 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between two polls of every node (default: 1)"
+    )
+    p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call in seconds (default: 2)")
+    knobs.add_client_security(p)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 
     p = sub.add_parser(
         "reconstruct",
@@ -188,7 +210,7 @@ def run() -> None:
     """
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     code = main()
-    if len(sys.argv) > 1 and sys.argv[1] in ("node", "status", "reconstruct"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("node", "status", "reconstruct", "dashboard"):
         import logging
 
         logging.shutdown()

@@ -13,14 +13,20 @@ from gossip.transport.security import Security
 from gossip.transport.serde import EMPTY, status_from_bytes
 
 
-async def fetch_status(address: str, timeout: float, sec: Security | None = None) -> dict[str, Any]:
+async def fetch_status(
+    address: str, timeout: float, sec: Security | None = None, channels: Channels | None = None
+) -> dict[str, Any]:
     """The node's status (and its store's, if it runs one) as a plain dict.
 
     ConnectionError with one line when the node cannot be asked or does not answer
-    like a gossip node.
+    like a gossip node. A caller that asks many nodes, again and again (the
+    dashboard), passes its own ``channels`` (secured already; ``sec`` is then
+    unused), which stay open.
     """
-    sec = sec or Security()
-    channels = Channels(sec.channel_credentials, sec.metadata)
+    own = channels is None
+    if channels is None:
+        sec = sec or Security()
+        channels = Channels(sec.channel_credentials, sec.metadata)
     t0 = time.monotonic()
     try:
         reply = await channels.unary(address, GOSSIP + "Status", EMPTY, timeout)
@@ -38,6 +44,7 @@ async def fetch_status(address: str, timeout: float, sec: Security | None = None
             f"{address} answered with something that is not a gossip status: {exc}"
         ) from None
     finally:
-        await channels.close()
+        if own:
+            await channels.close()
     out["rtt_ms"] = round(rtt * 1000, 2)
     return out
