@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gossip.core.status import spread_estimate
 from gossip.observe.readings import MAX_LIST, MAX_TEXT, Reading, dialable
 
 HISTORY = 600  # points kept per node and for the cluster's curves: 10 minutes at one poll a second
 EVENTS = 200  # events kept
 # Most severe first: a tie between observers goes to the worse state.
 _SEVERITY = {"left": 3, "dead": 2, "suspect": 1, "alive": 0}
-
-
-def spread_estimate(samples: Iterable[Iterable[float]], parameters: int) -> float | None:
-    """sqrt(P/k * mean_i ||s_i - mean s||^2) over nodes' k-coordinate samples of a P-parameter model.
-
-    With coordinates drawn uniformly, the sampled squared distance times P/k is an
-    unbiased estimate of the whole one: the RMS distance of the models from their
-    average (the consensus distance). None with fewer than two samples.
-    """
-    rows = [list(s) for s in samples]
-    if len(rows) < 2 or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
-        return None
-    k = len(rows[0])
-    mean = [sum(col) / len(rows) for col in zip(*rows, strict=True)]
-    sq = sum(sum((v - m) ** 2 for v, m in zip(r, mean, strict=True)) for r in rows) / len(rows)
-    return math.sqrt(max(parameters, k) / k * sq)
 
 
 def merged_state(votes: list[str]) -> str:
@@ -275,7 +259,7 @@ class ClusterState:
         if not groups:
             return None
         (_, parameters, _), rs = max(groups.items(), key=lambda kv: len(kv[1]))
-        return spread_estimate((r.sample for r in rs), parameters)
+        return spread_estimate([r.sample for r in rs], parameters)
 
     def _layout(self) -> None:
         """Nodes on a circle by rank, then id; recomputed only when the set of nodes changes."""
