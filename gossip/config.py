@@ -336,6 +336,8 @@ class SimulateConfig:
     # others see a crash and a reboot (failed exchanges), not a departure.
     churn_downtime: float = 2.0
     max_send_rate: str = ""  # every node's --max-send-rate (empty: no limit)
+    # Node i serves Prometheus metrics on HOST:PORT+i (port 0: each a free port); empty = off.
+    prometheus: str = ""
 
     @property
     def start_seconds(self) -> float:
@@ -350,6 +352,17 @@ class SimulateConfig:
             raise ConfigError(f"--start-timeout must be > 0, got {self.start_timeout}")
         if self.max_send_rate.strip():
             parse_rate(self.max_send_rate)
+        if self.prometheus:
+            _, port = metrics_address(self.prometheus, "--prometheus")
+            if port and port + self.nodes - 1 > 65535:
+                raise ConfigError(f"--prometheus: ports {port}-{port + self.nodes - 1} run past 65535")
+
+    def metrics_address(self, rank: int) -> str:
+        """HOST:PORT of node ``rank``'s Prometheus endpoint ("" when off)."""
+        if not self.prometheus:
+            return ""
+        host, port = metrics_address(self.prometheus, "--prometheus")
+        return join_host_port(host, port + rank if port else 0)
 
 
 @dataclass(frozen=True)
@@ -365,8 +378,13 @@ class RunOptions:
     exit_when_done: bool = False
     threads: int = 1  # torch threads: N nodes share a small machine fairly
     init_from_network: bool = False  # start from the newest snapshot in the store, not the initial weights
+    # HOST:PORT of the Prometheus endpoint (gossip.observe.metrics); empty = off, since
+    # nothing should listen that was not asked for. A bare PORT binds loopback.
+    prometheus: str = ""
 
     def validate(self) -> None:
+        if self.prometheus:
+            metrics_address(self.prometheus, "--prometheus")
         if self.wait_for < 0:
             raise ConfigError(f"--wait-for must be >= 0, got {self.wait_for}")
         if not self.wait_timeout > 0:
@@ -393,6 +411,27 @@ def check_address(addr: str, what: str) -> None:
         raise ConfigError(f"{what}: {addr!r} is not HOST:PORT")
     if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what}: {addr!r} has an invalid port")
+
+
+def metrics_address(spec: str, what: str) -> tuple[str, int]:
+    """(host, port) of an HTTP endpoint to bind: ``HOST:PORT``, ``[V6]:PORT``, or ``:PORT`` and
+    ``PORT`` on 127.0.0.1 (loopback unless told otherwise). Port 0 picks a free port."""
+    text = spec.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = (host[1:-1] if bracketed else host) or "127.0.0.1"
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {spec!r} is not HOST:PORT, :PORT or PORT (a port from 0 to 65535)")
+    allowed = ".-_:" if bracketed else ".-_"  # an IPv6 host goes in brackets
+    if not all(c.isascii() and (c.isalnum() or c in allowed) for c in host):
+        raise ConfigError(f"{what}: {spec!r} has an invalid host")
+    return host, int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

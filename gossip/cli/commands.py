@@ -89,8 +89,13 @@ def simulate(args: argparse.Namespace) -> int:
     from gossip.cluster.local import run_simulation
     from gossip.cluster.procs import SimulationError
 
+    def serving(nodes: list[dict[str, Any]]) -> None:
+        if sim.prometheus:
+            lines = [f"  node {n['rank']}: http://{n['prometheus']}/metrics" for n in nodes]
+            output.err.print("Prometheus metrics:\n" + "\n".join(lines), markup=False)
+
     try:
-        summary = run_simulation(train, gossip, sim, progress=bar)
+        summary = run_simulation(train, gossip, sim, progress=bar, serving=serving)
     except SimulationError as exc:
         bar.close()
         output.print_failure("simulate", str(exc))

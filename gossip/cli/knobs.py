@@ -101,6 +101,11 @@ KNOBS: dict[str, tuple[str, str]] = {
         "run",
         "start from the newest snapshot in the model store, not the initial weights",
     ),
+    "prometheus": (
+        "run",
+        "serve Prometheus metrics at http://HOST:PORT/metrics (PORT or :PORT: on 127.0.0.1; port 0 "
+        "picks a free one, logged and in --ready-file; see the docs' metrics page)",
+    ),
     "replication": ("store", "copies of every snapshot shard, on its ring owners"),
     "publish_every": ("store", "steps between published snapshots (0: never)"),
     "shard_bytes": ("store", "snapshot shard size in bytes"),
@@ -129,14 +134,21 @@ NODE_KNOBS = [
     k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "node", "link", "run", "store")
 ]
 SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "link", "sim", "store")] + [
-    "threads"
+    "threads",
+    "prometheus",
 ]
+# Knobs whose help differs under simulate.
+SIM_HELP = {
+    "prometheus": "serve every node's Prometheus metrics: node i at http://HOST:PORT+i/metrics (PORT or "
+    ":PORT: on 127.0.0.1; port 0: each node a free port); the endpoints are printed once the nodes serve",
+}
 SIM_DEFAULTS: dict[str, Any] = {"topology": "exponential"}
 
 _BOOL_KNOBS = {"exit_when_done", "baseline", "init_from_network", "reconstruct"}
 # Knobs whose default depends on others: None until resolved, and "none"/"auto" in --help.
 _UNSET = {"advertise": None, "node_id": None, "rank": -1, "world_size": 0, "out": None, "wait_for": None}
 _TYPES: dict[str, type] = {"rank": int, "world_size": int, "wait_for": int, "start_timeout": float}
+_METAVARS = {"prometheus": "HOST:PORT"}
 _UNSET_TEXT = {
     "rank": "none",
     "world_size": "none",
@@ -169,11 +181,16 @@ def defaults() -> dict[str, Any]:
     return out
 
 
-def add_knobs(p: argparse.ArgumentParser, names: Sequence[str], overrides: dict[str, Any]) -> None:
+def add_knobs(
+    p: argparse.ArgumentParser,
+    names: Sequence[str],
+    overrides: dict[str, Any],
+    helps: dict[str, str] | None = None,
+) -> None:
     values = {**defaults(), **overrides}
     for name in names:
         flag = "--" + name.replace("_", "-")
-        help_text = KNOBS[name][1]
+        help_text = (helps or {}).get(name) or KNOBS[name][1]
         default = values[name]
         if name in _BOOL_KNOBS:
             p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
@@ -184,7 +201,14 @@ def add_knobs(p: argparse.ArgumentParser, names: Sequence[str], overrides: dict[
         shown = _UNSET_TEXT.get(name, default)
         if shown not in (None, "", ()) and "(default" not in help_text:
             help_text += f" (default: {shown})"
-        p.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=help_text)
+        p.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=None,
+            metavar=_METAVARS.get(name, name.upper()),
+            help=help_text,
+        )
     p.add_argument(
         "--config", dest="config", default=None, metavar="FILE.toml", help="the same knobs as a TOML file"
     )
@@ -273,6 +297,7 @@ def run_options(v: dict[str, Any]) -> RunOptions:
         exit_when_done=bool(v["exit_when_done"]),
         threads=v["threads"],
         init_from_network=bool(v["init_from_network"]),
+        prometheus=v["prometheus"],
     )
     opts.validate()
     return opts
@@ -290,6 +315,7 @@ def simulate_config(v: dict[str, Any]) -> SimulateConfig:
         churn=v["churn"],
         churn_downtime=v["churn_downtime"],
         max_send_rate=v["max_send_rate"],
+        prometheus=v["prometheus"],
     )
     if v["start_timeout"] is not None:
         sim = replace(sim, start_timeout=v["start_timeout"])

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N node processes on this machine",
         description="Start N real node processes on 127.0.0.1, train, and write metrics, a summary and a plot.",
     )
-    knobs.add_knobs(p, knobs.SIM_KNOBS, knobs.SIM_DEFAULTS)
+    knobs.add_knobs(p, knobs.SIM_KNOBS, knobs.SIM_DEFAULTS, knobs.SIM_HELP)
 
     p = sub.add_parser(
         "status",

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,16 @@ from gossip.config import GossipConfig, SimulateConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
+Serving = Callable[[list[dict[str, Any]]], None]
+
 
 def run_cluster(
-    train: TrainConfig, gossip: GossipConfig, sim: SimulateConfig, out: Path, progress: Progress | None = None
+    train: TrainConfig,
+    gossip: GossipConfig,
+    sim: SimulateConfig,
+    out: Path,
+    progress: Progress | None = None,
+    serving: Serving | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
     """Start the nodes, wait until every one finished training, stop them; returns per-rank metrics.
 
@@ -35,7 +43,8 @@ def run_cluster(
     result; with it or ``sim.reconstruct`` the survivors are asked to rebuild the
     model before they stop (``out/rebuild.json``). With ``sim.churn`` nodes are
     killed and restarted (``gossip.cluster.churn``); the run ends once every node is
-    back and finished (``out/churn.json``).
+    back and finished (``out/churn.json``). ``serving`` is called once every node serves,
+    with what each wrote to its ready file (address, node_id, prometheus endpoint), by rank.
     """
     (out / "nodes").mkdir(parents=True, exist_ok=True)
     (out / "churn.json").unlink(missing_ok=True)
@@ -53,6 +62,8 @@ def run_cluster(
         for rank in range(sim.nodes):
             cluster.start(rank, seed if rank else None)
         first = _wait_started(cluster, sim, progress)
+        if serving is not None:
+            serving(cluster.serving())
         log.info("all %d nodes serving after %.1f s", sim.nodes, time.monotonic() - t_start)
         deadline = time.monotonic() + sim.run_timeout
         while True:
@@ -129,6 +140,7 @@ def run_simulation(
     gossip: GossipConfig,
     sim: SimulateConfig,
     progress: Progress | None = None,
+    serving: Serving | None = None,
 ) -> dict[str, Any]:
     """Run the whole thing; returns the summary (also written to ``out/summary.json``)."""
     out = Path(sim.out or time.strftime("runs/%Y%m%d-%H%M%S"))
@@ -136,7 +148,7 @@ def run_simulation(
     t0 = time.monotonic()
     launched = time.time()
     try:
-        records = run_cluster(train, gossip, sim, out, progress)
+        records = run_cluster(train, gossip, sim, out, progress, serving)
     except KeyboardInterrupt:
         # The nodes were stopped (run_cluster's finally); keep what they wrote so far.
         records = {r: read_jsonl(out / "nodes" / f"{r}.jsonl") for r in range(sim.nodes)}

@@ -62,6 +62,8 @@ def node_command(
         cmd += ["--join-timeout", str(join_timeout)]
     if sim.max_send_rate:
         cmd += ["--max-send-rate", sim.max_send_rate]
+    if sim.prometheus:
+        cmd += ["--prometheus", sim.metrics_address(rank)]
     cmd += ["--rank", str(rank), "--world-size", str(sim.nodes)]
     if not incarnation:  # a restarted node joins a running network and trains at once
         cmd += ["--wait-for", str(sim.nodes)]
@@ -234,6 +236,15 @@ class Cluster:
             path = self.out / "nodes" / f"{rank}.ready"
             if path.exists():
                 out.append(str(json.loads(path.read_text())["address"]))
+        return out
+
+    def serving(self) -> list[dict[str, Any]]:
+        """What each rank serving now wrote to its ready file (address, node_id, prometheus), by rank."""
+        out = []
+        for rank in sorted(self.procs):
+            path = self.out / "nodes" / f"{rank}.ready"
+            if path.exists():
+                out.append({"rank": rank, **json.loads(path.read_text())})
         return out
 
     def wait_ready(self, rank: int, timeout: float) -> str:

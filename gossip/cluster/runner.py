@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from gossip.train.models import build_model
 from gossip.train.trainer import LocalTrainer, evaluate
 from gossip.transport import security
 from gossip.transport.channels import Channels
+
+if TYPE_CHECKING:
+    from gossip.observe.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,21 @@ def _train_thread(trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, 
 
 async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> int:
     """Run one node until its training ends and it is stopped (or, with exit_when_done, at once)."""
+    endpoint: MetricsServer | None = None
+    if opts.prometheus:  # bound first: a taken port fails the command before the data loads
+        from gossip.observe.metrics import MetricsServer
+
+        endpoint = await MetricsServer.start(opts.prometheus)
+    try:
+        return await _run_node(train, config, opts, endpoint)
+    finally:
+        if endpoint is not None:
+            await endpoint.stop()
+
+
+async def _run_node(
+    train: TrainConfig, config: NodeConfig, opts: RunOptions, endpoint: MetricsServer | None
+) -> int:
     torch.set_num_threads(max(1, opts.threads))
     tune_malloc()
     ds = load_dataset(train.dataset, seed=train.seed)
@@ -196,6 +214,8 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
         loop.add_signal_handler(sig, stopping.set)
     freeze_heap()  # what is built now lives as long as the process: keep collections off it
     node = Node.around(model, config, seed=train.seed * 7919 + max(config.rank, 0))
+    if endpoint is not None:
+        endpoint.watch(node)
     metrics = _Metrics(opts.metrics, node.node_id, config.rank)
     rec = _Recorder(node, trainer, ds, metrics, opts)
     rec.extra = init
@@ -207,9 +227,10 @@ async def run_node(train: TrainConfig, config: NodeConfig, opts: RunOptions) -> 
         await node.start()
         metrics.write(start)
         if opts.ready_file:
-            _write_atomic(
-                Path(opts.ready_file), json.dumps({"address": node.address, "node_id": node.node_id})
-            )
+            ready = {"address": node.address, "node_id": node.node_id}
+            if endpoint is not None:
+                ready["prometheus"] = endpoint.address
+            _write_atomic(Path(opts.ready_file), json.dumps(ready))
         log.info(
             "node %s: %d training samples, %d steps, model %s with %d parameters",
             node.node_id,
