@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import run_simulate
 
@@ -22,9 +24,40 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """One run with --baseline shared by the tests below (a run costs tens of seconds)."""
+    """One run with --baseline shared by the tests below (a run costs tens of seconds).
+
+    With ``--prometheus 0``: each node's endpoint is scraped once while the run goes on,
+    into ``scraped/RANK.txt`` beside the output folder.
+    """
     out = tmp_path_factory.mktemp("sim") / "run"
-    return run_simulate(out, "--nodes", str(NODES), "--epochs", str(EPOCHS), "--baseline", timeout=280), out
+    args = ("--nodes", str(NODES), "--epochs", str(EPOCHS), "--baseline", "--prometheus", "0")
+    return _run_and_scrape(out, *args, timeout=280), out
+
+
+def _run_and_scrape(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gossip", "simulate", *args, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    scraped = out.parent / "scraped"
+    scraped.mkdir()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        # A node writes its ready file once it serves, metrics endpoint included, and none
+        # stops before every one has: each is scraped while it runs.
+        while proc.poll() is None and time.monotonic() < deadline and len(list(scraped.iterdir())) < NODES:
+            for rank in range(NODES):
+                ready = out / "nodes" / f"{rank}.ready"
+                if ready.exists() and not (scraped / f"{rank}.txt").exists():
+                    url = f"http://{json.loads(ready.read_text())['prometheus']}/metrics"
+                    with urllib.request.urlopen(url, timeout=30) as reply:
+                        (scraped / f"{rank}.txt").write_bytes(reply.read())
+            time.sleep(0.1)
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:  # on timeout: the launcher stops its own nodes
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _summary(out: Path) -> dict[str, Any]:
@@ -78,6 +111,27 @@ def test_simulate_writes_metrics_summary_and_plot(run: tuple[subprocess.Complete
     assert summary["consensus_distance"] is not None and math.isfinite(summary["consensus_distance"])
 
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_simulate_prints_each_nodes_metrics_endpoint_and_each_answered(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    endpoints = [json.loads((out / "nodes" / f"{r}.ready").read_text())["prometheus"] for r in range(NODES)]
+    lines = proc.stderr.splitlines()
+    at = lines.index("Prometheus metrics:")
+
+    assert lines[at + 1 : at + 1 + NODES] == [
+        f"  node {r}: http://{e}/metrics" for r, e in enumerate(endpoints)
+    ]
+    assert len(set(endpoints)) == NODES and all(e.startswith("127.0.0.1:") for e in endpoints)
+    for rank in range(NODES):
+        text = (out.parent / "scraped" / f"{rank}.txt").read_text()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert [s.labels["node_id"] for s in families["gossip_info"].samples] == [f"node{rank}"]
+        assert "gossip_exchanges" in families and "gossip_store_shards_held" in families
 
 
 @pytest.mark.timeout(300)
