@@ -52,7 +52,7 @@
   }
 
   function short(id) {
-    return id.length > 16 ? id.slice(0, 15) + "…" : id;
+    return id.length > 12 ? id.slice(0, 11) + "…" : id;
   }
 
   // One colour per node for its curves, fixed by its place in the (rank, id) order.
@@ -119,15 +119,17 @@
       g.dataset.nodeId = n.node_id;
       g.appendChild(s("title", {}, n.node_id + " at " + n.address + " (" + n.state + ")"));
       g.appendChild(s("circle", { cx: n.x, cy: n.y, r: r, fill: fillFor(n, st.color_by, maxStep) }));
-      const out = 1 + r + 0.1;
-      const label = s("text", { x: n.x * out, y: n.y * out }, short(n.node_id));
-      label.classList.add("label");
-      g.appendChild(label);
+      // Labels outside the circle, anchored away from it on the left and right.
+      const out = 1 + r + 0.08;
+      const anchor = n.x < -0.3 ? "end" : n.x > 0.3 ? "start" : "middle";
+      const lx = n.x * out;
+      const ly = n.y * out + (anchor === "middle" ? (n.y < 0 ? -0.08 : 0.03) : -0.01);
+      g.appendChild(s("text", { x: lx, y: ly, "text-anchor": anchor }, short(n.node_id)));
       const value =
         st.color_by === "accuracy" && n.eval_accuracy !== null && n.eval_accuracy !== undefined
           ? (100 * n.eval_accuracy).toFixed(1) + " %"
           : "step " + (n.step === undefined ? "–" : n.step);
-      g.appendChild(s("text", { x: n.x * out, y: n.y * out + 0.07, class: "value" }, value));
+      g.appendChild(s("text", { x: lx, y: ly + 0.08, "text-anchor": anchor, class: "value" }, value));
       svg.appendChild(g);
     }
     const legend = document.getElementById("color-legend");
