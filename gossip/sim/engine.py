@@ -3,6 +3,7 @@
 Row i of ``Simulator.params`` (n, d) is node i's flat model. One round is
 
     mixed = mix(params)                      # the strategy, on the round's snapshot
+    outer step (if any): mixed <- anchor - lr * nesterov(anchor - mixed), anchor <- mixed
     repeat local_steps: mixed -= lr * d_i    # d_i from node i's own minibatch
     params = mixed
 
@@ -34,6 +35,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from gossip.config import ConfigError, TrainConfig, check_sgd
 from gossip.core.averaging import consensus_distance
 from gossip.core.compress import CompressError, Compressor
+from gossip.core.outer import Outer, OuterError
 from gossip.core.topology import MIXING_RULES, Topology, TopologyError
 from gossip.sim.mixing import STRATEGIES, ChocoMixer, Mixer, bytes_per_message, make_mixer
 from gossip.train.data import DataError, Dataset, load_dataset, partition
@@ -78,6 +80,9 @@ class SimConfig:
     # compressor's default step); sync rounds only. Bytes are the real payloads' sizes.
     compress: str = "none"
     gamma: float = 0.0
+    # The outer optimizer of local-steps training (gossip.core.outer): none, or
+    # nesterov:LR:MOMENTUM applied to each node's averaged pseudo-gradient every round.
+    outer: str = "none"
 
     def validate(self) -> None:
         """Check ranges and names; one-line ConfigError naming the knob."""
@@ -103,6 +108,10 @@ class SimConfig:
             compressed = Compressor.parse(self.compress).spec != "none"
         except CompressError as exc:
             raise ConfigError(f"compress: {exc}") from None
+        try:
+            Outer.parse(self.outer)
+        except OuterError as exc:
+            raise ConfigError(f"outer: {exc}") from None
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"gamma must be in [0, 1] (0: the compressor's default), got {self.gamma}")
         if compressed and (
@@ -233,6 +242,9 @@ class Simulator:
         flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for _, p in named])
         self.params = flat.repeat(n, 1)
         self._momentum = torch.zeros_like(self.params) if cfg.momentum else None
+        outer = Outer.parse(cfg.outer)
+        # The outer optimizer's anchors and momentum: local to each node, never mixed.
+        self._outer = (outer, self.params.clone(), torch.zeros_like(self.params)) if outer.active else None
         try:
             parts = partition(ds.y_train, n, cfg.partition, seed=cfg.seed)
         except DataError as exc:
@@ -335,6 +347,8 @@ class Simulator:
         else:
             mixed, messages = self.mixer.mix(self.params, self.round, active)
             self.bytes_sent += messages * bytes_per_message(self.dim)
+        if self._outer is not None:
+            self._outer_step(mixed, active)
         h = self.cfg.local_steps
         for s in range(h):
             losses = self._local_step(mixed, s < h - 1, active)
@@ -343,6 +357,18 @@ class Simulator:
                 self._loss_rounds += 1
         self.params = mixed
         self.round += 1
+
+    def _outer_step(self, mixed: Tensor, active: Tensor | None) -> None:
+        """Every active node's outer step on what the averaging made of its snapshot (in place)."""
+        assert self._outer is not None
+        outer, anchor, buf = self._outer
+        if active is None:
+            outer.step_(mixed, anchor, buf)
+            return
+        rows = active.nonzero().squeeze(1)  # a node that sat the round out keeps its state
+        m, a, b = mixed[rows], anchor[rows], buf[rows]
+        outer.step_(m, a, b)
+        mixed[rows], anchor[rows], buf[rows] = m, a, b
 
     # --- metrics ---------------------------------------------------------------------
 
