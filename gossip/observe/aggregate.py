@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gossip.core.status import spread_estimate
-from gossip.observe.readings import MAX_LIST, MAX_TEXT, Reading, dialable
+from gossip.observe.readings import MAX_LIST, MAX_TEXT, Reading, StoreReading, dialable
 
 HISTORY = 600  # points kept per node and for the cluster's curves: 10 minutes at one poll a second
 EVENTS = 200  # events kept
@@ -38,6 +38,7 @@ class NodeView:
     address: str
     rank: int = -1
     reading: Reading | None = None
+    store: StoreReading | None = None  # the last store reading (asked every few rounds only)
     prev: Reading | None = None  # the reading before ``reading``: deltas are taken between the two
     prev_time: float = 0.0
     reachable: bool = False
@@ -165,6 +166,8 @@ class ClusterState:
         if v.reading is not None and v.last_seen is not None:
             v.prev, v.prev_time = v.reading, v.last_seen
         v.reading, v.reachable, v.error, v.last_seen = r, True, "", now
+        if r.store is not None:
+            v.store = r.store
         v.history.append((self.round, now, r.step, r.loss, r.eval_accuracy))
 
     def _silent(self, now: float, v: NodeView, why: str) -> None:
@@ -332,8 +335,8 @@ class ClusterState:
                     )
                 }
             )
-            if r.store is not None:
-                s = r.store
+            if v.store is not None:
+                s = v.store
                 out["store"] = {
                     "versions": len(s.versions),
                     "latest": max(s.versions, default=None),
@@ -345,7 +348,7 @@ class ClusterState:
 
     def _store_json(self) -> dict[str, Any] | None:
         """Store health over the nodes' last readings: versions known, under-replicated shards."""
-        stores = [v.reading.store for v in self.nodes.values() if v.reading is not None and v.reading.store]
+        stores = [v.store for v in self.nodes.values() if v.store is not None]
         if not stores:
             return None
         versions = sorted({ver for s in stores for ver in s.versions}, reverse=True)

@@ -1,9 +1,9 @@
-"""One node's Status as the dashboard uses it: checked, bounded, typed.
+"""One node's Status as the dashboard keeps it: bounded, finite, typed.
 
-Everything here came from a peer. :func:`parse_reading` cuts every string and list
+Everything here came from a peer. :func:`reading_from` cuts every string and list
 to a size and keeps numbers finite (JSON has no NaN); a reply it cannot use is
-:class:`MalformedStatus`, and the dashboard shows that node as unreachable. Keys an
-older node does not send get their defaults.
+:class:`MalformedStatus`, and the dashboard shows that node as unreachable, as it
+does a reply that does not decode at all.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from gossip.core.membership import MAX_ID_CHARS, STATES
+from gossip.observe.status import Answer
 
 MAX_TEXT = 200  # characters kept of any other string a peer sends
 MAX_LIST = 1024  # members, neighbours, exchange partners kept of one reply
@@ -88,115 +88,72 @@ class Reading:
         return self.train_loss if self.train_loss is not None else self.eval_loss
 
 
-def _text(d: dict[str, Any], key: str, limit: int = MAX_TEXT) -> str:
-    v = d.get(key, "")
-    if not isinstance(v, str):
-        raise MalformedStatus(f"{key} is not a string")
-    return v[:limit]
+def _finite(v: float | None) -> float | None:
+    """None for a missing or non-finite value: JSON has no NaN or infinity."""
+    return v if v is not None and math.isfinite(v) else None
 
 
-def _int(d: dict[str, Any], key: str) -> int:
-    v = d.get(key, 0)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise MalformedStatus(f"{key} is not an integer")
-    return v
+def reading_from(answer: Answer) -> Reading:
+    """One node's answer, bounded (every string and list cut to a size, every number finite).
 
-
-def _number(v: Any, key: str) -> float | None:
-    """A finite float, None for null or a non-finite value (JSON has no NaN)."""
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise MalformedStatus(f"{key} is not a number")
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def _list(d: dict[str, Any], key: str, limit: int = MAX_LIST) -> list[Any]:
-    v = d.get(key, [])
-    if not isinstance(v, list | tuple):
-        raise MalformedStatus(f"{key} is not a list")
-    return list(v[:limit])
-
-
-def _store(raw: Any) -> StoreReading | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise MalformedStatus("store is not an object")
-    versions = _list(raw, "versions")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
-        raise MalformedStatus("store versions are not integers")
-    under = [str(k)[:MAX_TEXT] for k in _list(raw, "under_replicated")]
-    return StoreReading(
-        tuple(versions),
-        _int(raw, "shards_held"),
-        _int(raw, "bytes_held"),
-        tuple(under),
-        _int(raw, "replication"),
-    )
-
-
-def parse_reading(raw: Any) -> Reading:
-    """One node's Status (``fetch_status``'s dict), checked and bounded; MalformedStatus if unusable.
-
-    Keys an older node does not send get their defaults.
+    The protobuf decoding already fixed every field's type; a reply without a node
+    id is MalformedStatus. Fields an older node does not send decode as their
+    defaults (no loss, no sample, no exchange partners).
     """
-    if not isinstance(raw, dict):
-        raise MalformedStatus("not an object")
-    node_id = _text(raw, "node_id", MAX_ID_CHARS)
-    if not node_id:
+    s = answer.status
+    if not s.node_id:
         raise MalformedStatus("no node id")
-    members = []
-    for m in _list(raw, "members"):
-        if not isinstance(m, dict):
-            raise MalformedStatus("a member is not an object")
-        state = _text(m, "state")
-        members.append(
-            Member(
-                _text(m, "node_id", MAX_ID_CHARS),
-                _text(m, "address"),
-                state if state in STATES else "unknown",
-                _int(m, "rank"),
-            )
+    members = tuple(
+        Member(
+            m.node_id[:MAX_ID_CHARS],
+            m.address[:MAX_TEXT],
+            m.state if m.state in STATES else "unknown",
+            m.rank,
         )
-    neighbours = [str(n)[:MAX_ID_CHARS] for n in _list(raw, "neighbours")]
-    partners = raw.get("exchanged_with", {})
-    if not isinstance(partners, dict):
-        raise MalformedStatus("exchanged_with is not an object")
-    exchanged = {}
-    for peer, count in list(partners.items())[:MAX_LIST]:
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise MalformedStatus("exchanged_with counts are not integers")
-        exchanged[str(peer)[:MAX_ID_CHARS]] = count
-    sample = [_number(v, "sample") for v in _list(raw, "sample", MAX_SAMPLE)]
+        for m in s.members[:MAX_LIST]
+    )
+    sample = s.sample[:MAX_SAMPLE]
+    store = None
+    if answer.store is not None:
+        info = answer.store
+        store = StoreReading(
+            versions=tuple(
+                sorted(
+                    {h.version for h in info.holdings[:MAX_LIST] if h.model_id == info.model_id}, reverse=True
+                )
+            ),
+            shards_held=info.shards_held,
+            bytes_held=info.bytes_held,
+            under_replicated=tuple(k[:MAX_TEXT] for k in info.under_replicated[:MAX_LIST]),
+            replication=info.replication,
+        )
     return Reading(
-        node_id=node_id,
-        address=_text(raw, "address"),
-        phase=_text(raw, "phase"),
-        step=_int(raw, "step"),
-        rank=_int(raw, "rank"),
-        topology=_text(raw, "topology"),
-        strategy=_text(raw, "strategy"),
-        parameters=_int(raw, "parameters"),
-        fingerprint=_text(raw, "fingerprint", 128),
-        exchanges_ok=_int(raw, "exchanges_ok"),
-        exchanges_failed=_int(raw, "exchanges_failed"),
-        exchanges_declined=_int(raw, "exchanges_declined"),
-        exchanges_served=_int(raw, "exchanges_served"),
-        bytes_in=_int(raw, "bytes_in"),
-        bytes_out=_int(raw, "bytes_out"),
-        training=bool(raw.get("training", False)),
-        resting=bool(raw.get("resting", False)),
-        rtt_ms=_number(raw.get("rtt_ms"), "rtt_ms") or 0.0,
-        epoch=_number(raw.get("epoch"), "epoch") or 0.0,
-        train_loss=_number(raw.get("train_loss"), "train_loss"),
-        eval_loss=_number(raw.get("eval_loss"), "eval_loss"),
-        eval_accuracy=_number(raw.get("eval_accuracy"), "eval_accuracy"),
-        members=tuple(members),
-        neighbours=tuple(neighbours),
-        exchanged_with=exchanged,
+        node_id=s.node_id[:MAX_ID_CHARS],
+        address=s.address[:MAX_TEXT],
+        phase=s.phase[:MAX_TEXT],
+        step=s.step,
+        rank=s.rank,
+        topology=s.topology[:MAX_TEXT],
+        strategy=s.strategy[:MAX_TEXT],
+        parameters=s.parameters,
+        fingerprint=s.fingerprint[:64].hex(),
+        exchanges_ok=s.exchanges_ok,
+        exchanges_failed=s.exchanges_failed,
+        exchanges_declined=s.exchanges_declined,
+        exchanges_served=s.exchanges_served,
+        bytes_in=s.bytes_in,
+        bytes_out=s.bytes_out,
+        training=s.training,
+        resting=s.resting,
+        rtt_ms=answer.rtt_ms,
+        epoch=_finite(s.epoch) or 0.0,
+        train_loss=_finite(s.train_loss),
+        eval_loss=_finite(s.eval_loss),
+        eval_accuracy=_finite(s.eval_accuracy),
+        members=members,
+        neighbours=tuple(n[:MAX_ID_CHARS] for n in s.neighbours[:MAX_LIST]),
+        exchanged_with={p[:MAX_ID_CHARS]: c for p, c in list(s.exchanged_with.items())[:MAX_LIST]},
         # A sample with a hole cannot be compared coordinate by coordinate.
-        sample=tuple(v for v in sample if v is not None) if None not in sample else (),
-        store=_store(raw.get("store")),
+        sample=tuple(sample) if all(math.isfinite(v) for v in sample) else (),
+        store=store,
     )

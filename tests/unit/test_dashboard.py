@@ -1,6 +1,6 @@
-"""The dashboard's aggregation without sockets: readings checked, rounds turned into what the page shows.
+"""The dashboard's aggregation without sockets: readings bounded, rounds turned into what the page shows.
 
-Each round is built from status dicts like ``fetch_status`` returns; times are passed in.
+Each round is built from decoded answers like ``ask_node`` returns; times are passed in.
 """
 
 from __future__ import annotations
@@ -12,15 +12,20 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gossip.core.status import MemberView, NodeStatus
 from gossip.observe.aggregate import ClusterState, merged_state
-from gossip.observe.readings import MAX_ID_CHARS, MAX_TEXT, MalformedStatus, Reading, dialable, parse_reading
+from gossip.observe.readings import MAX_ID_CHARS, MAX_TEXT, MalformedStatus, Reading, dialable, reading_from
+from gossip.observe.status import Answer
+from gossip.proto import gossip_pb2 as pb
+from gossip.store.shards import Holding, StoreInfo
+from gossip.transport.serde import status_from_bytes
 
 FP = "ab" * 16
 
 
-def status(node_id: str, port: int, **kw: Any) -> dict[str, Any]:
-    """A node's status dict, all fields present; ``kw`` overrides."""
-    out: dict[str, Any] = {
+def status(node_id: str, port: int, store: StoreInfo | None = None, **kw: Any) -> Answer:
+    """A node's decoded answer, every field set; ``kw`` overrides (members as dicts, lists as lists)."""
+    fields: dict[str, Any] = {
         "node_id": node_id,
         "address": f"127.0.0.1:{port}",
         "phase": "running",
@@ -41,18 +46,38 @@ def status(node_id: str, port: int, **kw: Any) -> dict[str, Any]:
         "members": [],
         "neighbours": [],
         "training": True,
-        "resting": False,
         "epoch": 0.5,
         "train_loss": 1.0,
         "eval_loss": 1.1,
         "eval_accuracy": 0.5,
         "evals": 1,
-        "exchanged_with": {},
         "sample": [0.0, 0.0],
-        "rtt_ms": 1.0,
     }
-    out.update(kw)
-    return out
+    fields.update(kw)
+    fields["fingerprint"] = bytes.fromhex(fields["fingerprint"])
+    fields["members"] = tuple(MemberView(**m) for m in fields["members"])
+    fields["neighbours"] = tuple(fields["neighbours"])
+    fields["sample"] = tuple(fields["sample"])
+    return Answer(NodeStatus(**fields), store, 1.0)
+
+
+def store_info(versions: list[int], shards_held: int, under: tuple[str, ...] = ()) -> StoreInfo:
+    return StoreInfo(
+        model_id="m",
+        replication=3,
+        publish_every=20,
+        vnodes=64,
+        ring_share=0.3,
+        ring_members=3,
+        holdings=[Holding("m", v, b"", b"\x01", 1) for v in versions] + [Holding("other", 99, b"", b"", 1)],
+        shards_held=shards_held,
+        bytes_held=100 * shards_held,
+        shards_pending=0,
+        under_replicated=list(under),
+        published=1,
+        repaired=0,
+        corrupt_dropped=0,
+    )
 
 
 def member(node_id: str, port: int, state: str = "alive") -> dict[str, Any]:
@@ -77,7 +102,7 @@ def table(me: str, states: dict[str, str] | None = None) -> list[dict[str, Any]]
 
 def answer(node_id: str, **kw: Any) -> tuple[str | None, str, Reading | str]:
     kw.setdefault("members", table(node_id))
-    return node_id, f"127.0.0.1:{PORTS[node_id]}", parse_reading(status(node_id, PORTS[node_id], **kw))
+    return node_id, f"127.0.0.1:{PORTS[node_id]}", reading_from(status(node_id, PORTS[node_id], **kw))
 
 
 def silent(node_id: str) -> tuple[str | None, str, Reading | str]:
@@ -87,60 +112,43 @@ def silent(node_id: str) -> tuple[str | None, str, Reading | str]:
 # --- readings ----------------------------------------------------------------------------------
 
 
-def test_a_full_status_becomes_a_reading() -> None:
-    store = {"versions": [3, 2], "shards_held": 4}
-    r = parse_reading(status("a", 1, exchanged_with={"b": 3}, sample=[0.5, 1.5], store=store))
-    assert (r.node_id, r.step, r.eval_accuracy) == ("a", 10, 0.5)
+def test_an_answer_becomes_a_reading() -> None:
+    got = status("a", 1, exchanged_with={"b": 3}, sample=[0.5, 1.5], store=store_info([2, 3], 4, ("k",)))
+    r = reading_from(got)
+    assert (r.node_id, r.step, r.eval_accuracy, r.fingerprint) == ("a", 10, 0.5, FP)
     assert (r.exchanged_with, r.sample) == ({"b": 3}, (0.5, 1.5))
-    assert r.store is not None and (r.store.versions, r.store.shards_held) == ((3, 2), 4)
+    assert r.store is not None
+    assert (r.store.versions, r.store.shards_held, r.store.under_replicated) == ((3, 2), 4, ("k",))
 
 
 def test_an_old_node_without_the_new_fields_reads_with_defaults() -> None:
-    new = ("epoch", "train_loss", "eval_loss", "eval_accuracy", "evals", "exchanged_with", "sample", "rtt_ms")
-    raw = {k: v for k, v in status("a", 1).items() if k not in new}
-    r = parse_reading(raw)
-    assert (r.epoch, r.train_loss, r.eval_accuracy, r.exchanged_with, r.sample) == (0.0, None, None, {}, ())
+    old = pb.StatusReply(node_id="a", address="127.0.0.1:1", phase="running", step=4, parameters=10)
+    r = reading_from(Answer(status_from_bytes(old.SerializeToString()), None, 1.0))
+    assert (r.node_id, r.step, r.epoch, r.train_loss, r.eval_accuracy) == ("a", 4, 0.0, None, None)
+    assert (r.exchanged_with, r.sample, r.store) == ({}, (), None)
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"node_id": 7},
-        {"node_id": ""},
-        {"step": "12"},
-        {"step": True},
-        {"members": "all of them"},
-        {"members": [5]},
-        {"exchanged_with": ["b"]},
-        {"exchanged_with": {"b": 1.5}},
-        {"train_loss": "low"},
-        {"store": [1]},
-        {"store": {"versions": ["v1"]}},
-    ],
-)
-def test_a_malformed_status_is_refused(change: dict[str, Any]) -> None:
+def test_an_answer_without_a_node_id_is_refused() -> None:
     with pytest.raises(MalformedStatus):
-        parse_reading(status("a", 1) | change)
-
-
-def test_not_an_object_is_refused() -> None:
-    with pytest.raises(MalformedStatus):
-        parse_reading(["node_id", "a"])
+        reading_from(status("", 1))
 
 
 def test_what_a_peer_controls_is_bounded_and_finite() -> None:
-    raw = status(
+    got = status(
         "x" * 10_000,
         1,
         phase="p" * 10_000,
-        members=[member(str(i), 2) for i in range(5000)],
+        members=[member(str(i), 2) | {"state": "zombie"} for i in range(5000)],
+        exchanged_with={f"{i:05d}" + "x" * 300: i for i in range(5000)},
         train_loss=math.nan,
         eval_accuracy=math.inf,
         sample=[0.0, math.nan],
     )
-    r = parse_reading(raw)
+    r = reading_from(got)
     assert len(r.node_id) == MAX_ID_CHARS and len(r.phase) == MAX_TEXT
-    assert len(r.members) == 1024
+    assert len(r.members) == len(r.exchanged_with) == 1024
+    assert {m.state for m in r.members} == {"unknown"}
+    assert max(len(p) for p in r.exchanged_with) == MAX_ID_CHARS
     assert r.train_loss is None and r.eval_accuracy is None
     assert r.sample == ()  # a sample with a hole is no sample
 
