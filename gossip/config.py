@@ -62,6 +62,10 @@ class GossipConfig:
     # models' weights, so resting there loses no consensus.
     rest_pause: float = 15.0
     rest_tolerance: float = 1e-6
+    # The outer optimizer of local-steps training (gossip.core.outer): none, or
+    # nesterov:LR:MOMENTUM on the averaged pseudo-gradient at each own exchange (with
+    # gossip_every = H, DiLoCo's 0.7:0.9); two more model copies, kept local.
+    outer: str = "none"
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -85,6 +89,22 @@ class GossipConfig:
             raise ConfigError(f"rest_tolerance must be >= 0, got {self.rest_tolerance}")
         if self.backoff < 0 or self.busy_retries < 1:
             raise ConfigError("backoff must be >= 0 and busy_retries >= 1")
+        check_outer(self.outer, self.strategy)
+
+
+def check_outer(spec: str, strategy: str) -> None:
+    """An outer-optimizer spec that parses, with a strategy it makes sense with."""
+    from gossip.core.outer import Outer, OuterError
+
+    try:
+        active = Outer.parse(spec).active
+    except OuterError as exc:
+        raise ConfigError(f"outer: {exc}") from None
+    if active and strategy == "push-sum":
+        raise ConfigError(
+            "outer needs strategy pairwise (or sync in the simulator): a push-sum sender keeps its own "
+            "values, so its exchange gives no averaged pseudo-gradient to step on"
+        )
 
 
 # Bounds of the shard store that configuration and the wire share.

@@ -54,6 +54,11 @@ KNOBS: dict[str, tuple[str, str]] = {
     ),
     "strategy": ("gossip", "pairwise (push-pull) or push-sum"),
     "gossip_every": ("gossip", "local steps between exchanges"),
+    "outer": (
+        "gossip",
+        "outer optimizer at each own exchange: none, or nesterov:LR:MOMENTUM on the averaged pseudo-gradient "
+        "(with --gossip-every H: DiLoCo-style local steps; nesterov:0.7:0.9 is DiLoCo's; pairwise only)",
+    ),
     "max_lag": ("gossip", "steps a node may run ahead of its own exchange in flight before waiting for it"),
     "codec": ("gossip", "raw, fp16 or bf16 on the wire"),
     "chunk_bytes": ("gossip", "stream chunk size in bytes"),

@@ -89,6 +89,7 @@ def node_command(
         "topology",
         "strategy",
         "gossip_every",
+        "outer",
         "max_lag",
         "codec",
         "chunk_bytes",

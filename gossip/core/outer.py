@@ -29,9 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # only tensor methods run here: parsing a spec (the CLI, configs) loads no torch
+    from torch import Tensor
+
+    from gossip.core.pipeline import Runs
 
 __all__ = ["Outer", "OuterError"]
 
@@ -80,14 +83,39 @@ class Outer:
         outer step's result; ``buf``: the momentum. All three the same shape (a
         node's buffer, or every node's rows at once).
         """
-        g = torch.sub(anchor, mixed)
+        g = anchor.sub(mixed)
         buf.mul_(self.momentum).add_(g)
-        # anchor - lr * (g + mu * buf), written into mixed without another temporary.
-        torch.add(g, buf, alpha=self.momentum, out=g)
-        torch.add(anchor, g, alpha=-self.lr, out=mixed)
+        g.add_(buf, alpha=self.momentum)  # the Nesterov direction, g + mu * buf
+        mixed.copy_(anchor).add_(g, alpha=-self.lr)
         anchor.copy_(mixed)
 
     def steps_(self, mixed: Sequence[Tensor], anchor: Sequence[Tensor], buf: Sequence[Tensor]) -> None:
         """:meth:`step_` over matching buffers (a node's segments)."""
         for m, a, b in zip(mixed, anchor, buf, strict=True):
             self.step_(m, a, b)
+
+    def exchange_(
+        self,
+        x: Sequence[Tensor],
+        own: Runs,
+        delta: Sequence[Tensor],
+        scale: float,
+        anchor: Sequence[Tensor],
+        buf: Sequence[Tensor],
+    ) -> None:
+        """A node's own pairwise exchange with the outer step, per buffer, in place.
+
+        ``own``: the round's snapshot s (as sent); ``delta``: other - own, so the
+        averaging made ``mixed = s + scale * delta`` of it. The model, which trained
+        on since the snapshot, moves by what the outer step makes of that:
+        ``x += outer(mixed) - s`` (the delta rule, with the outer step in it).
+        ``delta`` is used up.
+        """
+        for i, (xi, d, a, b) in enumerate(zip(x, delta, anchor, buf, strict=True)):
+            d.mul_(scale)
+            for first, s in own.pieces(i):
+                d[first : first + s.numel()].add_(s)
+            self.step_(d, a, b)  # d is the new anchor now
+            xi.add_(d)
+            for first, s in own.pieces(i):
+                xi[first : first + s.numel()].sub_(s)

@@ -26,6 +26,7 @@ import torch
 
 from gossip.config import ConfigError, NodeConfig
 from gossip.core.membership import MemberRecord
+from gossip.core.outer import Outer
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline
 from gossip.core.status import MemberView, NodeStatus, TrainingReport, sample_coordinates
@@ -88,6 +89,7 @@ class Node:
             running=lambda: self.phase == "running",
             on_wake=self._wake_rest,
             send_floor=floor,
+            outer=Outer.parse(g.outer),
         )
         self._rng = random.Random(seed)
         self._round = 0
@@ -247,6 +249,7 @@ class Node:
         for it (at most its deadline): a node whose compute is much faster than its
         link still mixes at least once every ``max_lag`` steps.
         """
+        self.party.start_outer()
         overdue = self.slot.advance(n)
         if overdue is not None:
             overdue.wait(self.party.deadline + 1.0)

@@ -26,7 +26,7 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
-from gossip.core.pipeline import PairwiseDelta
+from gossip.core.pipeline import PairwiseDelta, Runs
 from gossip.node import faults
 from gossip.node.protocol import (
     CallerStream,
@@ -51,8 +51,12 @@ Connect = Callable[[str], CallerStream]  # address -> a fresh Exchange call
 Pick = Callable[[set[str]], MemberRecord | None]  # ids to leave out -> a neighbour, or None
 
 
-def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True) -> None:
-    """Queue ``(other - own) / 2`` for the model; applying it frees the slot (see ``ExchangeSlot.deliver``)."""
+def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True, own: bool = False) -> None:
+    """Queue ``(other - own) / 2`` for the model; applying it frees the slot (see ``ExchangeSlot.deliver``).
+
+    The node's ``own`` exchange, while it trains with ``--outer``, takes the outer
+    step in the same add (:meth:`gossip.core.outer.Outer.exchange_`).
+    """
     delta = change.delta()
     scale = change.scale
 
@@ -63,8 +67,15 @@ def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True) -> Non
             party.stats.last_delta_norm = moved
             if settling:
                 party.applied(averaging.norm_ratio(moved, averaging.norm(list(party.flat))))
-        for x, d in zip(party.flat, delta, strict=True):
-            averaging.apply_delta_(x, d, scale)
+        if own and party.anchor is not None and party.outer_buf is not None and party.slot.training:
+            snap = party.slot.own_values()
+            snap = snap if isinstance(snap, Runs) else Runs.of(snap)
+            party.outer.exchange_(
+                list(party.flat), snap, list(delta), scale, list(party.anchor), list(party.outer_buf)
+            )
+        else:
+            for x, d in zip(party.flat, delta, strict=True):
+                averaging.apply_delta_(x, d, scale)
         party.slot.release_locked()
 
     party.slot.deliver(apply, at_once=at_once)
@@ -179,7 +190,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     party.stats.bytes_in += receiver.received
     party.stats.exchanges_ok += 1
     party.stats.completed(peer.node_id, time.monotonic() - began)
-    deliver(party, change)
+    deliver(party, change, own=True)
     party.pipeline.settle(peer.node_id, committed=True)
     return "ok"
 

@@ -21,6 +21,7 @@ from gossip.config import GossipConfig
 from gossip.core.codecs import PayloadReceiver
 from gossip.core.errors import Refused
 from gossip.core.layout import LayoutError
+from gossip.core.outer import Outer
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline
 from gossip.core.status import Histogram
@@ -124,6 +125,16 @@ class Party:
     rest: RestPolicy | None = None  # set once training is over: how hard to keep averaging
     on_wake: Callable[[], None] = lambda: None  # the rest policy woke up: average again at once
     send_floor: float = DEADLINE_BYTES_PER_S  # the throughput deadlines assume (lower when paced)
+    # --outer: the optimizer, and its anchor and momentum (local, set at the first step).
+    outer: Outer = field(default_factory=Outer)
+    anchor: FlatParams | None = None
+    outer_buf: FlatParams | None = None
+
+    def start_outer(self) -> None:
+        """The first training step: the model as it is now is the first anchor (called on the trainer's thread)."""
+        if self.outer.active and self.anchor is None:
+            self.anchor = self.flat.clone()
+            self.outer_buf = FlatParams.zeros(self.flat.layout)
 
     @property
     def fingerprint(self) -> bytes:

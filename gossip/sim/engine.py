@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from gossip.config import ConfigError, TrainConfig, check_sgd
+from gossip.config import ConfigError, TrainConfig, check_outer, check_sgd
 from gossip.core.averaging import consensus_distance
 from gossip.core.compress import CompressError, Compressor
-from gossip.core.outer import Outer, OuterError
+from gossip.core.outer import Outer
 from gossip.core.topology import MIXING_RULES, Topology, TopologyError
 from gossip.sim.mixing import STRATEGIES, ChocoMixer, Mixer, bytes_per_message, make_mixer
 from gossip.train.data import DataError, Dataset, load_dataset, partition
@@ -108,10 +108,7 @@ class SimConfig:
             compressed = Compressor.parse(self.compress).spec != "none"
         except CompressError as exc:
             raise ConfigError(f"compress: {exc}") from None
-        try:
-            Outer.parse(self.outer)
-        except OuterError as exc:
-            raise ConfigError(f"outer: {exc}") from None
+        check_outer(self.outer, self.strategy)
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"gamma must be in [0, 1] (0: the compressor's default), got {self.gamma}")
         if compressed and (

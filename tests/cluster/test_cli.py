@@ -134,6 +134,8 @@ BAD_INPUTS = {
     "experiment missing file": ["experiment", "nosuch.toml"],
     "experiment out under a file": ["experiment", "exp.toml", "--out", "afile/x"],
     "status bad peer": ["status", "--peer", "nohost"],
+    "outer with push-sum": ["node", "--strategy", "push-sum", "--outer", "nesterov:0.7:0.9"],
+    "outer unknown": ["node", "--outer", "adam:0.1"],
 }
 
 

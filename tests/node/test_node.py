@@ -605,6 +605,37 @@ def test_status_reports_the_change_one_exchange_applied_on_both_sides() -> None:
     run(main())
 
 
+# --- the outer optimizer ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outer", "expected"),
+    [("nesterov:0.7:0.9", 1 + 0.7 * 1.9), ("nesterov:1:0", 2.0), ("none", 2.0)],
+)
+def test_an_own_exchange_takes_the_outer_step_on_the_averaged_pseudo_gradient(
+    outer: str, expected: float
+) -> None:
+    """Anchor 1, averaged with 3: g = 1 - 2 = -1, m = -1, anchor <- 1 - 0.7 * (g + 0.9 m) = 2.33."""
+
+    async def main() -> None:
+        g = GossipConfig(idle_pause=0.0, max_lag=0, outer=outer)
+        async with cluster([[1.0] * 4, [3.0] * 4], gossip=g) as (a, b):
+            await asyncio.to_thread(a.step)  # the first anchor (1), and an exchange with b
+            await asyncio.to_thread(a.step)  # waits for it (max_lag 0) and applies it, outer step included
+            assert torch.allclose(vec(a), torch.full((4,), expected))
+            if outer != "none":
+                assert a.party.anchor is not None and torch.allclose(
+                    vec(a), a.party.anchor.segments["float32"]
+                )
+            # The callee averages plainly (2 after the first exchange, then halfway to a's 2.33).
+            b_after = torch.full((4,), (2.0 + expected) / 2)
+            await wait_until(lambda: torch.allclose(vec(b), b_after), CALL_TIMEOUT, "the second exchange")
+            assert b.party.anchor is None  # it never trained
+            a.finish_training()
+
+    run(main())
+
+
 # --- membership ------------------------------------------------------------------------------
 
 

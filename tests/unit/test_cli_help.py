@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,18 @@ def test_every_command_has_a_description_or_help() -> None:
     assert parser.format_help().count("\n") > 5
     for name, sub in _subparsers().items():
         assert sub.description, f"{name} has no description"
+
+
+def test_simulate_hands_every_gossip_knob_to_its_node_processes(tmp_path: Path) -> None:
+    """A node's command line, read back by `gossip node`'s own parser, gives the same training and gossip."""
+    from gossip.cli import knobs
+    from gossip.cluster.procs import node_command
+    from gossip.config import GossipConfig, SimulateConfig, TrainConfig
+
+    gossip = GossipConfig(gossip_every=10, outer="nesterov:0.7:0.9", max_lag=2, codec="bf16", idle_pause=0.0)
+    train = TrainConfig(epochs=3, lr=0.05)
+    cmd = node_command(1, SimulateConfig(nodes=4), train, gossip, tmp_path, None)
+    args = _subparsers()["node"].parse_args(cmd[cmd.index("node") + 1 :])
+    v = knobs.resolve(args, knobs.NODE_KNOBS, {})
+    assert knobs.gossip_config(v) == gossip
+    assert knobs.train_config(v) == train
