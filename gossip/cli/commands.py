@@ -222,6 +222,10 @@ def consensus(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dim must be at least 1, got {args.dim}")
     if not 0.0 <= args.loss < 1.0:
         raise ConfigError(f"--loss must be in [0, 1), got {args.loss}")
+    if args.gamma is not None and not 0 < args.gamma <= 1:
+        raise ConfigError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if args.compress.strip().lower() not in ("", "none") and (args.strategy != "sync" or args.loss):
+        raise ConfigError("--compress runs CHOCO-Gossip on sync rounds: use --strategy sync and no --loss")
     from gossip.core.topology import Topology, TopologyError
     from gossip.sim.consensus import format_result, run_consensus
 
@@ -234,13 +238,9 @@ def consensus(args: argparse.Namespace) -> int:
     from gossip.core.compress import CompressError, Compressor
 
     try:
-        compressor = Compressor.parse(args.compress)
+        Compressor.parse(args.compress)
     except CompressError as exc:
         raise ConfigError(f"--compress: {exc}") from None
-    if compressor.spec != "none" and (args.strategy != "sync" or args.loss):
-        raise ConfigError("--compress runs CHOCO-Gossip on sync rounds: use --strategy sync and no --loss")
-    if args.gamma is not None and not 0 < args.gamma <= 1:
-        raise ConfigError(f"--gamma must be in (0, 1], got {args.gamma}")
     try:
         result = run_consensus(
             top,
