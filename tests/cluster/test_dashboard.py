@@ -357,8 +357,8 @@ GARBAGE = b"\x0a\xff\xff\xff\xff"  # field 1 (node_id) claims more bytes than fo
 
 
 @pytest.mark.timeout(60)
-def test_a_malformed_reply_and_a_hostile_address_are_unreachable_nodes_not_a_crash() -> None:
-    async def main() -> tuple[dict[str, Any], int]:
+def test_malformed_replies_and_hostile_addresses_are_unreachable_nodes_and_foreign_hosts_refused() -> None:
+    async def main() -> tuple[dict[str, Any], int, int]:
         seed_reply = [b""]
         seed, seed_at = await fake_node(seed_reply)
         garbled, garbled_at = await fake_node([GARBAGE])
@@ -368,14 +368,19 @@ def test_a_malformed_reply_and_a_hostile_address_are_unreachable_nodes_not_a_cra
             async with Dashboard(seed_at, "127.0.0.1:0", interval=0.1, timeout=2.0) as board:
                 while board.state.round < 3:
                     await asyncio.sleep(0.05)
-                async with aiohttp.ClientSession() as http, http.get(board.url + "api/state") as res:
-                    return await res.json(), res.status
+                async with aiohttp.ClientSession() as http:
+                    async with http.get(board.url + "api/state") as res:
+                        state, code = await res.json(), res.status
+                    # A page that rebound its own DNS name to 127.0.0.1 sends its own Host.
+                    rebound = {"Host": "attacker.example:" + board.url.rsplit(":", 1)[1].strip("/")}
+                    async with http.get(board.url + "api/state", headers=rebound) as res:
+                        return state, code, res.status
         finally:
             await asyncio.gather(seed.stop(None), garbled.stop(None))
 
-    state, code = in_thread(main())
+    state, code, rebound = in_thread(main())
     nodes = {n["node_id"]: n for n in state["nodes"]}
-    assert code == 200
+    assert (code, rebound) == (200, 403)
     assert nodes["seed"]["reachable"]
     assert not nodes["garbled"]["reachable"] and "not a gossip status" in nodes["garbled"]["error"]
     assert not nodes["<b>hostile</b>"]["reachable"]

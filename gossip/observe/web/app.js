@@ -249,8 +249,10 @@
       cell("rtt", n.rtt_ms === undefined ? "–" : num(n.rtt_ms, 1) + " ms");
       cell("shards", n.store ? n.store.shards_held : "–");
       cell("under_replicated", n.store ? n.store.under_replicated : "–");
-      const note = cell("note", n.error || (n.resting ? "resting" : n.training ? "training" : n.phase || ""));
+      const why = n.error || (n.resting ? "resting" : n.training ? "training" : n.phase || "");
+      const note = cell("note", why.length > 60 ? why.slice(0, 59) + "…" : why);
       note.classList.add("note");
+      note.title = why;
       body.appendChild(tr);
     });
   }
