@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from gossip.observe.status import ask_node
 from gossip.transport.channels import Channels
 from gossip.transport.security import Security
 
-__all__ = ["Dashboard", "serve_dashboard"]
+__all__ = ["BackgroundDashboard", "Dashboard", "serve_dashboard"]
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +219,38 @@ async def serve_dashboard(
         if on_ready is not None:
             on_ready(board.url)
         await asyncio.Event().wait()
+
+
+class BackgroundDashboard:
+    """A :class:`Dashboard` on its own event loop on a daemon thread, for synchronous callers.
+
+    ``start()`` returns the page's URL once it serves (ConnectionError or OSError as
+    :meth:`Dashboard.start`); ``stop()`` ends polling and serving and the thread.
+    """
+
+    def __init__(self, peer: str, listen: str = "127.0.0.1:0", **options: Any) -> None:
+        self.board = Dashboard(peer, listen, **options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gossip-dashboard", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> str:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.board.start(), self._loop).result(timeout)
+        except BaseException:
+            self._end_loop()
+            raise
+        return self.board.url
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self.board.stop(), self._loop).result(timeout)
+            finally:
+                self._end_loop()
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import grpc.aio
 import pytest
 
 from gossip.core.status import MemberView, NodeStatus
-from gossip.observe.dashboard import Dashboard
+from gossip.observe.dashboard import BackgroundDashboard, Dashboard
 from gossip.transport import serde
 
 # Membership of the nodes (nodehost's flags): a SIGKILLed node is dead 2.5 s after its
@@ -401,3 +402,24 @@ def test_a_peer_whose_status_is_malformed_is_refused_at_start() -> None:
             await server.stop(None)
 
     in_thread(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_background_dashboard_serves_for_synchronous_callers(cluster: Cluster) -> None:
+    board = BackgroundDashboard(cluster.addresses["n0"], interval=0.2)
+    url = board.start()
+    try:
+        while board.board.state.round < 3:
+            time.sleep(0.05)
+        with urllib.request.urlopen(url + "api/state", timeout=10) as res:
+            state = json.loads(res.read())
+    finally:
+        board.stop()
+    assert {n["node_id"] for n in state["nodes"]} == {*IDS, VICTIM}
+    assert not board._thread.is_alive()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = BackgroundDashboard(f"127.0.0.1:{s.getsockname()[1]}")
+        with pytest.raises(ConnectionError, match="cannot reach"):
+            refused.start()
+    assert not refused._thread.is_alive()
