@@ -423,3 +423,11 @@ def test_a_background_dashboard_serves_for_synchronous_callers(cluster: Cluster)
         with pytest.raises(ConnectionError, match="cannot reach"):
             refused.start()
     assert not refused._thread.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_the_command_cleanly(cluster: Cluster) -> None:
+    cluster.dashboard.send_signal(signal.SIGINT)
+    out, err = cluster.dashboard.communicate(timeout=15)
+    assert cluster.dashboard.returncode == 0, err
+    assert (out, err) == ("", "")
