@@ -94,9 +94,13 @@ class ClusterState:
         """
         out: list[tuple[str | None, str]] = []
         known: list[tuple[str | None, str]] = []
-        for v in self.nodes.values():
-            if not dialable(v.address):
+        # One call per address: answers say whose it is (a restart may have taken it over).
+        order = sorted(self.nodes.values(), key=lambda v: (not v.reachable, v.state in ("dead", "left")))
+        seen: set[str] = set()
+        for v in order:
+            if not dialable(v.address) or v.address in seen:
                 continue
+            seen.add(v.address)
             known.append((v.node_id, v.address))
             if v.reachable or v.state not in ("dead", "left"):
                 out.append((v.node_id, v.address))
@@ -114,8 +118,12 @@ class ClusterState:
         self.last_round_seconds = seconds
         first = self.round == 1
         answered: list[Reading] = []
+        answering_at = {v.address: v for v in self.nodes.values() if v.reachable}
         for node_id, address, got in results:
             if isinstance(got, Reading):
+                other = answering_at.get(address)
+                if other is not None and other.node_id != got.node_id:  # a restart under a new id
+                    other.reachable, other.error = False, f"{got.node_id} answers at its address now"
                 self._answered(now, address, got, first)
                 answered.append(got)
             elif node_id is not None and node_id in self.nodes:
@@ -159,9 +167,6 @@ class ClusterState:
                 self._event(now, r.node_id, "joined")
         elif not v.reachable and v.reading is not None:
             self._event(now, r.node_id, "answers again")
-        for other in self.nodes.values():
-            if other is not v and other.address == address and other.reachable:  # a restart, new id
-                other.reachable, other.error = False, f"{r.node_id} answers at its address now"
         v.address, v.rank = address, r.rank
         if v.reading is not None and v.last_seen is not None:
             v.prev, v.prev_time = v.reading, v.last_seen

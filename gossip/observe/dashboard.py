@@ -101,6 +101,7 @@ class Dashboard:
             await self.stop()
             raise
         self._task = asyncio.create_task(self._poll_loop())
+        self._task.add_done_callback(self._poll_ended)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -126,6 +127,10 @@ class Dashboard:
             )
         )
         self.state.update(time.time(), results, time.monotonic() - t0)
+
+    def _poll_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("polling stopped: the page no longer updates", exc_info=task.exception())
 
     async def _poll_loop(self) -> None:
         while True:  # start() ran the first round

@@ -345,3 +345,21 @@ def test_the_layout_puts_nodes_on_a_circle_by_rank() -> None:
     pos = {n["node_id"]: (n["x"], n["y"]) for n in state.snapshot()["nodes"]}
     assert pos["b"] == pytest.approx((0.0, -1.0))  # rank 0 at the top
     assert all(math.hypot(x, y) == pytest.approx(1.0, abs=1e-3) for x, y in pos.values())
+
+
+def test_a_restart_under_a_new_id_at_the_same_address_is_asked_once_and_takes_over() -> None:
+    state = ClusterState("127.0.0.1:9001")
+    three_answering(state, 0.0)
+    restarted = [*table("a", {"c": "dead"}), member("c2", PORTS["c"])]  # c came back as c2
+    state.update(1.0, [answer("a", members=restarted), answer("b", members=restarted), silent("c")], 0.01)
+    asked = [a for _, a in state.targets()]
+    assert asked.count("127.0.0.1:9003") == 1
+    assert ("c2", "127.0.0.1:9003") in state.targets()
+    c2 = parse_as("c2", PORTS["c"], members=restarted)
+    state.update(2.0, [answer("a", members=restarted), answer("b", members=restarted), c2], 0.01)
+    shown = {n["node_id"]: n for n in state.snapshot()["nodes"]}
+    assert shown["c2"]["reachable"] and not shown["c"]["reachable"]
+
+
+def parse_as(node_id: str, port: int, **kw: Any) -> tuple[str | None, str, Reading | str]:
+    return node_id, f"127.0.0.1:{port}", reading_from(status(node_id, port, **kw))
