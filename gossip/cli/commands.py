@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -70,6 +71,8 @@ def simulate(args: argparse.Namespace) -> int:
         checks.output_folder(sim.out, "--out")
     else:
         checks.output_folder("runs", "the output folder")
+    if args.dashboard:
+        check_address(args.dashboard, "--dashboard")
     from gossip.cluster.churn import check_churn
     from gossip.cluster.rebuild import parse_kill
 
@@ -86,13 +89,20 @@ def simulate(args: argparse.Namespace) -> int:
     with output.busy(f"checking {train.dataset}, {train.model} and the {train.partition} partition"):
         checks.training_specs(train.dataset, train.model, train.partition, sim.nodes, train.seed)
     bar = output.ProgressLine("simulate")
-    from gossip.cluster.local import run_simulation
+    from gossip.cluster.board import DashboardProcess
+    from gossip.cluster.local import output_folder, run_simulation
     from gossip.cluster.procs import SimulationError
+
+    sim = dataclasses.replace(sim, out=str(output_folder(sim)))
+    boards: list[DashboardProcess] = []
 
     def serving(nodes: list[dict[str, Any]]) -> None:
         if sim.prometheus:
             lines = [f"  node {n['rank']}: http://{n['prometheus']}/metrics" for n in nodes]
             output.err.print("Prometheus metrics:\n" + "\n".join(lines), markup=False)
+        if args.dashboard:
+            boards.append(DashboardProcess(nodes[0]["address"], args.dashboard, Path(str(sim.out))))
+            output.err.print(f"dashboard: {boards[-1].start()}", markup=False)
 
     try:
         summary = run_simulation(train, gossip, sim, progress=bar, serving=serving)
@@ -107,6 +117,9 @@ def simulate(args: argparse.Namespace) -> int:
             output.simulate_table(partial)
         output.print_failure("simulate", "interrupted" + (" (partial summary written)" if partial else ""))
         return 130
+    finally:
+        for board in boards:
+            board.stop()
     bar.close()
     output.simulate_table(summary)
     return 0
@@ -169,6 +182,8 @@ def status(args: argparse.Namespace) -> int:
 def dashboard(args: argparse.Namespace) -> int:
     check_address(args.peer, "--peer")
     check_address(args.listen, "--listen")
+    if args.ready_file:
+        checks.output_file(args.ready_file, "--ready-file")
     if not args.timeout > 0:
         raise ConfigError("--timeout must be > 0")
     if not 0.1 <= args.interval <= 3600:
@@ -179,6 +194,10 @@ def dashboard(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         print(f"dashboard of the cluster of {args.peer} at {url} (Ctrl-C to stop)", flush=True)
+        if args.ready_file:
+            from gossip.cluster.sysutil import write_atomic
+
+            write_atomic(Path(args.ready_file), json.dumps({"url": url}))
 
     async def serve() -> None:
         task = asyncio.current_task()

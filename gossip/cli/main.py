@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start N real node processes on 127.0.0.1, train, and write metrics, a summary and a plot.",
     )
     knobs.add_knobs(p, knobs.SIM_KNOBS, knobs.SIM_DEFAULTS, knobs.SIM_HELP)
+    p.add_argument(
+        "--dashboard",
+        nargs="?",
+        const="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="also serve the live page of the cluster (gossip dashboard) while it runs, at HOST:PORT "
+        "(no value: 127.0.0.1:8080; port 0: a free port); the URL is printed once the nodes serve",
+    )
 
     p = sub.add_parser(
         "status",
@@ -76,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval", type=float, default=1.0, help="seconds between two polls of every node (default: 1)"
     )
     p.add_argument("--timeout", type=float, default=2.0, help="deadline of each call in seconds (default: 2)")
+    p.add_argument(
+        "--ready-file", metavar="PATH", help='write {"url": ...} here, atomically, once the page serves'
+    )
     knobs.add_client_security(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
 

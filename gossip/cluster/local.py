@@ -135,6 +135,11 @@ def _wait_started(cluster: Cluster, sim: SimulateConfig, progress: Progress | No
         time.sleep(0.2)
 
 
+def output_folder(sim: SimulateConfig) -> Path:
+    """Where a run writes: ``--out``, or runs/<date-time> of now."""
+    return Path(sim.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+
+
 def run_simulation(
     train: TrainConfig,
     gossip: GossipConfig,
@@ -143,7 +148,7 @@ def run_simulation(
     serving: Serving | None = None,
 ) -> dict[str, Any]:
     """Run the whole thing; returns the summary (also written to ``out/summary.json``)."""
-    out = Path(sim.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    out = output_folder(sim)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     launched = time.time()

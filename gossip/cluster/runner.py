@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gossip.cluster.sysutil import freeze_heap, tune_malloc
+from gossip.cluster.sysutil import freeze_heap, tune_malloc, write_atomic
 from gossip.config import NodeConfig, RunOptions, TrainConfig
 from gossip.core.layout import LayoutError
 from gossip.node.node import JoinError, Node
@@ -50,13 +49,6 @@ async def _wait_for_seed_file(path: Path, timeout: float) -> str:
             raise JoinError(f"seed file {path} did not appear within {timeout:.0f} s")
         await asyncio.sleep(0.05)
     return str(json.loads(path.read_text())["address"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _Metrics:
@@ -230,7 +222,7 @@ async def _run_node(
             ready = {"address": node.address, "node_id": node.node_id}
             if endpoint is not None:
                 ready["prometheus"] = endpoint.address
-            _write_atomic(Path(opts.ready_file), json.dumps(ready))
+            write_atomic(Path(opts.ready_file), json.dumps(ready))
         log.info(
             "node %s: %d training samples, %d steps, model %s with %d parameters",
             node.node_id,

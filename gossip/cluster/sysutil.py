@@ -1,4 +1,4 @@
-"""Process-level tuning shared by node processes and benchmarks."""
+"""Process-level helpers shared by node processes, the launcher and benchmarks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,11 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

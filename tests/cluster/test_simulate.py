@@ -27,10 +27,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
     """One run with --baseline shared by the tests below (a run costs tens of seconds).
 
     With ``--prometheus 0``: each node's endpoint is scraped once while the run goes on,
-    into ``scraped/RANK.txt`` beside the output folder.
+    into ``scraped/RANK.txt`` beside the output folder; with ``--dashboard``, the page's
+    data once it lists every node, into ``scraped/dashboard.json``.
     """
     out = tmp_path_factory.mktemp("sim") / "run"
     args = ("--nodes", str(NODES), "--epochs", str(EPOCHS), "--baseline", "--prometheus", "0")
+    args += ("--dashboard", "127.0.0.1:0")
     return _run_and_scrape(out, *args, timeout=280), out
 
 
@@ -44,13 +46,26 @@ def _run_and_scrape(out: Path, *args: str, timeout: float) -> subprocess.Complet
         deadline = time.monotonic() + timeout
         # A node writes its ready file once it serves, metrics endpoint included, and none
         # stops before every one has: each is scraped while it runs.
-        while proc.poll() is None and time.monotonic() < deadline and len(list(scraped.iterdir())) < NODES:
+        wanted = NODES + ("--dashboard" in args)
+        while proc.poll() is None and time.monotonic() < deadline and len(list(scraped.iterdir())) < wanted:
             for rank in range(NODES):
                 ready = out / "nodes" / f"{rank}.ready"
                 if ready.exists() and not (scraped / f"{rank}.txt").exists():
                     url = f"http://{json.loads(ready.read_text())['prometheus']}/metrics"
                     with urllib.request.urlopen(url, timeout=30) as reply:
                         (scraped / f"{rank}.txt").write_bytes(reply.read())
+            board = out / "dashboard.ready"
+            if board.exists() and not (scraped / "dashboard.json").exists():
+                api = json.loads(board.read_text())["url"] + "api/state"
+                try:  # (the run, and its dashboard with it, may end meanwhile)
+                    with urllib.request.urlopen(api, timeout=30) as reply:
+                        state = json.loads(reply.read())
+                except OSError:
+                    continue
+                # Every node listed, through rank 0's member table, and some answering (a short
+                # run may end before a loaded machine's dashboard polled them all).
+                if len(state["nodes"]) == NODES and any(n["reachable"] for n in state["nodes"]):
+                    (scraped / "dashboard.json").write_text(json.dumps(state))
             time.sleep(0.1)
         stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -216,3 +231,18 @@ def test_simulate_trains_the_text_workload_and_reports_bits_per_byte(tmp_path: P
     assert all(math.isfinite(b) and b < 7.5 for b in s["bits_per_byte"])
     assert s["mean_bits_per_byte"] == pytest.approx(sum(s["bits_per_byte"]) / 2)
     assert (out / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(300)
+def test_simulate_dashboard_shows_every_node_while_it_runs(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    url = json.loads((out / "dashboard.ready").read_text())["url"]
+    assert f"dashboard: {url}" in proc.stderr.splitlines()
+    state = json.loads((out.parent / "scraped" / "dashboard.json").read_text())
+    assert sorted(n["node_id"] for n in state["nodes"]) == [f"node{r}" for r in range(NODES)]
+    # Stopped with the run: nothing serves the page any more.
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=5)
