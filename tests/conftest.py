@@ -27,3 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = Path(item.path).relative_to(_HERE).parts[0]
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+        if tier in ("cluster", "lab"):
+            # With pytest-xdist (-n 2 --dist loadgroup, the default here): tests that start
+            # node processes run one after another on one worker, beside the in-process ones.
+            item.add_marker(pytest.mark.xdist_group("processes"))
