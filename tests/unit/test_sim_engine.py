@@ -165,6 +165,32 @@ def test_metrics_match_evaluate_on_the_models_themselves() -> None:
     assert m.bytes_sent == 3 * 8 * sim.dim * 4  # ring of 4: 8 messages a round, float32
 
 
+@pytest.mark.parametrize("budget", [7, 40, 1 << 16], ids=["sample-chunks", "node-chunks", "whole"])
+def test_node_accuracies_in_bounded_chunks_match_evaluate_on_a_sequence_task(
+    monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    """Text-like samples (a label per position) in chunks of nodes and of samples: the same accuracies."""
+    import gossip.sim.engine as engine
+
+    g = torch.Generator().manual_seed(0)
+    seq = Dataset(
+        name="tiny-text",
+        x_train=torch.randint(5, (40, 6), generator=g).float(),
+        y_train=torch.randint(5, (40, 6), generator=g),
+        x_test=torch.randint(5, (30, 6), generator=g).float(),
+        y_test=torch.randint(5, (30, 6), generator=g),
+        num_classes=5,
+        input_shape=(6,),
+        target_shape=(6,),
+    )
+    sim = Simulator(SimConfig(nodes=4, topology="ring", model="gpt:1:8:2", rounds=2), dataset=seq)
+    sim.step()
+    monkeypatch.setattr(engine, "_EVAL_ROWS", budget)
+    accs = sim.node_accuracies()
+    expected = [evaluate(sim.node_model(i), seq.x_test, seq.y_test)[1] for i in range(4)]
+    assert accs.tolist() == pytest.approx(expected)
+
+
 def test_digits_nodes_learn() -> None:
     sim = Simulator(SimConfig(nodes=8, topology="exponential", rounds=60, eval_every=60))
     final = sim.run()[-1]
