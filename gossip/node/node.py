@@ -401,6 +401,9 @@ class Node:
                 for m in table.all()
             )
             neighbours = tuple(m.node_id for m in self.neighbours())
+            # Counts per peer only for members the table still holds (it forgets the long gone).
+            for gone in self.stats.exchanged_with.keys() - table.members.keys():
+                del self.stats.exchanged_with[gone]
         return NodeStatus(
             node_id=self.node_id,
             address=self.address,
