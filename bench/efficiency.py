@@ -28,9 +28,11 @@ evaluated after every round whose local steps so far are a multiple of K
 and every K / H rounds below; the last round is always evaluated. So bytes to target
 are exact to one evaluation's worth of rounds.
 
-Reduction = reference bytes to target / best configuration's bytes to target (null
-for a task not run, or if the reference never meets its own target at an
-evaluation). The last line printed is JSON.
+The best configuration is the one with the fewest bytes to target among those that
+reach the target and still meet it at the end (a run that passes the target and then
+diverges does not count); ``first_to_target`` names the fewest bytes to target
+without that condition. Reduction = reference bytes to target / best configuration's
+bytes to target (null for a task not run, or if none qualifies). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -198,7 +200,11 @@ def run_task(task: str, args: argparse.Namespace, points: list[Point]) -> dict[s
         if row.get("final_metric") is not None:
             say(f"  final {row['final_metric']:.4f}, bytes to target {row['bytes_to_target']}")
     reached = [r for r in rows if r.get("bytes_to_target") is not None]
-    best = min(reached, key=lambda r: r["bytes_to_target"]) if reached else None
+    kept = [
+        r for r in reached if r.get("final_metric") is not None and better(task, r["final_metric"], target)
+    ]
+    best = min(kept, key=lambda r: r["bytes_to_target"]) if kept else None
+    first = min(reached, key=lambda r: r["bytes_to_target"]) if reached else None
     reduction = None
     if best is not None and ref.get("bytes_to_target"):
         reduction = ref["bytes_to_target"] / best["bytes_to_target"]
@@ -223,6 +229,7 @@ def run_task(task: str, args: argparse.Namespace, points: list[Point]) -> dict[s
         "best": None if best is None else {k: best[k] for k in ("H", "outer", "compress")},
         "best_bytes_to_target": None if best is None else best["bytes_to_target"],
         "best_final_gap": None if best is None else best["final_gap"],
+        "first_to_target": None if first is None else {k: first[k] for k in ("H", "outer", "compress")},
         "rows": rows,
     }
 
