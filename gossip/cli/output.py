@@ -144,6 +144,11 @@ def _exchange_line(s: dict[str, Any]) -> str:
     return (
         f"averaging   mean exchange {_figure(mean, '.1f')} ms  last change norm {_figure(s.get('last_delta_norm'), '.4g')}"
         f"  rate-limited calls: refused {s.get('calls_refused', 0)}, held {s.get('calls_delayed', 0)}"
+    ) + (
+        f"\nsend limit  {s['max_send_rate'] * 8 / 1e6:g} Mbit/s: {s.get('paced_bytes', 0):,} bytes sent,"
+        f" {s.get('paced_wait_seconds', 0.0):.2f} s waited"
+        if s.get("max_send_rate")
+        else ""
     )
 
 

@@ -148,6 +148,10 @@ class NodeStatus:
     calls_refused: int = 0  # control calls the per-peer rate limit refused
     calls_delayed: int = 0  # control calls it held back before serving
     sample: tuple[float, ...] = ()  # the model at sample_coordinates(fingerprint, parameters)
+    # --max-send-rate (bytes per second, 0: none): bytes let through, seconds spent waiting.
+    max_send_rate: float = 0.0
+    paced_bytes: int = 0
+    paced_wait_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

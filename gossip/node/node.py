@@ -425,4 +425,5 @@ class Node:
             calls_refused=self._limiter.refused if self._limiter is not None else 0,
             calls_delayed=self._limiter.delayed if self._limiter is not None else 0,
             sample=tuple(self.flat.gather(self._sampled)),
+            **(self.pacer.status_fields() if self.pacer is not None else {}),
         )

@@ -170,6 +170,16 @@ def node_metrics(s: NodeStatus) -> Iterator[Metric]:
     limited.add_metric(["refused"], s.calls_refused)
     limited.add_metric(["delayed"], s.calls_delayed)
     yield limited
+    if s.max_send_rate:  # --max-send-rate
+        yield GaugeMetricFamily(
+            "gossip_max_send_rate_bytes_per_second", "The node's send limit", value=s.max_send_rate
+        )
+        yield _counter("gossip_paced_sent_bytes_total", "Bytes the send limit let through", s.paced_bytes)
+        yield _counter(
+            "gossip_paced_wait_seconds_total",
+            "Seconds frames waited for the send limit, all together",
+            s.paced_wait_seconds,
+        )
 
 
 def store_metrics(info: StoreInfo) -> Iterator[Metric]:

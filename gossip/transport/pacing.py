@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 class SendPacer:
@@ -35,6 +36,10 @@ class SendPacer:
         self._free_at = clock()  # when the virtual link has sent everything queued so far
         self.sent = 0  # bytes let through
         self.waited = 0.0  # seconds frames spent waiting for their turn, all together
+
+    def status_fields(self) -> dict[str, Any]:
+        """The rate and the counters as :class:`~gossip.core.status.NodeStatus` names them."""
+        return {"max_send_rate": self.rate, "paced_bytes": self.sent, "paced_wait_seconds": self.waited}
 
     async def take(self, nbytes: int) -> None:
         """Wait for this frame's turn; the next one's turn comes ``nbytes / rate`` later."""

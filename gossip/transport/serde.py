@@ -162,6 +162,9 @@ def status_to_bytes(s: NodeStatus) -> bytes:
             calls_refused=s.calls_refused,
             calls_delayed=s.calls_delayed,
             sample=list(s.sample),
+            max_send_rate=s.max_send_rate,
+            paced_bytes=s.paced_bytes,
+            paced_wait_seconds=s.paced_wait_seconds,
         )
     )
 
@@ -214,4 +217,7 @@ def status_from_bytes(data: bytes) -> NodeStatus:
         calls_refused=s.calls_refused,
         calls_delayed=s.calls_delayed,
         sample=tuple(s.sample),
+        max_send_rate=s.max_send_rate,
+        paced_bytes=s.paced_bytes,
+        paced_wait_seconds=s.paced_wait_seconds,
     )

@@ -21,6 +21,7 @@ from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams, Layout, LayoutError, all_finite
 from gossip.node import pairwise
 from gossip.node.node import Node
+from gossip.observe.status import fetch_status
 from gossip.transport import frames as wire
 from gossip.transport.channels import GOSSIP
 from gossip.transport.server import ServerStream, bidi, start_server
@@ -314,8 +315,11 @@ def test_paced_nodes_exchange_at_their_send_rate_and_exactly() -> None:
             await asyncio.sleep(0)  # b adds its half right after its OK
             assert torch.equal(a.flat.segments["float32"], torch.full((n,), 2.0))
             assert torch.equal(b.flat.segments["float32"], torch.full((n,), 2.0))
-            # Every byte of both payloads went through the pacers.
+            # Every byte of both payloads went through the pacers, and the status says so.
             assert a.pacer.sent - sent_a >= n * 4 and b.pacer.sent - sent_b >= n * 4
+            reply = await fetch_status(a.address, CALL_TIMEOUT)
+            assert reply["max_send_rate"] == rate and n * 4 <= reply["paced_bytes"] <= a.pacer.sent
+            assert 0 < reply["paced_wait_seconds"] <= a.pacer.waited
             return elapsed
         finally:
             await a.stop(leave=False)

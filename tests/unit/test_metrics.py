@@ -227,3 +227,11 @@ def test_a_collector_without_a_node_yet_has_nothing_to_say() -> None:
     registry.register(NodeCollector())
 
     assert generate_latest(registry) == b""
+
+
+def test_the_send_limit_shows_only_when_there_is_one() -> None:
+    assert not any(name.startswith("gossip_paced") for name in scrape(status()))
+    fams = scrape(status(max_send_rate=6.25e6, paced_bytes=123456, paced_wait_seconds=1.5))
+    assert value(fams, "gossip_max_send_rate_bytes_per_second") == 6.25e6
+    assert value(fams, "gossip_paced_sent_bytes", "gossip_paced_sent_bytes_total") == 123456
+    assert value(fams, "gossip_paced_wait_seconds", "gossip_paced_wait_seconds_total") == 1.5
