@@ -26,7 +26,7 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
-from gossip.core.pipeline import PairwiseDelta, Runs
+from gossip.core.pipeline import PairwiseDelta
 from gossip.node import faults
 from gossip.node.protocol import (
     CallerStream,
@@ -61,17 +61,15 @@ def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True, own: b
     scale = change.scale
 
     def apply() -> None:
-        settling = party.rest is not None and not party.slot.training  # after training: is it settled?
-        if settling or party.stats.norm_due():
-            moved = scale * averaging.norm(list(delta))
-            party.stats.last_delta_norm = moved
-            if settling:
-                party.applied(averaging.norm_ratio(moved, averaging.norm(list(party.flat))))
+        party.measured(lambda: scale * averaging.norm(list(delta)))
         if own and party.anchor is not None and party.outer_buf is not None and party.slot.training:
-            snap = party.slot.own_values()
-            snap = snap if isinstance(snap, Runs) else Runs.of(snap)
             party.outer.exchange_(
-                list(party.flat), snap, list(delta), scale, list(party.anchor), list(party.outer_buf)
+                list(party.flat),
+                party.slot.own_runs(),
+                list(delta),
+                scale,
+                list(party.anchor),
+                list(party.outer_buf),
             )
         else:
             for x, d in zip(party.flat, delta, strict=True):

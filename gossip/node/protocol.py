@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gossip.config import GossipConfig
+from gossip.core import averaging
 from gossip.core.codecs import PayloadReceiver
 from gossip.core.errors import Refused
 from gossip.core.layout import LayoutError
@@ -170,6 +171,16 @@ class Party:
         """A header from ``peer`` said it is at ``step`` (a peer whose step advances still trains)."""
         if self.rest is not None and self.rest.heard(peer, step) and not self.slot.training:
             self.on_wake()
+
+    def measured(self, moved: Callable[[], float]) -> None:
+        """Before averaging changes the model by ``moved()`` (its norm, a pass over the model): record it
+        for the status at most once a second, and after training every time, for the rest policy."""
+        settling = self.rest is not None and not self.slot.training
+        if settling or self.stats.norm_due():
+            norm = moved()
+            self.stats.last_delta_norm = norm
+            if settling:
+                self.applied(averaging.norm_ratio(norm, averaging.norm(list(self.flat))))
 
     def applied(self, ratio: float) -> None:
         """A change of ``ratio`` times the model's norm was applied (called with the slot's lock held)."""

@@ -18,7 +18,6 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams
-from gossip.core.pipeline import Runs
 from gossip.node import faults
 from gossip.node.protocol import (
     CallerStream,
@@ -83,8 +82,7 @@ async def push(party: Party, peer: MemberRecord, connect: Callable[[str], Caller
     # Merges (and SGD) may have moved z since the snapshot was sent, so remove
     # exactly the numerator that left, snap * w_send, from z * w. Applied between
     # steps like every result, and holding the slot (so snap stays put).
-    own = slot.own_values()
-    sent = own if isinstance(own, Runs) else Runs.of(own)
+    sent = slot.own_runs()
 
     def apply() -> None:
         keep = party.weight - w_send
@@ -110,13 +108,10 @@ async def receive(party: Party, stream: FrameStream) -> bytes:
         z_in, w_in, nbytes, detail, sender = await asyncio.wait_for(_read(party, stream), party.deadline)
 
     def apply() -> None:
-        settling = party.rest is not None and not party.slot.training
-        if settling or party.stats.norm_due():  # moves z by w_in/(w + w_in) of z_in - z
-            share = w_in / (party.weight + w_in)
-            moved = share * averaging.norm([zi - z for z, zi in zip(party.flat, z_in, strict=True)])
-            party.stats.last_delta_norm = moved
-            if settling:
-                party.applied(averaging.norm_ratio(moved, averaging.norm(list(party.flat))))
+        share = w_in / (party.weight + w_in)  # the merge moves z by share * (z_in - z)
+        party.measured(
+            lambda: share * averaging.norm([zi - z for z, zi in zip(party.flat, z_in, strict=True)])
+        )
         w_new = party.weight
         for z, zi in zip(party.flat, z_in, strict=True):
             w_new = averaging.push_sum_merge_(z, party.weight, zi, w_in)

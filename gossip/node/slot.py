@@ -85,6 +85,11 @@ class ExchangeSlot:
             return Runs.of_chunks(self.flat.layout, [chunk_from_frame(f) for f in self.frames])
         return self.snap
 
+    def own_runs(self) -> Runs:
+        """:meth:`own_values` as runs either way (pieces per buffer)."""
+        own = self.own_values()
+        return own if isinstance(own, Runs) else Runs.of(own)
+
     def _take(self, framed: bool) -> None:
         """Take the snapshot (the lock held): as frames ready to send, or as a copy."""
         if framed and self.frame_bytes:
