@@ -1,4 +1,4 @@
-"""Typed configuration for nodes and gossip, and strict TOML loading.
+"""Typed configuration for nodes and gossip (strict TOML loading: :mod:`gossip.configfile`).
 
 Every default carries its reason. A config file holds the same knobs as the
 command line (flat keys, ``-`` or ``_``); an unknown key or a wrong type is an
@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import tomllib
 
 from gossip.core.membership import MembershipConfig
 from gossip.core.ring import DEFAULT_VNODES
@@ -66,6 +62,12 @@ class GossipConfig:
     # nesterov:LR:MOMENTUM on the averaged pseudo-gradient at each own exchange (with
     # gossip_every = H, DiLoCo's 0.7:0.9); two more model copies, kept local.
     outer: str = "none"
+    # Compressed exchanges with error feedback (gossip.core.choco): none, or a
+    # gossip.core.compress spec such as topk:0.01+int8; each side keeps, per
+    # neighbour, the two reference copies both know, and moves gamma of the way
+    # between them per exchange (0: the compressor's default step). Pairwise only.
+    compress: str = "none"
+    gamma: float = 0.0
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -90,6 +92,26 @@ class GossipConfig:
         if self.backoff < 0 or self.busy_retries < 1:
             raise ConfigError("backoff must be >= 0 and busy_retries >= 1")
         check_outer(self.outer, self.strategy)
+        check_compress(self.compress, self.gamma, self.strategy, self.codec)
+
+
+def check_compress(spec: str, gamma: float, strategy: str, codec: str = "raw") -> None:
+    """A compress spec that parses, with a step and a strategy it makes sense with (real nodes)."""
+    from gossip.core.compress import CompressError, Compressor
+
+    try:
+        active = Compressor.parse(spec).spec != "none"
+    except CompressError as exc:
+        raise ConfigError(f"compress: {exc}") from None
+    if not 0 <= gamma <= 1:
+        raise ConfigError(f"gamma must be in [0, 1] (0: the compressor's default), got {gamma}")
+    if active and strategy == "push-sum":
+        raise ConfigError(
+            "compress needs strategy pairwise: its error feedback keeps reference copies that both sides "
+            "of an exchange update together, and a push-sum message goes one way (use --codec fp16/bf16)"
+        )
+    if active and codec != "raw":
+        raise ConfigError(f"compress {spec!r} sets the values' coding itself: leave codec raw, not {codec!r}")
 
 
 def check_outer(spec: str, strategy: str) -> None:
@@ -452,36 +474,3 @@ def metrics_address(spec: str, what: str) -> tuple[str, int]:
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML file of knobs; keys are normalised to underscores."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            raise ConfigError(f"config file {p}: section [{key}] not supported; use flat keys")
-        out[key.replace("-", "_")] = value
-    return out
-
-
-def coerce(key: str, value: Any, default: Any) -> Any:
-    """Check a config-file value against the type of the knob's default."""
-    kind = type(default)
-    if default is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is tuple and isinstance(value, list | str):
-        items = value.split(",") if isinstance(value, str) else value
-        return tuple(str(v).strip() for v in items if str(v).strip())
-    raise ConfigError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")

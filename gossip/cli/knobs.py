@@ -21,9 +21,8 @@ from gossip.config import (
     SimulateConfig,
     StoreConfig,
     TrainConfig,
-    coerce,
-    load_toml,
 )
+from gossip.configfile import coerce, load_toml
 from gossip.core.membership import MembershipConfig
 
 # knob -> (section, help). Sections: train, gossip, node, link (node and sim), run, store, sim.
@@ -58,6 +57,16 @@ KNOBS: dict[str, tuple[str, str]] = {
         "gossip",
         "outer optimizer at each own exchange: none, or nesterov:LR:MOMENTUM on the averaged pseudo-gradient "
         "(with --gossip-every H: DiLoCo-style local steps; nesterov:0.7:0.9 is DiLoCo's; pairwise only)",
+    ),
+    "compress": (
+        "gossip",
+        "compressed exchanges with error feedback (CHOCO-style, pairwise only): none, fp16, bf16, int8, int4, "
+        "sign, topk:F, randk:F, or a sparsifier + a coder such as topk:0.01+int8 (two model copies per "
+        "neighbour; see the docs' slow-links page)",
+    ),
+    "gamma": (
+        "gossip",
+        "with --compress: the consensus step per exchange, in (0, 1] (0: the compressor's default)",
     ),
     "max_lag": ("gossip", "steps a node may run ahead of its own exchange in flight before waiting for it"),
     "codec": ("gossip", "raw, fp16 or bf16 on the wire"),

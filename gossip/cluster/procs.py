@@ -90,6 +90,8 @@ def node_command(
         "strategy",
         "gossip_every",
         "outer",
+        "compress",
+        "gamma",
         "max_lag",
         "codec",
         "chunk_bytes",

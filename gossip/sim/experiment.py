@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gossip.config import ConfigError, coerce, load_toml
+from gossip.config import ConfigError
+from gossip.configfile import coerce, load_toml
 from gossip.core.spectral import describe
 from gossip.sim.engine import SIM_KNOBS, RoundMetrics, SimConfig, Simulator
 from gossip.train.data import DataError, Dataset, load_dataset, partition

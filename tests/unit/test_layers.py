@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gossip"
 LAYER = {
     "core": 0,
     "config": 1,
+    "configfile": 2,
     "transport": 2,
     "train": 2,
     "store": 3,
