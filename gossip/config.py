@@ -8,7 +8,9 @@ error naming the key, never silently ignored.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gossip.core.membership import MembershipConfig
 from gossip.core.ring import DEFAULT_VNODES
@@ -168,6 +170,9 @@ class StoreConfig:
     model_id: str = ""
     # Virtual points per node on the ring (see gossip.core.ring for the measured balance).
     vnodes: int = DEFAULT_VNODES
+    # Folder that keeps the shards and manifests across restarts (gossip.store.disk);
+    # empty = memory only, as a store that repair refills from peers is correct without it.
+    data_dir: str = ""
 
     def validate(self) -> None:
         if not 1 <= self.replication <= MAX_REPLICATION:
@@ -190,6 +195,20 @@ class StoreConfig:
             raise ConfigError(f"model_id must be 1-{MAX_STORE_ID_CHARS} printable characters without '/'")
         if self.vnodes < 1:
             raise ConfigError(f"vnodes must be >= 1, got {self.vnodes}")
+        if self.data_dir:
+            _check_data_dir(self.data_dir)
+
+
+def _check_data_dir(path: str) -> None:
+    """``path`` is, or can be made as, a folder this process can write (nothing is created)."""
+    p = base = Path(path).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        where = "is a file" if base == p else f"{base} is a file, so no folder can be made under it"
+        raise ConfigError(f"data_dir {path}: {where}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"data_dir {path}: {base} is not writable")
 
 
 @dataclass(frozen=True)

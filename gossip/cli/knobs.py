@@ -125,6 +125,10 @@ KNOBS: dict[str, tuple[str, str]] = {
     "shard_bytes": ("store", "snapshot shard size in bytes"),
     "keep_versions": ("store", "snapshot versions kept per model"),
     "model_id": ("store", "name snapshots are published under (default: the --model name)"),
+    "data_dir": (
+        "store",
+        "folder that keeps this node's shards and manifests across restarts (default: memory only)",
+    ),
     "nodes": ("sim", "number of node processes"),
     "out": ("sim", "output folder (default: runs/<timestamp>)"),
     "baseline": ("sim", "also train centrally on the union of the data and report the gap"),

@@ -24,6 +24,7 @@ from gossip.core.params import FlatParams
 from gossip.core.ring import Ring
 from gossip.store import digests
 from gossip.store.client import StoreClient
+from gossip.store.durable import DurableStore
 from gossip.store.placement import Member, Placement
 from gossip.store.repair import Repair, hash_off_loop
 from gossip.store.shards import (
@@ -73,7 +74,11 @@ class StoreService:
         self.rpc_timeout = rpc_timeout
         self.chunk_bytes = chunk_bytes
         self.send_floor = send_floor  # the throughput the deadlines of our pushes assume
-        self.store = ShardStore(config.keep_versions, config.capacity_bytes)
+        self.store = (
+            DurableStore(config.data_dir, config.keep_versions, config.capacity_bytes)
+            if config.data_dir
+            else ShardStore(config.keep_versions, config.capacity_bytes)
+        )
         self.client = StoreClient(channels)
         self.stats = StoreStats()
         self.placement = Placement(node_id, fingerprint, config.vnodes)
@@ -101,10 +106,22 @@ class StoreService:
     def start(
         self, view: Callable[[], list[Member]], spawn: Callable[[Coroutine[Any, Any, Any]], Any]
     ) -> None:
-        """Begin repairing; ``view`` lists the members not known dead, this node included."""
+        """Load the data folder if there is one, then begin repairing; ``view`` lists the members not known dead, this node included."""
         self.placement.view, self._spawn = view, spawn
         self.refresh()
-        spawn(self.repair.loop())
+        spawn(self._run())
+
+    async def _run(self) -> None:
+        # The data folder first: a repair round before it would pull what the disk holds.
+        store = self.store
+        try:
+            if isinstance(store, DurableStore):
+                await store.load()
+            await self.repair.loop()
+        finally:
+            if isinstance(store, DurableStore):
+                await asyncio.to_thread(store.flush, 5.0)  # the node is stopping: what is queued
+                store.close()
 
     def refresh(self) -> None:
         """Follow the membership (call from the event loop): a changed ring starts a repair round."""
