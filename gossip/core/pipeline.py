@@ -33,8 +33,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from gossip.core.averaging import PAIRWISE_SCALE
+from gossip.core.choco import Choco, Offer
 from gossip.core.codecs import PayloadReceiver, encode, payload_nbytes, round_trip_
-from gossip.core.layout import Layout
+from gossip.core.compress import CompressError
+from gossip.core.errors import Refused
+from gossip.core.layout import Layout, LayoutError
 from gossip.core.params import DTYPES, FlatParams
 
 
@@ -60,23 +63,32 @@ class Stage:
 class Pipeline:
     """The stages a node runs around every exchange, and the codec it sends with."""
 
-    def __init__(self, layout: Layout, codec: str = "raw", stages: Sequence[Stage] = ()) -> None:
+    def __init__(
+        self, layout: Layout, codec: str = "raw", stages: Sequence[Stage] = (), choco: Choco | None = None
+    ) -> None:
         payload_nbytes(layout, codec)  # an unknown codec fails here
+        if choco is not None and (codec != "raw" or stages):
+            raise ValueError("compressed exchanges code the values themselves: raw codec, no stages")
         self.layout = layout
         self.codec = codec
         self.stages = tuple(stages)
+        self.choco = choco  # compressed exchanges with error feedback (gossip.core.choco)
 
     @property
     def spec(self) -> str:
         """What travels in the header: the stages besides the codec ('' for none)."""
-        return "+".join(s.name for s in self.stages)
+        return "+".join([s.name for s in self.stages] + ([self.choco.name] if self.choco else []))
 
     def payload_nbytes(self, codec: str | None = None) -> int:
         return payload_nbytes(self.layout, codec or self.codec)
 
     def streams(self, codec: str) -> bool:
         """Whether the delta is formed chunk by chunk as the payload arrives (raw, no stages)."""
-        return codec == "raw" and not self.stages
+        return codec == "raw" and not self.stages and self.choco is None
+
+    def max_payload(self, codec: str) -> int:
+        """The longest payload a peer may announce: exactly the layout's size unless compressed."""
+        return self.choco.max_nbytes() if self.choco else self.payload_nbytes(codec)
 
     def outgoing(self, snap: FlatParams, peer: str, codec: str | None = None) -> list[memoryview]:
         """The bytes to send ``peer`` for ``snap`` (views into it for raw, no copies)."""
@@ -84,8 +96,14 @@ class Pipeline:
             stage.outgoing_(snap, peer)
         return encode(snap, codec or self.codec)
 
-    def pairwise(self, snap: FlatParams | Runs, recv: FlatParams, peer: str, codec: str) -> PairwiseDelta:
-        """The receiving half of a pairwise exchange with ``peer``; see :class:`PairwiseDelta`."""
+    def pairwise(
+        self, snap: FlatParams | Runs, recv: FlatParams, peer: str, codec: str
+    ) -> PairwiseDelta | CompressedDelta:
+        """This side's numbers of a pairwise exchange with ``peer``; see :class:`PairwiseDelta`."""
+        if self.choco is not None:
+            if isinstance(snap, Runs):
+                raise ValueError("a compressed exchange needs its snapshot as a copy")
+            return CompressedDelta(self.choco, snap, recv, peer)
         return PairwiseDelta(self, snap, recv, peer, codec)
 
     def receiver(self, out: FlatParams, codec: str) -> PayloadReceiver:
@@ -95,6 +113,11 @@ class Pipeline:
     def settle(self, peer: str, committed: bool) -> None:
         for stage in self.stages:
             stage.settle(peer, committed)
+
+    def forget(self, peer: str) -> None:
+        """``peer`` refused us as out of step (or is gone): per-pair state with it starts over."""
+        if self.choco is not None:
+            self.choco.forget(peer)
 
 
 class Runs:
@@ -162,6 +185,7 @@ class PairwiseDelta:
     """
 
     scale = PAIRWISE_SCALE
+    rounds = 0  # only compressed exchanges count them
 
     def __init__(
         self,
@@ -192,6 +216,14 @@ class PairwiseDelta:
             consume=self._to_delta if self.streaming else None,
         )
 
+    @property
+    def nbytes(self) -> int:
+        """The payload this side sends."""
+        return self.pipeline.payload_nbytes(self.codec)
+
+    def accept(self, total_bytes: int, rounds: int) -> None:
+        """The peer's header announced its payload (its length is checked against the layout already)."""
+
     def _to_delta(self, i: int, start: int, stop: int, other: torch.Tensor) -> None:
         self._own.sub(i, start, stop, other, self._out[i])  # averaging.pairwise_difference
 
@@ -204,3 +236,100 @@ class PairwiseDelta:
             for own, other in zip(self.snap, self.recv, strict=True):
                 torch.sub(other, own, out=other)  # averaging.pairwise_difference, in place
         return self.recv
+
+
+class BytesReceiver:
+    """A compressed payload of the announced length, gathered whole, then decoded and checked."""
+
+    def __init__(self, choco: Choco) -> None:
+        self.choco = choco
+        self.expected = 0
+        self.received = 0
+        self._buf = bytearray()
+        self.values: torch.Tensor | None = None
+
+    def expect(self, nbytes: int) -> None:
+        self.expected = nbytes
+        self._buf = bytearray(nbytes)
+
+    def write(self, data: memoryview | bytes) -> None:
+        n = len(data)
+        if self.received + n > self.expected:
+            raise LayoutError(f"payload longer than the {self.expected} bytes announced")
+        self._buf[self.received : self.received + n] = data
+        self.received += n
+
+    def finish(self) -> torch.Tensor:
+        if self.received != self.expected:
+            raise LayoutError(f"payload has {self.received} bytes, expected {self.expected}")
+        try:
+            self.values = self.choco.decode(memoryview(self._buf))
+        except CompressError as exc:
+            raise LayoutError(f"compressed payload: {exc}") from None
+        return self.values
+
+
+class CompressedDelta:
+    """One side's numbers of a compressed pairwise exchange (:mod:`gossip.core.choco`).
+
+    Made, the offer is ready: :attr:`payload` (Q(snapshot - own copy)) is what this
+    side sends and :attr:`rounds` goes in its header. :meth:`accept` checks the
+    peer's header (its count must equal ours: otherwise both copies are out of step,
+    the pair is forgotten and the exchange refused with FAILED_PRECONDITION); the
+    :attr:`receiver` then decodes and checks the peer's payload. :meth:`delta`, once
+    the exchange committed, moves the pair's copies and gives ``peer - own`` in
+    ``recv``, to add times :attr:`scale` (γ/2).
+    """
+
+    streaming = False
+
+    def __init__(self, choco: Choco, snap: FlatParams, recv: FlatParams, peer: str) -> None:
+        self.choco = choco
+        self.recv = recv
+        self.peer = peer
+        self.codec = "raw"
+        self.scale = choco.scale
+        vector = torch.cat([s.reshape(-1).to(torch.float32) for s in snap])
+        self.offer: Offer = choco.offer(peer, vector)
+        self.receiver = BytesReceiver(choco)
+
+    @property
+    def payload(self) -> bytes:
+        return self.offer.payload
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.offer.payload)
+
+    @property
+    def rounds(self) -> int:
+        return self.offer.rounds
+
+    def accept(self, total_bytes: int, rounds: int) -> None:
+        """The peer's header: a count out of step with ours is refused, and the pair starts over."""
+        if rounds != self.offer.rounds:
+            self.choco.forget(self.peer)
+            raise Refused(
+                "FAILED_PRECONDITION",
+                f"compressed exchange out of step: this pair committed {self.offer.rounds} exchanges "
+                f"here and {rounds} there; both sides start its reference copies over",
+            )
+        if not 0 < total_bytes <= self.choco.max_nbytes():
+            raise Refused(
+                "INVALID_ARGUMENT",
+                f"compressed payload of {total_bytes} bytes; this spec sends 1 to {self.choco.max_nbytes()}",
+            )
+        self.receiver.expect(total_bytes)
+
+    def delta(self) -> FlatParams:
+        """The exchange committed: the pair's copies move, and ``recv`` becomes ``peer - own``."""
+        assert self.receiver.values is not None, "delta() before the payload was decoded"
+        diff = self.choco.settle(self.peer, self.offer, self.receiver.values)
+        start = 0
+        for seg in self.recv:
+            seg.copy_(diff[start : start + seg.numel()])
+            start += seg.numel()
+        return self.recv
+
+
+PairChange = PairwiseDelta | CompressedDelta  # one side of a pairwise exchange, dense or compressed

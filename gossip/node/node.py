@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from gossip.config import ConfigError, NodeConfig
+from gossip.core.choco import Choco, seed_of
 from gossip.core.membership import MemberRecord
 from gossip.core.outer import Outer
 from gossip.core.params import FlatParams
@@ -72,7 +73,8 @@ class Node:
         self.phase = "created"
         self.started_at = time.monotonic()
         self.address = ""
-        pipeline = Pipeline(flat.layout, g.codec)
+        choco = Choco.of(g.compress, g.gamma, flat.numel, seed_of(self.node_id))
+        pipeline = Pipeline(flat.layout, g.codec, choco=choco)  # --compress: CHOCO, per neighbour
         # On the raw, stage-free path the snapshot is the frames it is sent in.
         frames = g.chunk_bytes if pipeline.streams(g.codec) else 0
         self.slot = ExchangeSlot(flat, g.max_lag, frame_bytes=frames)

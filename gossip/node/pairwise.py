@@ -26,7 +26,7 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
-from gossip.core.pipeline import PairwiseDelta
+from gossip.core.pipeline import PairChange
 from gossip.node import faults
 from gossip.node.protocol import (
     CallerStream,
@@ -51,7 +51,7 @@ Connect = Callable[[str], CallerStream]  # address -> a fresh Exchange call
 Pick = Callable[[set[str]], MemberRecord | None]  # ids to leave out -> a neighbour, or None
 
 
-def deliver(party: Party, change: PairwiseDelta, *, at_once: bool = True, own: bool = False) -> None:
+def deliver(party: Party, change: PairChange, *, at_once: bool = True, own: bool = False) -> None:
     """Queue ``(other - own) / 2`` for the model; applying it frees the slot (see ``ExchangeSlot.deliver``).
 
     The node's ``own`` exchange, while it trains with ``--outer``, takes the outer
@@ -131,11 +131,11 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     def detail() -> dict[str, object]:
         return party.fault_detail(peer.node_id)
 
-    header = party.header(codec)
-    chunks = faults.tap(
-        outgoing_frames(party, peer.node_id, codec), "pairwise.caller.mid_stream", detail=detail
-    )
     change = party.pipeline.pairwise(slot.own_values(), slot.recv, peer.node_id, codec)
+    header = party.header(codec, change=change)
+    chunks = faults.tap(
+        outgoing_frames(party, peer.node_id, codec, change), "pairwise.caller.mid_stream", detail=detail
+    )
     receiver = change.receiver
     faults.failpoint("pairwise.caller.before_send", detail)
     began = time.monotonic()
@@ -155,6 +155,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
             party.pipeline.settle(peer.node_id, committed=False)
             return "busy"
         check_header(party, reply, codec)
+        change.accept(reply.total_bytes, reply.pair_round)
         # Every element is checked (length, finiteness) as it arrives, so the commit
         # frame is sent only for an answer known to be good.
         while receiver.received < receiver.expected:
@@ -176,6 +177,8 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     except (PeerError, WireError, LayoutError, Refused) as exc:
         party.failed(peer.node_id, peer.address, exc)
         party.pipeline.settle(peer.node_id, committed=False)
+        if isinstance(exc, PeerError) and exc.code == "FAILED_PRECONDITION":
+            party.pipeline.forget(peer.node_id)  # per-pair state out of step (or another pipeline)
         return "failed"
     finally:
         if sender is not None:
@@ -220,6 +223,7 @@ async def answer(party: Party, stream: FrameStream) -> None:
 
     committed = False
     try:
+        change.accept(header.total_bytes, header.pair_round)
         # One deadline for the whole exchange (the caller's, scaled to the payload).
         await asyncio.wait_for(_serve(party, stream, change, detail), party.deadline)
         party.stats.bytes_in += change.receiver.received
@@ -243,7 +247,7 @@ async def answer(party: Party, stream: FrameStream) -> None:
 
 
 async def _serve(
-    party: Party, stream: FrameStream, change: PairwiseDelta, detail: Callable[[], dict[str, object]]
+    party: Party, stream: FrameStream, change: PairChange, detail: Callable[[], dict[str, object]]
 ) -> None:
     """Answer while the caller's payload arrives (both directions at once), then wait for the commit.
 
@@ -254,12 +258,12 @@ async def _serve(
     is applied.
     """
     faults.failpoint("pairwise.callee.before_send", detail)
-    frames = outgoing_frames(party, change.peer, change.codec)
+    frames = outgoing_frames(party, change.peer, change.codec, change)
 
     stop = False
 
     async def send() -> None:
-        await stream.write(header_to_frame(party.header(change.codec, outcome="accepted")))
+        await stream.write(header_to_frame(party.header(change.codec, outcome="accepted", change=change)))
         for f in faults.tap(frames, "pairwise.callee.answering", "pairwise.callee.answered", detail):
             if stop:
                 return

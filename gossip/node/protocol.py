@@ -15,16 +15,15 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from gossip.config import GossipConfig
 from gossip.core import averaging
-from gossip.core.codecs import PayloadReceiver
 from gossip.core.errors import Refused
 from gossip.core.layout import LayoutError
 from gossip.core.outer import Outer
 from gossip.core.params import FlatParams
-from gossip.core.pipeline import Pipeline
+from gossip.core.pipeline import CompressedDelta, PairChange, Pipeline
 from gossip.core.status import Histogram
 from gossip.node import faults
 from gossip.node.rest import RestPolicy
@@ -42,6 +41,20 @@ from gossip.transport.frames import (
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_PUSHES = 4  # push-sum receives one node serves at once
+
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Receiving(Protocol[T_co]):
+    """A payload receiver: chunks in, checked as they come; ``finish`` gives the whole, checked payload."""
+
+    @property
+    def received(self) -> int: ...
+    @property
+    def expected(self) -> int: ...
+    def write(self, data: memoryview | bytes) -> None: ...
+    def finish(self) -> T_co: ...
 
 
 class FrameStream(Protocol):
@@ -146,17 +159,21 @@ class Party:
         """The deadline of one exchange: the base plus the payload at the throughput floor."""
         return transfer_timeout(self.gossip.exchange_timeout, self.flat.nbytes, self.send_floor)
 
-    def header(self, codec: str, weight: float = 1.0, outcome: str = "") -> Header:
+    def header(
+        self, codec: str, weight: float = 1.0, outcome: str = "", change: PairChange | None = None
+    ) -> Header:
+        """The header of what we send: ``change``'s payload for a pairwise exchange, else the dense model."""
         return Header(
             fingerprint=self.fingerprint,
             sender=self.node_id,
             step=self.slot.step,
             codec=codec,
-            total_bytes=self.pipeline.payload_nbytes(codec),
+            total_bytes=change.nbytes if change is not None else self.pipeline.payload_nbytes(codec),
             weight=weight,
             chunk_bytes=self.gossip.chunk_bytes,
             outcome=outcome,
             pipeline=self.pipeline.spec,
+            pair_round=change.rounds if change is not None else 0,
         )
 
     def take_buffer(self) -> FlatParams:
@@ -213,11 +230,15 @@ class Party:
         }
 
 
-def outgoing_frames(party: Party, peer: str, codec: str) -> Iterable[bytes]:
-    """The chunk frames of the slot's snapshot for ``peer``: the snapshot itself when it was taken as frames."""
+def outgoing_frames(party: Party, peer: str, codec: str, change: PairChange | None = None) -> Iterable[bytes]:
+    """The chunk frames of the slot's snapshot for ``peer``: the snapshot itself when it was taken as frames,
+    ``change``'s compressed payload when the exchange is compressed."""
     if party.slot.frames is not None:
         return party.slot.frames
-    views = party.pipeline.outgoing(party.slot.snap, peer, codec)
+    if isinstance(change, CompressedDelta):
+        views = [memoryview(change.payload)]
+    else:
+        views = party.pipeline.outgoing(party.slot.snap, peer, codec)
     return (chunk_frame(c) for c in iter_chunks(views, party.gossip.chunk_bytes))
 
 
@@ -242,6 +263,8 @@ def check_header(party: Party, h: Header, codec: str | None = None) -> None:
         )
     if codec is not None and h.codec != codec:
         raise Refused("INVALID_ARGUMENT", f"codec {h.codec} where {codec} was expected")
+    if party.pipeline.choco is not None:
+        return  # a compressed payload's length varies: PairChange.accept checks it
     expected = party.pipeline.payload_nbytes(h.codec)
     if h.total_bytes != expected:
         raise Refused(
@@ -251,12 +274,12 @@ def check_header(party: Party, h: Header, codec: str | None = None) -> None:
 
 async def read_payload(
     stream: FrameStream,
-    receiver: PayloadReceiver,
+    receiver: Receiving[T_co],
     first_chunk_point: str,
     detail: Callable[[], dict[str, Any]],
     *,
     until_end: bool,
-) -> FlatParams:
+) -> T_co:
     """Feed the chunk frames of ``stream`` to ``receiver`` and finish it: the checked payload.
 
     ``until_end``: read until the sender closes (a push), else until the payload is

@@ -43,7 +43,7 @@ STATE_DEAD: MemberState
 STATE_LEFT: MemberState
 
 class Header(_message.Message):
-    __slots__ = ("fingerprint", "sender", "step", "codec", "total_bytes", "weight", "chunk_bytes", "outcome", "pipeline")
+    __slots__ = ("fingerprint", "sender", "step", "codec", "total_bytes", "weight", "chunk_bytes", "outcome", "pipeline", "pair_round")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class Header(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ROUND_FIELD_NUMBER: _ClassVar[int]
     fingerprint: bytes
     sender: str
     step: int
@@ -62,7 +63,8 @@ class Header(_message.Message):
     chunk_bytes: int
     outcome: ExchangeOutcome
     pipeline: str
-    def __init__(self, fingerprint: _Optional[bytes] = ..., sender: _Optional[str] = ..., step: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., total_bytes: _Optional[int] = ..., weight: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., outcome: _Optional[_Union[ExchangeOutcome, str]] = ..., pipeline: _Optional[str] = ...) -> None: ...
+    pair_round: int
+    def __init__(self, fingerprint: _Optional[bytes] = ..., sender: _Optional[str] = ..., step: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., total_bytes: _Optional[int] = ..., weight: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., outcome: _Optional[_Union[ExchangeOutcome, str]] = ..., pipeline: _Optional[str] = ..., pair_round: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("header", "chunk")

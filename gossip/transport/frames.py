@@ -45,6 +45,7 @@ class Header:
     chunk_bytes: int = 0
     outcome: str = ""  # "", "accepted" or "busy"; set only in replies
     pipeline: str = ""  # the exchange pipeline's stages besides the codec (gossip.core.pipeline)
+    pair_round: int = 0  # compressed exchanges: the pair's committed exchanges (gossip.core.choco)
 
 
 _OUTCOME_TO_PB = {
@@ -74,6 +75,7 @@ def header_to_frame(h: Header) -> bytes:
             chunk_bytes=h.chunk_bytes,
             outcome=_OUTCOME_TO_PB[h.outcome],
             pipeline=h.pipeline,
+            pair_round=h.pair_round,
         )
     )
     return msg.SerializeToString()
@@ -110,6 +112,7 @@ def header_from_frame(data: bytes) -> Header:
         chunk_bytes=h.chunk_bytes,
         outcome=_OUTCOME_FROM_PB[h.outcome],
         pipeline=h.pipeline,
+        pair_round=h.pair_round,
     )
 
 
