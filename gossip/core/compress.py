@@ -16,8 +16,9 @@ and a vector of that length, indices that are not strictly increasing or fall
 outside it, codes this spec never sends, and scales or values that are negative,
 NaN or infinite: a peer controls every byte.
 
-Not yet on the wire: the exchange pipeline's error-feedback stage and ``--compress``
-come next (issue 11); the simulator will count bytes with :meth:`Compressor.compress`.
+Error feedback is :mod:`gossip.core.choco` (per-pair public copies, on real nodes'
+``--compress`` and the simulator's pairwise rounds) and ``averaging.choco_round_`` (sync
+rounds); both count the bytes of the real payloads.
 
 Pure: torch and numpy, shared by real nodes and the simulator.
 """

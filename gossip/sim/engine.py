@@ -37,7 +37,15 @@ from gossip.core.averaging import consensus_distance
 from gossip.core.compress import CompressError, Compressor
 from gossip.core.outer import Outer
 from gossip.core.topology import MIXING_RULES, Topology, TopologyError
-from gossip.sim.mixing import STRATEGIES, ChocoMixer, Mixer, bytes_per_message, make_mixer
+from gossip.sim.mixing import (
+    STRATEGIES,
+    ChocoMixer,
+    Mixer,
+    PairwiseChocoMixer,
+    PairwiseMixer,
+    bytes_per_message,
+    make_mixer,
+)
 from gossip.train.data import DataError, Dataset, load_dataset, partition
 from gossip.train.models import build_model
 from gossip.train.trainer import cross_entropy, evaluate
@@ -79,7 +87,9 @@ class SimConfig:
     eval_every: int = 10  # rounds between evaluations (and the last round)
     # CHOCO-Gossip: each node sends Q(x - x_hat) to its neighbours through this compressor
     # (gossip.core.compress) and mixes the public copies with consensus step gamma (0: the
-    # compressor's default step); sync rounds only. Bytes are the real payloads' sizes.
+    # compressor's default step): sync rounds (one public copy per node), or pairwise
+    # exchanges with per-pair copies exactly as real nodes keep them (gossip.core.choco).
+    # Bytes are the real payloads' sizes.
     compress: str = "none"
     gamma: float = 0.0
     # The outer optimizer of local-steps training (gossip.core.outer): none, or
@@ -114,11 +124,13 @@ class SimConfig:
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"gamma must be in [0, 1] (0: the compressor's default), got {self.gamma}")
         if compressed and (
-            self.strategy != "sync" or self.message_loss or self.crash_fraction or self.stragglers
+            self.strategy == "push-sum"
+            or self.message_loss
+            or (self.strategy == "sync" and (self.crash_fraction or self.stragglers))
         ):
             raise ConfigError(
-                "compress runs CHOCO-Gossip on sync rounds: strategy sync, without message_loss, "
-                "crash_fraction or stragglers"
+                "compress runs CHOCO-Gossip on sync rounds (without message_loss, crash_fraction or "
+                "stragglers) or on pairwise exchanges (without message_loss), not push-sum"
             )
 
     def build_topology(self) -> Topology:
@@ -221,17 +233,12 @@ class Simulator:
         self._fault_gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.mixer: Mixer = make_mixer(cfg.strategy, self.topology, self._mix_gen, cfg.rule, cfg.message_loss)
         compressor = Compressor.parse(cfg.compress)
-        self._choco = (
-            None
-            if compressor.spec == "none"
-            else ChocoMixer(
-                self.topology,
-                compressor,
-                cfg.gamma or compressor.default_step(),
-                cfg.rule,
-                cfg.seed * 7919 + 3,
-            )
-        )
+        gamma, choco_seed = cfg.gamma or compressor.default_step(), cfg.seed * 7919 + 3
+        self._choco: ChocoMixer | PairwiseChocoMixer | None = None
+        if compressor.spec != "none" and isinstance(self.mixer, PairwiseMixer):
+            self._choco = PairwiseChocoMixer(self.mixer, compressor, gamma, choco_seed)
+        elif compressor.spec != "none":
+            self._choco = ChocoMixer(self.topology, compressor, gamma, cfg.rule, choco_seed)
 
         named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
         self.names = [k for k, _ in named]
@@ -341,7 +348,7 @@ class Simulator:
         """One round: mix the snapshot, add local_steps SGD steps, advance the round."""
         active = self._active()
         if self._choco is not None:
-            mixed, nbytes = self._choco.mix(self.params, self.round)
+            mixed, nbytes = self._choco.mix(self.params, self.round, active)
             self.bytes_sent += nbytes
         else:
             mixed, messages = self.mixer.mix(self.params, self.round, active)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gossip.core import averaging
+from gossip.core import averaging, choco
 from gossip.core.compress import Compressor
 from gossip.core.topology import Topology, one_peer_exponential_partners
 
@@ -297,7 +297,9 @@ class ChocoMixer:
         self.hat: Tensor | None = None  # the public copies, zero before the first round
         self.payloads: list[float] = []
 
-    def mix(self, x: Tensor, t: int) -> tuple[Tensor, int]:
+    def mix(self, x: Tensor, t: int, active: Tensor | None = None) -> tuple[Tensor, int]:
+        if active is not None:
+            raise ValueError("CHOCO-Gossip on sync rounds runs without faults")
         if self.hat is None:
             self.hat = torch.zeros_like(x)
         w = torch.from_numpy(self.top.mixing_matrix(t, self.rule)).to(x.dtype)
@@ -306,6 +308,41 @@ class ChocoMixer:
         neighbours = ((w != 0).sum(dim=1) - (w.diagonal() != 0).to(torch.int64)).tolist()
         self.payloads.append(float(np.mean(sizes)))
         return mixed, sum(size * k for size, k in zip(sizes, neighbours, strict=True))
+
+
+class PairwiseChocoMixer:
+    """Compressed pairwise exchanges over the pairwise mixer's matchings, node for node as real nodes
+    run them (:func:`gossip.core.choco.exchange_`): per-pair public copies, at most
+    :data:`~gossip.core.choco.MAX_PAIRS` neighbours remembered per node.
+
+    ``mix`` returns (mixed stack, bytes sent: both real payloads of every exchange);
+    ``payloads`` holds each round's mean payload per exchanging node. Node i's draws
+    come from generator ``seed + i``.
+    """
+
+    def __init__(self, pairs: PairwiseMixer, compressor: Compressor, gamma: float, seed: int = 0) -> None:
+        self.pairs = pairs
+        self.compressor = compressor
+        self.gamma = gamma
+        self.seed = seed
+        self.states: list[choco.Choco] = []  # made at the first round, once the dimension is known
+        self.payloads: list[float] = []
+
+    def mix(self, x: Tensor, t: int, active: Tensor | None = None) -> tuple[Tensor, int]:
+        if not self.states:
+            d = x.shape[1]
+            self.states = [
+                choco.Choco(self.compressor, self.gamma, d, self.seed + i) for i in range(x.shape[0])
+            ]
+        first, second = self.pairs.matching(t, active)
+        y = x.clone()
+        sent: list[int] = []
+        for i, j in zip(first.tolist(), second.tolist(), strict=True):
+            a, b = self.states[i], self.states[j]
+            sent += choco.exchange_(a, b, str(i), str(j), y[i], y[j])
+        if sent:
+            self.payloads.append(float(np.mean(sent)))
+        return y, sum(sent)
 
 
 def make_mixer(

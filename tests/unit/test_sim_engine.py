@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -230,8 +232,11 @@ def test_compressed_mixing_learns_with_far_fewer_bytes() -> None:
     assert dense.bytes_sent / sparse.bytes_sent > 15
 
 
-def test_compressed_mixing_keeps_the_sum_of_the_models() -> None:
-    sim = Simulator(SimConfig(nodes=8, topology="ring", rounds=1, compress="topk:0.05+int8"))
+@pytest.mark.parametrize("strategy", ["sync", "pairwise"])
+def test_compressed_mixing_keeps_the_sum_of_the_models(strategy: str) -> None:
+    sim = Simulator(
+        SimConfig(nodes=8, topology="ring", rounds=1, compress="topk:0.05+int8", strategy=strategy)
+    )
     gen = torch.Generator().manual_seed(5)
     sim.params = torch.randn(sim.params.shape, generator=gen)
     total = sim.params.sum(dim=0).clone()
@@ -248,14 +253,35 @@ def test_compressed_mixing_keeps_the_sum_of_the_models() -> None:
     ("knobs", "message"),
     [
         ({"compress": "int9"}, "compress"),
-        ({"compress": "int8", "strategy": "pairwise"}, "sync rounds"),
-        ({"compress": "int8", "message_loss": 0.1}, "sync rounds"),
+        ({"compress": "int8", "strategy": "push-sum"}, "not push-sum"),
+        ({"compress": "int8", "message_loss": 0.1}, "without message_loss"),
+        ({"compress": "int8", "crash_fraction": 0.25}, "without message_loss, crash_fraction"),
         ({"compress": "int8", "gamma": 1.5}, "gamma"),
     ],
 )
 def test_compressed_knobs_are_checked(knobs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SimConfig(**knobs).validate()  # type: ignore[arg-type]
+
+
+def test_compressed_pairwise_learns_with_far_fewer_bytes_and_survives_crashes() -> None:
+    def run(spec: str, **kw: Any) -> RoundMetrics:
+        cfg = SimConfig(
+            nodes=8,
+            topology="exponential",
+            strategy="pairwise",
+            rounds=80,
+            eval_every=80,
+            compress=spec,
+            **kw,
+        )
+        return Simulator(cfg).run()[-1]
+
+    dense, sparse = run("none"), run("topk:0.1+int8")
+    assert sparse.mean_accuracy > dense.mean_accuracy - 0.05
+    assert dense.bytes_sent / sparse.bytes_sent > 15
+    crashed = run("topk:0.1+int8", crash_fraction=0.25)
+    assert crashed.mean_accuracy > dense.mean_accuracy - 0.1
 
 
 # --- the outer optimizer (local steps, DiLoCo style) ----------------------------------------
