@@ -55,7 +55,16 @@ def settled(nodes: list[NodeProc]) -> bool:
     stores = [p.status()["store"] for p in nodes]
     if len({tuple(s["versions"]) for s in stores}) != 1 or not stores[0]["versions"]:
         return False
-    return all(not s["under_replicated"] and not s["shards_pending"] for s in stores)
+    return all(not s["under_replicated"] for s in stores)
+
+
+def on_disk(root: Path) -> dict[int, list[int]]:
+    """version -> the shards whose files sit beside that version's manifest."""
+    return {
+        int(d.name[1:]): sorted(int(f.name.split(".")[0]) for f in d.iterdir() if f.name[0].isdigit())
+        for d in root.glob("*/v*")
+        if (d / "manifest").exists()
+    }
 
 
 def repaired(nodes: list[NodeProc]) -> dict[str, int]:
@@ -98,15 +107,17 @@ def test_a_node_restarted_on_its_data_dir_serves_its_shards_at_once_and_repairs_
     durable, plain = nodes[1], nodes[2]
     for p in (durable, plain):
         p.extra["held"] = held(p)
-    files = sum(len(v) for v in durable.extra["held"].values())
-    assert files > 0 and sum(len(v) for v in plain.extra["held"].values()) > 0
-    # Written off the event loop: wait until the folder holds every shard (and a manifest per version).
-    wait_for(
-        lambda: len([f for f in data[1].rglob("*") if f.is_file()]) == files + len(durable.extra["held"]),
-        20,
-        "the files",
-        durable,
+    assert (
+        sum(len(v) for v in durable.extra["held"].values()) > 0
+        and sum(len(v) for v in plain.extra["held"].values()) > 0
     )
+
+    # Written off the event loop: wait until the folder holds each version's manifest and shards.
+    def written() -> bool:
+        disk = on_disk(data[1])
+        return all(set(shards) <= set(disk.get(v, ())) for v, shards in durable.extra["held"].items())
+
+    wait_for(written, 20, "the files", durable)
     others = [p for p in nodes if p is not durable]
     counts = repaired(others)
 
