@@ -118,6 +118,15 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
         party.slot.own_finished()
 
 
+async def _change(party: Party, peer: str, codec: str) -> PairChange:
+    """This side's numbers of an exchange with ``peer`` from the slot's snapshot (compressing: off the loop)."""
+    slot = party.slot
+    if party.pipeline.choco is None:
+        return party.pipeline.pairwise(slot.own_values(), slot.recv, peer, codec)
+    # Q(snapshot - own copy) takes a few passes over the model; the slot keeps the pair to us.
+    return await asyncio.to_thread(party.pipeline.pairwise, slot.own_values(), slot.recv, peer, codec)
+
+
 async def _send(stream: FrameStream, frames: Iterable[bytes]) -> None:
     for f in frames:
         await stream.write(f)
@@ -126,12 +135,11 @@ async def _send(stream: FrameStream, frames: Iterable[bytes]) -> None:
 async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     """One exchange with ``peer`` from the slot's snapshot: 'ok', 'busy' or 'failed'."""
     codec = party.pipeline.codec
-    slot = party.slot
 
     def detail() -> dict[str, object]:
         return party.fault_detail(peer.node_id)
 
-    change = party.pipeline.pairwise(slot.own_values(), slot.recv, peer.node_id, codec)
+    change = await _change(party, peer.node_id, codec)
     header = party.header(codec, change=change)
     chunks = faults.tap(
         outgoing_frames(party, peer.node_id, codec, change), "pairwise.caller.mid_stream", detail=detail
@@ -216,13 +224,13 @@ async def answer(party: Party, stream: FrameStream) -> None:
         await stream.write(header_to_frame(party.header(codec, outcome="busy")))
         return
     peer = header.sender
-    change = party.pipeline.pairwise(slot.own_values(), slot.recv, peer, codec)
 
     def detail() -> dict[str, object]:
         return party.fault_detail(peer)
 
     committed = False
     try:
+        change = await _change(party, peer, codec)
         change.accept(header.total_bytes, header.pair_round)
         # One deadline for the whole exchange (the caller's, scaled to the payload).
         await asyncio.wait_for(_serve(party, stream, change, detail), party.deadline)
