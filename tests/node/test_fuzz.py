@@ -1,7 +1,8 @@
 """Bad input against a live node: every RPC, random bytes, mutated frames, valid-but-wrong messages.
 
 Two nodes serve for the whole module (a pairwise one and a push-sum one, on
-their own event loops). Each example is one call from the synchronous gRPC
+their own event loops), and one per compress spec (``--compress``: their
+reference copies per neighbour are state too, see section 4). Each example is one call from the synchronous gRPC
 client with a deadline (the aio client can mask a streaming call's final status,
 grpc/grpc#36066). After every call:
 
@@ -44,7 +45,9 @@ from gossip.api import BackgroundNode
 from gossip.cli.main import main as cli_main
 from gossip.config import GossipConfig, NodeConfig, SecurityConfig
 from gossip.core import averaging
+from gossip.core.choco import MAX_PAIRS, Choco
 from gossip.core.codecs import PayloadReceiver, payload_nbytes
+from gossip.core.compress import BLOCK, Compressor
 from gossip.core.membership import MAX_ADDRESS_CHARS, MAX_ID_CHARS, MemberRecord, MembershipConfig, dialable
 from gossip.core.params import FlatParams
 from gossip.proto import gossip_pb2 as pb
@@ -579,6 +582,340 @@ def test_huge_announced_sizes_are_refused_before_anything_is_buffered(pairwise: 
             )
 
     check(pairwise, grpc.StatusCode.OK, before)
+
+
+# --- 4. compressed exchanges (--compress, gossip.core.choco) ------------------------------------
+# A node running CHOCO-Gossip keeps, per neighbour, two reference copies and a count
+# that must move only on a commit, in step with the neighbour's. Two neighbours' pairs
+# are seeded (as after a few exchanges); no input here commits, so no input may change
+# them, nor the parameters.
+
+SPECS = ["topk:0.01+int8", "sign", "randk:0.05+int4"]
+NEIGHBOURS = {"n1": 3, "n2": 1}  # seeded pairs: neighbour -> its committed exchanges
+
+
+class Wide(torch.nn.Module):
+    """605 values: topk:0.01 sends 7 of them (several index gaps), sign and int4 3 blocks of scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.nn.Parameter(torch.randn(20, 30, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(5, generator=g))
+
+
+def choco(bg: BackgroundNode) -> Choco:
+    c = bg.node.party.pipeline.choco
+    assert c is not None
+    return c
+
+
+def start_compressed(spec: str, node_id: str) -> BackgroundNode:
+    cfg = NodeConfig(
+        node_id=node_id,
+        gossip=GossipConfig(compress=spec),
+        membership=MembershipConfig(interval=0.2, suspect_after=60.0, dead_after=120.0),
+        security=SecurityConfig(peer_call_rate=0.0),
+    )
+    return BackgroundNode(Wide(), cfg, seed=0)
+
+
+def seed_pairs(bg: BackgroundNode, rounds: dict[str, int]) -> None:
+    """Pairs as a few committed exchanges leave them (before any call reaches the node)."""
+    c = choco(bg)
+    g = torch.Generator().manual_seed(2)
+    for peer, n in rounds.items():
+        pair = c.pair(peer)
+        pair.own += torch.randn(c.dim, generator=g)
+        pair.peer += torch.randn(c.dim, generator=g)
+        pair.rounds = n
+
+
+@pytest.fixture(scope="module", params=SPECS)
+def compressed(request: pytest.FixtureRequest) -> Iterator[BackgroundNode]:
+    with start_compressed(request.param, f"fuzz-{request.param}") as node:
+        seed_pairs(node, NEIGHBOURS)
+        yield node
+
+
+Pairs = tuple[tuple[str, int, bytes, bytes], ...]
+
+
+def pairs(bg: BackgroundNode) -> Pairs:
+    """The node's pairs that hold anything. Neither an empty pair (zero copies, count 0: to every
+    exchange the same as none) nor the order of use is compared here: a refused call still makes
+    the one and changes the other (``test_a_refused_exchange_leaves_no_pair``)."""
+    return tuple(
+        sorted(
+            (peer, p.rounds, p.own.numpy().tobytes(), p.peer.numpy().tobytes())
+            for peer, p in list(choco(bg)._pairs.items())
+            if p.rounds or bool(p.own.any()) or bool(p.peer.any())
+        )
+    )
+
+
+def check_compressed(bg: BackgroundNode, code: grpc.StatusCode, before: tuple[State, Pairs]) -> None:
+    assert code in PROPER, code
+    assert (state(bg), pairs(bg)) == before
+    still_serving(bg)
+
+
+def payload_of(bg: BackgroundNode, seed: int = 0) -> bytes:
+    """A well-formed payload of the node's spec (what a neighbour at round 0 sends)."""
+    g = torch.Generator().manual_seed(seed)
+    payload, _ = choco(bg).compressor.compress(torch.randn(numel(bg), generator=g), g)
+    return payload
+
+
+def compressed_frames(bg: BackgroundNode, payload: bytes, chunk: int = 16, **fields: Any) -> list[bytes]:
+    """An exchange of ``payload`` in every respect valid (header, spec, count), no commit frame."""
+    fields = {"pipeline": bg.node.party.pipeline.spec, "total_bytes": len(payload), **fields}
+    h = header(bg.node.flat, **fields)
+    return [h, *(wire.chunk_frame(memoryview(payload[i : i + chunk])) for i in range(0, len(payload), chunk))]
+
+
+def varint(v: int, width: int = 0) -> bytes:
+    """LEB128, padded to ``width`` bytes with continuation bytes (an overlong encoding)."""
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+        if not v and len(out) >= width:
+            break
+    out[-1] &= 0x7F
+    return bytes(out)
+
+
+@st.composite
+def mutated_payload(draw: st.DrawFn, bg: BackgroundNode) -> bytes:
+    """A payload of the node's spec with 1-3 edits to the fields a peer controls: the index count,
+    the gaps (repeated, out of range, overlong), a block scale (NaN, Inf, negative), a code the
+    coder never sends (int8 -128, int4 -8), its length, or any bit."""
+    comp = choco(bg).compressor
+    n = numel(bg)
+    k = comp.kept(n)
+    out = bytearray(payload_of(bg, draw(st.integers(0, 3))))
+    values_at = len(out) - Compressor(coder=comp.coder).max_nbytes(k)  # where the values start
+    blocks = -(-k // BLOCK)
+    for _ in range(draw(st.integers(1, 3))):
+        ops = ["flip", "truncate", "extend", "scale", "code"]
+        if comp.sparsifier is not None:
+            ops += ["count", "gaps"]
+        op = draw(st.sampled_from(ops))
+        if op == "count" and len(out) >= 4:
+            out[:4] = draw(st.sampled_from([0, k - 1, k + 1, 2**32 - 1])).to_bytes(4, "little")
+        elif op == "gaps" and comp.sparsifier is not None:
+            gap = st.one_of(st.sampled_from([0, 1, n - 1, n, 2**35 - 1]), st.integers(0, 2 * n))
+            gaps = draw(st.lists(gap, min_size=max(0, k - 1), max_size=k + 1))
+            width = draw(st.sampled_from([0, 0, 5, 6]))  # 6: longer than a varint may be
+            index = b"".join(varint(v, width if i == 0 else 0) for i, v in enumerate(gaps))
+            out = bytearray(out[:4] + index + out[values_at:])
+            values_at = 4 + len(index)
+        elif op == "scale" and comp.coder in ("int8", "int4", "sign"):
+            bad = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1.0, -1e-45, 3.4e38]))
+            at = values_at + 4 * draw(st.integers(0, blocks - 1))
+            out[at : at + 4] = struct.pack("<f", bad)
+        elif op == "code" and comp.coder in ("int8", "int4") and len(out) > values_at + 4 * blocks:
+            at = draw(st.integers(values_at + 4 * blocks, len(out) - 1))
+            out[at] = 0x80 if comp.coder == "int8" else out[at] & 0xF0  # -128; a low nibble of -8
+        elif op == "truncate":
+            del out[draw(st.integers(0, max(0, len(out) - 1))) :]
+        elif op == "extend":
+            out += draw(st.binary(min_size=1, max_size=16))
+        elif out:
+            at = draw(st.integers(0, len(out) - 1))
+            out[at] ^= 1 << draw(st.integers(0, 7))
+    return bytes(out)
+
+
+def total_bytes_of(bg: BackgroundNode, payload: bytes) -> st.SearchStrategy[int]:
+    """Mostly the payload's own length (its decoding is checked), else one the node must refuse."""
+    most = choco(bg).max_nbytes()
+    wrong = st.sampled_from([0, most + 1, len(payload) + 1, max(1, len(payload) - 1), 2**64 - 1])
+    return st.one_of(st.just(len(payload)), st.just(len(payload)), wrong)
+
+
+# Per spec (three nodes share the budget). Random bytes are not sent: they never get past
+# the header checks, which the tests above fuzz already, to the compressed code.
+COMPRESSED_FUZZ = settings(FUZZ, max_examples=30)
+
+
+@COMPRESSED_FUZZ
+@given(data=st.data())
+def test_mutated_compressed_frames_change_nothing(compressed: BackgroundNode, data: st.DataObject) -> None:
+    # From a stranger: a bit flip in a neighbour's count would be the out-of-step signal.
+    frames = data.draw(mutated(compressed_frames(compressed, payload_of(compressed))))
+    before = state(compressed), pairs(compressed)
+
+    code = call(compressed.address, (GOSSIP + "Exchange", True, True), frames)
+
+    check_compressed(compressed, code, before)
+    assert code != grpc.StatusCode.OK
+
+
+@COMPRESSED_FUZZ
+@given(data=st.data())
+def test_mutated_compressed_payloads_are_refused_and_change_nothing(
+    compressed: BackgroundNode, data: st.DataObject
+) -> None:
+    sender = data.draw(st.sampled_from(["fuzzer", *NEIGHBOURS]))
+    payload = data.draw(mutated_payload(compressed))
+    total = data.draw(total_bytes_of(compressed, payload))
+    chunk = data.draw(st.sampled_from([1, 7, 16, 4096]))
+    frames = compressed_frames(
+        compressed, payload, chunk, sender=sender, pair_round=NEIGHBOURS.get(sender, 0), total_bytes=total
+    )
+    before = state(compressed), pairs(compressed)
+
+    code = call(compressed.address, (GOSSIP + "Exchange", True, True), frames)
+
+    check_compressed(compressed, code, before)
+    assert code != grpc.StatusCode.OK
+
+
+@COMPRESSED_FUZZ
+@given(data=st.data())
+def test_wrong_but_valid_compressed_headers_change_nothing(
+    compressed: BackgroundNode, data: st.DataObject
+) -> None:
+    # A stranger's count is wrong unless 0; a neighbour's is right only at its seeded count.
+    # A neighbour's wrong count is the out-of-step signal (both sides forget the pair): that
+    # path is tested in tests/node/test_compressed.py; here a wrong one comes only from strangers.
+    payload = data.draw(st.one_of(st.just(payload_of(compressed)), mutated_payload(compressed)))
+    sender, rounds = data.draw(
+        st.one_of(
+            st.tuples(st.sampled_from(["fuzzer", "n3", ""]), st.one_of(U64, st.sampled_from([0, 1, 3]))),
+            st.sampled_from(sorted(NEIGHBOURS.items())),
+        )
+    )
+    total = data.draw(total_bytes_of(compressed, payload))
+    chunk_bytes = data.draw(st.sampled_from([0, 16, 4 << 20, (4 << 20) + 1]))
+    codec = data.draw(st.sampled_from(["raw", "raw", "fp16"]))
+    spec = compressed.node.party.pipeline.spec
+    pipeline = data.draw(st.sampled_from([spec, spec, "", "choco[topk:0.5+int8;0.02]", spec + "+"]))
+    frames = compressed_frames(
+        compressed,
+        payload,
+        sender=sender,
+        pair_round=rounds,
+        total_bytes=total,
+        chunk_bytes=chunk_bytes,
+        codec=codec,
+        pipeline=pipeline,
+    )
+    before = state(compressed), pairs(compressed)
+
+    code = call(compressed.address, (GOSSIP + "Exchange", True, True), frames)
+
+    check_compressed(compressed, code, before)
+    assert code != grpc.StatusCode.OK
+
+
+def exchange_status(address: str, frames: Sequence[bytes]) -> tuple[grpc.StatusCode, str]:
+    """One Exchange call of raw ``frames``: its status and message."""
+    with grpc.insecure_channel(address) as ch:
+        result = ch.stream_stream(GOSSIP + "Exchange")(iter(frames), timeout=DEADLINE)
+        try:
+            for _ in result:
+                pass
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""
+        return result.code(), result.details() or ""
+
+
+def test_a_valid_compressed_exchange_gets_as_far_as_the_commit(compressed: BackgroundNode) -> None:
+    # The frames the fuzzing starts from are good up to the commit frame: so a refusal of
+    # a mutated one came from the check of the field it changed.
+    before = state(compressed), pairs(compressed)
+
+    code, message = exchange_status(
+        compressed.address, compressed_frames(compressed, payload_of(compressed), sender="n1", pair_round=3)
+    )
+
+    assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "the caller closed without committing")
+    check_compressed(compressed, grpc.StatusCode.OK, before)
+
+
+def malformed(bg: BackgroundNode) -> dict[str, tuple[bytes, str]]:
+    """Every refusal of :meth:`Compressor.decompress` a payload of the node's spec can meet, named:
+    (payload, what the refusal says)."""
+    comp = choco(bg).compressor
+    n = numel(bg)
+    k = comp.kept(n)
+    good = payload_of(bg)
+    values_at = len(good) - Compressor(coder=comp.coder).max_nbytes(k)
+    values = good[values_at:]
+    cases: dict[str, tuple[bytes, str]] = {
+        "truncated": (good[:-1], "bytes of values where"),
+        # A dense payload is as long as the spec allows: one byte more is refused from the header.
+        "overlong": (good + b"\0", "bytes of values where" if comp.sparsifier else "this spec sends 1 to"),
+        "nan scale": (good[:values_at] + struct.pack("<f", math.nan) + values[4:], "scale is negative"),
+        "negative scale": (good[:values_at] + struct.pack("<f", -1.0) + values[4:], "scale is negative"),
+        "infinite scale": (good[:values_at] + struct.pack("<f", math.inf) + values[4:], "scale is negative"),
+    }
+    if comp.coder in ("int8", "int4"):  # the largest scale times the largest code overflows
+        big = good[:values_at] + struct.pack("<f", 3.4e38) + b"\x7f" * (len(values) - 4)
+        cases["huge values"] = (big, "NaN or Inf")
+    if comp.coder == "int8":
+        cases["int8 -128"] = (good[:-1] + b"\x80", "-128 is never sent")
+    if comp.sparsifier is not None:
+        count = k.to_bytes(4, "little")
+        ok_gaps = b"\x01" * k
+        cases |= {
+            "one index too few": ((k - 1).to_bytes(4, "little") + good[4:], "does not announce"),
+            "one index too many": ((k + 1).to_bytes(4, "little") + good[4:], "does not announce"),
+            "indices repeat": (count + b"\x01\x00" + b"\x01" * (k - 2) + values, "indices repeat"),
+            "index out of range": (count + ok_gaps[:-1] + varint(n) + values, f"outside a vector of {n}"),
+            "gap of six bytes": (count + varint(1, 6) + ok_gaps[1:] + values, "longer than 5 bytes"),
+            "ends inside its indices": (count + b"\x81" * k, "ends inside its indices"),
+        }
+    return cases
+
+
+def test_each_malformed_compressed_payload_is_refused_by_name_and_changes_nothing(
+    compressed: BackgroundNode,
+) -> None:
+    before = state(compressed), pairs(compressed)
+
+    for name, (payload, reason) in malformed(compressed).items():
+        code, message = exchange_status(
+            compressed.address, compressed_frames(compressed, payload, sender="n1", pair_round=3)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and reason in message, (name, message)
+
+    check_compressed(compressed, grpc.StatusCode.OK, before)
+
+
+def test_a_neighbours_count_out_of_step_is_refused_and_only_that_pair_starts_over() -> None:
+    with start_compressed("topk:0.01+int8", "fuzz-out-of-step") as bg:
+        seed_pairs(bg, NEIGHBOURS)
+        params, n2 = state(bg), pairs(bg)[1]
+
+        code, message = exchange_status(
+            bg.address, compressed_frames(bg, payload_of(bg), sender="n1", pair_round=2)
+        )
+
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "out of step" in message, message
+        assert choco(bg).rounds("n1") == 0 and pairs(bg) == (n2,)
+        assert state(bg) == params
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the callee makes the pair (evicting the least recently used beyond MAX_PAIRS) "
+    "before it accepts the exchange, so a refused call from a stranger can drop a neighbour's pair",
+)
+def test_a_refused_exchange_leaves_no_pair() -> None:
+    with start_compressed("topk:0.01+int8", "fuzz-no-pair") as bg:
+        seed_pairs(bg, {f"n{i}": 2 for i in range(MAX_PAIRS)})
+        before = state(bg), pairs(bg)
+        keys = list(choco(bg)._pairs)
+
+        code, _ = exchange_status(bg.address, compressed_frames(bg, payload_of(bg), sender="stranger"))
+
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(choco(bg)._pairs) == keys  # not n0's pair dropped for the stranger's
+        check_compressed(bg, code, before)
 
 
 # --- the command line and config files ---------------------------------------------------------
