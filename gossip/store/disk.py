@@ -197,14 +197,17 @@ class DataDir:
         return out
 
     def _scan_version(self, model_dir: str, version: int, folder: Path, out: Loaded) -> None:
-        for tmp in folder.glob(TMP_PREFIX + "*"):  # a write a crash cut short
-            tmp.unlink(missing_ok=True)
+        names = sorted(os.listdir(folder))
+        for tmp in names:
+            if tmp.startswith(TMP_PREFIX):  # a write a crash cut short
+                (folder / tmp).unlink(missing_ok=True)
         m = self._read_manifest(folder / MANIFEST, model_dir, version, out)
         orphans = 0
-        for path in sorted(folder.iterdir()):
-            if path.name == MANIFEST:
+        for file_name in names:
+            if file_name == MANIFEST or file_name.startswith(TMP_PREFIX):
                 continue
-            name = _SHARD_FILE.fullmatch(path.name)
+            path = folder / file_name
+            name = _SHARD_FILE.fullmatch(file_name)
             if name is None:
                 log.warning("data dir: ignoring %s (not a file this node writes)", path)
                 continue

@@ -28,6 +28,8 @@ from gossip.store.shards import Manifest, ShardId, ShardStore, shard_key, snapsh
 
 log = logging.getLogger(__name__)
 
+_FOLD_BATCH = 1024  # shards folded in per turn of the event loop: about 5 ms each
+
 
 class DurableStore(ShardStore):
     """A :class:`ShardStore` mirrored under ``data_dir``; :meth:`load` it before use."""
@@ -89,7 +91,10 @@ class DurableStore(ShardStore):
                 exc.strerror or exc,
             )
             found = Loaded()
-        self._fold_in(found)
+        self._fold_manifests(found)
+        for start in range(0, len(found.shards), _FOLD_BATCH):
+            self._fold_shards(found.shards[start : start + _FOLD_BATCH])
+            await asyncio.sleep(0)  # let the loop breathe between batches
         self.writer.start()
         self.loaded = found
         log.info(
@@ -106,19 +111,22 @@ class DurableStore(ShardStore):
     def load_now(self) -> Loaded:
         """:meth:`load` on the calling thread (tools and tests, outside an event loop)."""
         found = self.disk.scan()
-        self._fold_in(found)
+        self._fold_manifests(found)
+        self._fold_shards(found.shards)
         self.writer.start()
         self.loaded = found
         return found
 
-    def _fold_in(self, found: Loaded) -> None:
+    def _fold_manifests(self, found: Loaded) -> None:
         for m in sorted(found.manifests, key=lambda m: m.version):
             outcome = ShardStore.add_manifest(self, m)  # on disk already: not written again
             if outcome in ("retired", "full"):
                 self.writer.submit(
                     f"removing {m.key}", partial(self.disk.remove_version, m.model_id, m.version)
                 )
-        for sid, data, algorithm in found.shards:
+
+    def _fold_shards(self, shards: list[tuple[ShardId, bytearray, str]]) -> None:
+        for sid, data, algorithm in shards:
             if self.manifest(sid[0], sid[1]) is None or self.bytes_held + len(data) > self.capacity_bytes:
                 # Its version was refused above, or the store is full: the disk keeps what memory does.
                 self.writer.submit(
