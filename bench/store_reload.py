@@ -66,7 +66,7 @@ async def reload(root: Path) -> tuple[float, float, int]:
     took = time.perf_counter() - t0
     stop.set()
     await tick
-    store.close()
+    store.close(wait=60.0)
     return took, worst, len(found.shards)
 
 
@@ -88,7 +88,7 @@ def main() -> None:
             store.add(("bench", 1, i, manifest.shard_digests[i]), bytearray(s), "blake3")
         assert store.flush(600.0) and store.writer.failed == 0
         write_s = time.perf_counter() - t0
-        store.close()
+        store.close(wait=60.0)
         runs = [asyncio.run(reload(root)) for _ in range(args.runs)]
     assert all(n == len(shards) for _, _, n in runs)
     reload_s = statistics.median(r[0] for r in runs)

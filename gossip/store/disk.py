@@ -29,6 +29,7 @@ conflict) are deleted too, as the in-memory store drops orphans.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest"
 TMP_PREFIX = ".tmp-"
+LOCK = ".lock"  # held (flock) by the one process that uses the folder
 _MAGIC = b"gossip-manifest 1\n"
 _SUM = digests.DIGEST_BYTES  # sha256 of the encoded manifest
 _MAX_MANIFEST_FILE = 8 << 20  # well above the 4 MiB a manifest may take on the wire
@@ -137,11 +139,38 @@ class Loaded:
     bytes: int = 0
 
 
+class DataDirBusy(OSError):
+    """Another process holds the data folder's lock."""
+
+
 class DataDir:
     """The files under one data folder. Its methods do blocking I/O: call them off the event loop."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
+        self._lock: int | None = None  # the lock file's descriptor while this process holds it
+
+    def lock(self) -> None:
+        """Take the folder for this process (creating it); DataDirBusy if another one has it.
+
+        Two nodes on one folder would delete each other's files; the lock (an flock,
+        let go when the process ends, however it ends) makes the second one say so.
+        """
+        if self._lock is not None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirBusy(f"{self.root} is in use by another process (it holds {LOCK})") from None
+        self._lock = fd
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def version_dir(self, model_id: str, version: int) -> Path:
         return self.root / model_dir_name(model_id) / f"v{version}"
@@ -179,10 +208,13 @@ class DataDir:
     # --- reading back -----------------------------------------------------------------------
 
     def scan(self) -> Loaded:
-        """Every manifest and shard under the folder that passes its checks; the rest is deleted."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Every manifest and shard under the folder that passes its checks; the rest is deleted.
+        Takes the folder's lock first (DataDirBusy if another process holds it)."""
+        self.lock()
         out = Loaded()
         for model_dir in sorted(self.root.iterdir()):
+            if model_dir.name == LOCK:
+                continue
             if not (model_dir.is_dir() and _MODEL_DIR.fullmatch(model_dir.name)):
                 log.warning("data dir: ignoring %s (not a folder this node writes)", model_dir)
                 continue
@@ -286,6 +318,10 @@ class Writer:
             self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
             self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def submit(self, what: str, op: Callable[[], None]) -> None:
         """Queue ``op`` (it runs once :meth:`start` was called); ``what`` names it in errors."""
         self._queue.put((what, op))
@@ -296,9 +332,11 @@ class Writer:
         self.submit("flush", done.set)
         return done.wait(timeout) if self._thread is not None else False
 
-    def close(self) -> None:
-        """Run what is queued, then end the thread (without waiting for it)."""
+    def close(self, wait: float = 0.0) -> None:
+        """Run what is queued, then end the thread; wait up to ``wait`` seconds for that."""
         self._queue.put(None)
+        if wait and self._thread is not None:
+            self._thread.join(wait)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from gossip.store.disk import DataDir, Loaded, Writer
+from gossip.store.disk import DataDir, DataDirBusy, Loaded, Writer
 from gossip.store.shards import Manifest, ShardId, ShardStore, shard_key, snapshot_key
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,23 @@ class DurableStore(ShardStore):
         self.disk = DataDir(data_dir)
         self.writer = Writer(self.disk.root)
         self.loaded: Loaded | None = None  # what the last load found
+        self.mirrored = True  # False once the folder turned out to be another process's
+
+    def _submit(self, what: str, op: Callable[[], None]) -> None:
+        if self.mirrored:
+            self.writer.submit(what, op)
 
     # --- every change, mirrored ------------------------------------------------------------
 
     def add_manifest(self, m: Manifest) -> str:
         outcome = super().add_manifest(m)
         if outcome in ("new", "replaced"):
-            self.writer.submit(f"writing the manifest of {m.key}", partial(self.disk.write_manifest, m))
+            self._submit(f"writing the manifest of {m.key}", partial(self.disk.write_manifest, m))
         return outcome
 
     def forget_version(self, model_id: str, version: int) -> None:
         super().forget_version(model_id, version)
-        self.writer.submit(
+        self._submit(
             f"removing {snapshot_key(model_id, version)}",
             partial(self.disk.remove_version, model_id, version),
         )
@@ -64,16 +69,14 @@ class DurableStore(ShardStore):
     def add(self, sid: ShardId, data: bytearray, algorithm: str) -> bool:
         if not super().add(sid, data, algorithm):
             return False
-        self.writer.submit(
-            f"writing {shard_key(*sid[:3])}", partial(self.disk.write_shard, sid, algorithm, data)
-        )
+        self._submit(f"writing {shard_key(*sid[:3])}", partial(self.disk.write_shard, sid, algorithm, data))
         return True
 
     def drop(self, sid: ShardId) -> None:
         held = self.shards.get(sid)
         super().drop(sid)
         if held is not None:
-            self.writer.submit(
+            self._submit(
                 f"removing {shard_key(*sid[:3])}", partial(self.disk.remove_shard, sid, held.algorithm)
             )
 
@@ -84,6 +87,9 @@ class DurableStore(ShardStore):
         t0 = time.monotonic()
         try:
             found = await asyncio.to_thread(self.disk.scan)
+        except DataDirBusy as exc:
+            log.error("data dir %s; this node keeps its store in memory only", exc)
+            self.mirrored, found = False, Loaded()
         except OSError as exc:
             log.error(
                 "data dir %s cannot be read (%s): starting with an empty store; repair refills it",
@@ -121,15 +127,13 @@ class DurableStore(ShardStore):
         for m in sorted(found.manifests, key=lambda m: m.version):
             outcome = ShardStore.add_manifest(self, m)  # on disk already: not written again
             if outcome in ("retired", "full"):
-                self.writer.submit(
-                    f"removing {m.key}", partial(self.disk.remove_version, m.model_id, m.version)
-                )
+                self._submit(f"removing {m.key}", partial(self.disk.remove_version, m.model_id, m.version))
 
     def _fold_shards(self, shards: list[tuple[ShardId, bytearray, str]]) -> None:
         for sid, data, algorithm in shards:
             if self.manifest(sid[0], sid[1]) is None or self.bytes_held + len(data) > self.capacity_bytes:
                 # Its version was refused above, or the store is full: the disk keeps what memory does.
-                self.writer.submit(
+                self._submit(
                     f"removing {shard_key(*sid[:3])}", partial(self.disk.remove_shard, sid, algorithm)
                 )
                 continue
@@ -139,6 +143,11 @@ class DurableStore(ShardStore):
         """Wait (blocking) until every change so far is on disk or failed; False on timeout."""
         return self.writer.flush(timeout)
 
-    def close(self) -> None:
-        """Write what is queued, then let the writer's thread end."""
-        self.writer.close()
+    def close(self, wait: float = 0.0) -> None:
+        """Write what is queued, let go of the folder, end the writer's thread (waiting up to
+        ``wait`` seconds for all that)."""
+        if self.writer.started:
+            self.writer.submit("letting go of the folder", self.disk.unlock)
+        else:
+            self.disk.unlock()
+        self.writer.close(wait)

@@ -120,8 +120,7 @@ class StoreService:
             await self.repair.loop()
         finally:
             if isinstance(store, DurableStore):
-                await asyncio.to_thread(store.flush, 5.0)  # the node is stopping: what is queued
-                store.close()
+                await asyncio.to_thread(store.close, 5.0)  # the node is stopping: write what is queued
 
     def refresh(self) -> None:
         """Follow the membership (call from the event loop): a changed ring starts a repair round."""

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from gossip.config import ConfigError, StoreConfig
 from gossip.store import disk
-from gossip.store.disk import MANIFEST, TMP_PREFIX, model_dir_name, shard_file_name
+from gossip.store.disk import LOCK, MANIFEST, TMP_PREFIX, model_dir_name, shard_file_name
 from gossip.store.durable import DurableStore
 from gossip.store.shards import Manifest
 from tests.unit.test_store import cut_flat, small, snapshot
@@ -28,10 +29,25 @@ from tests.unit.test_store import cut_flat, small, snapshot
 FLUSH = 10.0
 
 
+_OPEN: dict[Path, DurableStore] = {}
+
+
 def opened(root: Path, **kwargs: int) -> DurableStore:
+    """A store on ``root``, loaded, as a node starts one; the one open there before is closed first
+    (its process ended)."""
+    if (before := _OPEN.pop(root, None)) is not None:
+        before.close(wait=FLUSH)
     store = DurableStore(str(root), **kwargs)
     store.load_now()
+    _OPEN[root] = store
     return store
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.popitem()[1].close(wait=FLUSH)
 
 
 def fill(store: DurableStore, m: Manifest, shards: list[memoryview]) -> None:
@@ -42,7 +58,7 @@ def fill(store: DurableStore, m: Manifest, shards: list[memoryview]) -> None:
 
 
 def files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != LOCK)
 
 
 def shard_file(root: Path, m: Manifest, index: int) -> Path:
@@ -84,9 +100,29 @@ def test_the_load_runs_off_the_event_loop_and_serves_what_it_read(tmp_path: Path
         found = await store.load()
         return f"{len(found.manifests)} {len(found.shards)}"
 
+    _OPEN.pop(tmp_path).close(wait=FLUSH)
+
     assert asyncio.run(load_on_a_loop()) == f"1 {m.num_shards}"
     assert all(store.holds(m, i) for i in range(m.num_shards))
-    store.close()
+    store.close(wait=FLUSH)
+
+
+def test_a_second_process_on_the_folder_keeps_its_store_in_memory_and_touches_no_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m, shards = snapshot()
+    fill(opened(tmp_path), m, shards)
+    before = {f: (tmp_path / f).read_bytes() for f in files(tmp_path)}
+    second = DurableStore(str(tmp_path), keep_versions=1)
+
+    with caplog.at_level(logging.ERROR, logger="gossip.store.durable"):
+        found = asyncio.run(second.load())
+    fill(second, *snapshot(version=2, seed=2))  # retires v1 in its memory, not on disk
+
+    assert not found.shards and second.manifest("m", 1) is None and second.manifest("m", 2) is not None
+    assert {f: (tmp_path / f).read_bytes() for f in files(tmp_path)} == before
+    assert "in use by another process" in caplog.records[0].getMessage()
+    second.close(wait=FLUSH)
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "append"])
@@ -235,7 +271,7 @@ def test_a_hostile_model_id_stays_inside_the_data_dir_and_round_trips(tmp_path: 
     m, shards = cut_flat(small(), model_id, 1, "n0", 10, 4096, 3)
     fill(opened(root), m, shards)
 
-    (folder,) = list(root.iterdir())
+    (folder,) = [p for p in root.iterdir() if p.name != LOCK]
     assert folder.parent == root and folder.name == model_dir_name(model_id)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     assert opened(root).manifest(model_id, 1) == m
@@ -304,10 +340,11 @@ def test_a_really_full_disk_keeps_whole_files_only(tmp_path: Path) -> None:
 
         assert again.loaded is not None and again.loaded.dropped == 0  # nothing half written
         assert again.manifest("m", 1) == m and 0 < len(again.shards) < m.num_shards
-        store.close()
-        again.close()
     finally:
-        subprocess.run(["umount", str(root)], check=True)
+        while _OPEN:
+            _OPEN.popitem()[1].close(wait=FLUSH)  # the lock file stays open until then
+        if subprocess.run(["umount", str(root)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(root)], check=True)  # never leave a mount behind
 
 
 def test_data_dir_that_is_a_file_or_under_one_is_refused(tmp_path: Path) -> None:
