@@ -367,8 +367,13 @@ class TrainConfig:
     # Constant: with cosine decay the same runs ended ~0.8 points lower for the nodes
     # (their few large steps need the rate); cosine shrinks the consensus distance 10x.
     lr_schedule: str = "constant"
+    # Stop after this many local steps if the epochs have not ended first (0: the epochs
+    # decide): a short run over a large corpus, or one to a fixed step budget.
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:

@@ -46,6 +46,10 @@ KNOBS: dict[str, tuple[str, str]] = {
     "seed": ("train", "seed of the model init, the partition and the shuffling"),
     "lr_schedule": ("train", "cosine (decay to zero over the run) or constant"),
     "eval_every": ("train", "epochs between evaluations (fractional allowed)"),
+    "max_steps": (
+        "train",
+        "stop after this many local steps if the epochs have not ended first (0: epochs decide)",
+    ),
     "topology": (
         "gossip",
         "ring, torus, hypercube, exponential, one-peer-exponential, complete, star, "
@@ -155,6 +159,8 @@ SIM_KNOBS = [k for k, (sec, _) in KNOBS.items() if sec in ("train", "gossip", "l
     "threads",
     "prometheus",
 ]
+# gossip launch --ray: simulate's knobs less those that act on local processes by pid or port.
+LAUNCH_KNOBS = [k for k in SIM_KNOBS if k not in ("kill", "churn", "churn_downtime", "prometheus")]
 # Knobs whose help differs under simulate.
 SIM_HELP = {
     "prometheus": "serve every node's Prometheus metrics: node i at http://HOST:PORT+i/metrics (PORT or "

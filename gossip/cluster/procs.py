@@ -83,6 +83,7 @@ def node_command(
         "lr_schedule",
         "seed",
         "eval_every",
+        "max_steps",
     ):
         cmd += ["--" + key.replace("_", "-"), str(knobs[key])]
     for key in (

@@ -117,6 +117,8 @@ class LocalTrainer:
         # between a node's slice and the baseline's union.
         self.steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch if total_steps is None else total_steps
+        if cfg.max_steps and total_steps is None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
         self._eval_interval = cfg.eval_every * self.steps_per_epoch  # in steps, may be fractional

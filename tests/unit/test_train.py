@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gossip.config import TrainConfig
+from gossip.config import ConfigError, TrainConfig
 from gossip.train.data import load_dataset
 from gossip.train.models import build_model
 from gossip.train.trainer import LocalTrainer, evaluate, train_baseline
@@ -46,6 +46,17 @@ def test_step_bookkeeping() -> None:
     assert trainer.done() and trainer.epoch == 2.0
     with pytest.raises(RuntimeError, match="finished after 14 steps"):
         trainer.step()
+
+
+def test_max_steps_ends_a_run_before_its_epochs() -> None:
+    trainer = _trainer(n=100, batch_size=16, epochs=2, max_steps=5)
+    assert trainer.total_steps == 5
+    for _ in range(5):
+        trainer.step()
+    assert trainer.done()
+    assert _trainer(n=100, batch_size=16, epochs=1, max_steps=50).total_steps == 7  # the epochs end first
+    with pytest.raises(ConfigError, match="max_steps"):
+        TrainConfig(max_steps=-1)
 
 
 def test_total_steps_overrides_epochs() -> None:

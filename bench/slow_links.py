@@ -1,0 +1,262 @@
+"""Real nodes over slow links: wall time to a validation-loss target, dense every step against compressed.
+
+    sudo python bench/slow_links.py [--hosts 8] [--rate 50mbit] [--delay-ms 20]
+        [--configs "H=1:none,H=1:topk:0.1+int8"] [--gamma 0] [--loopback-rate 50mbit]
+        [--model gpt:2:128:4] [--dataset text:stdlib:16] [--batch-size 1] [--steps 400] [--evals 10]
+
+Every run starts ``--hosts`` ``gossip node`` processes, one per host of the tests'
+network lab (``tests/support/netns.py``: network namespaces on one switch, every
+host's link shaped to ``--rate`` with tc tbf, ``--delay-ms`` each way through the
+lab's delaying relay, no loss), exponential topology, pairwise, the same seed. A
+configuration is ``H=<gossip every>:<compress spec>`` (``none``: dense); the first one
+is the reference. Each node evaluates at its start and ``--evals`` times during its
+run; an evaluation's time is when the *last* node made it (seconds since the last node
+made its first, so start-up is not counted), its metric the mean validation loss over
+nodes. The target is the
+reference's final mean loss plus 1 %; time to target is the first evaluation that
+meets it. ``--loopback-rate`` repeats the reference on loopback with every node's
+``--max-send-rate`` set to that rate (the user-space limit against the shaped link).
+
+Every node trains ``--steps`` local steps (``--max-steps``). The defaults keep the
+link the bottleneck on a small machine: byte-level text with 16 bytes of context and
+batches of 1 make a step cheap, while gpt:2:128:4 (470 784 parameters, 1.9 MB a dense
+message) takes about 0.3 s per direction at 50 Mbit/s.
+
+The last line printed is JSON: ``speedup`` (reference time to target / the best
+compressed configuration's), and per configuration its time to target, final loss
+and gap, bytes sent per node and wall time. Root only (namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import _lab
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.procs import read_records  # noqa: E402
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    from gossip.train.data import load_dataset, partition
+
+    ds = load_dataset(args.dataset, seed=args.seed)
+    parts = partition(ds.y_train, args.hosts, "iid", seed=args.seed)
+    return max(math.ceil(len(p) / args.batch_size) for p in parts)
+
+
+def node_args(args: argparse.Namespace, h: int, compress: str) -> list[str]:
+    every = args.steps / args.evals / args.steps_per_epoch  # in epochs, as --eval-every takes it
+    out = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size)]
+    out += [
+        "--epochs",
+        "1",
+        "--max-steps",
+        str(args.steps),
+        "--eval-every",
+        f"{every:.6g}",
+        "--lr",
+        str(args.lr),
+    ]
+    out += ["--topology", "exponential", "--seed", str(args.seed), "--threads", "1", "--publish-every", "0"]
+    out += ["--gossip-every", str(h), "--compress", compress, "--gamma", str(args.gamma)]
+    out += ["--wait-for", str(args.hosts), "--exit-when-done", "--lr-schedule", "constant"]
+    return out
+
+
+def curve(files: list[Path]) -> list[tuple[float, float]]:
+    """(seconds from the first evaluation to when the last node made evaluation k, mean loss over
+    nodes) for each k: the clock starts once every node has loaded and begins training."""
+    per_node = []
+    for f in files:
+        evals: dict[int, dict[str, Any]] = {}
+        for r in read_records(f):
+            if "eval" in r and r.get("loss") is not None:
+                evals[int(r["eval"])] = r
+        per_node.append(evals)
+    common = sorted(set.intersection(*(set(e) for e in per_node)))
+    t0 = max(e[common[0]]["unix_time"] for e in per_node)
+    return [
+        (
+            max(e[k]["unix_time"] for e in per_node) - t0,
+            sum(e[k]["loss"] for e in per_node) / len(per_node),
+        )
+        for k in common
+    ]
+
+
+def bytes_sent(files: list[Path]) -> float:
+    return sum(read_records(f)[-1].get("bytes_sent", 0) for f in files) / len(files)
+
+
+def run_lab(args: argparse.Namespace, h: int, compress: str, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True)
+    with _lab(args.hosts, str(work), delay=args.delay_ms / 1e3, rate=args.rate) as lab:
+        procs = []
+        t0 = time.time()
+        for host in lab.hosts:
+            name = f"n{host.index}"
+            argv = [
+                sys.executable,
+                "-m",
+                "gossip",
+                "node",
+                "--listen",
+                host.local,
+                "--advertise",
+                host.address,
+            ]
+            argv += ["--node-id", name, "--rank", str(host.index), "--world-size", str(args.hosts)]
+            argv += ["--metrics", str(work / f"{name}.jsonl")]
+            if host.index:
+                argv += ["--peers", lab.hosts[0].address]
+            procs.append(lab.start(host, name, [*argv, *node_args(args, h, compress)]))
+        return _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
+
+
+def run_loopback(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    t0 = time.time()
+    try:
+        for i in range(args.hosts):
+            argv = [sys.executable, "-m", "gossip", "node", "--node-id", f"l{i}", "--rank", str(i)]
+            argv += ["--world-size", str(args.hosts), "--metrics", str(work / f"n{i}.jsonl")]
+            argv += ["--ready-file", str(work / f"l{i}.ready"), "--max-send-rate", args.loopback_rate]
+            if i:
+                argv += ["--seed-file", str(work / "l0.ready")]
+            log = (work / f"l{i}.log").open("wb")
+            procs.append(
+                subprocess.Popen([*argv, *node_args(args, 1, "none")], stdout=log, stderr=subprocess.STDOUT)
+            )
+        return _finish(procs, work, t0, args, lambda p: p, lambda p: "")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+
+
+def _finish(
+    procs: list[Any], work: Path, t0: float, args: argparse.Namespace, popen: Any, tail: Any
+) -> dict[str, Any]:
+    deadline = time.monotonic() + args.run_timeout
+    last = time.monotonic()
+    for p in procs:
+        while popen(p).poll() is None:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"a node did not finish within {args.run_timeout:.0f} s\n{tail(p)}")
+            if time.monotonic() - last > 15:
+                last = time.monotonic()
+                done = [f for f in sorted(work.glob("n*.jsonl"))]
+                evals = [sum(1 for r in read_records(f) if "eval" in r) for f in done]
+                say(f"    {time.time() - t0:.0f} s, evaluations per node {evals}")
+            time.sleep(0.5)
+        if popen(p).returncode != 0:
+            raise SystemExit(f"a node failed ({popen(p).returncode})\n{tail(p)}")
+    files = [work / f"n{i}.jsonl" for i in range(args.hosts)]
+    c = curve(files)
+    return {
+        "curve": c,
+        "final_loss": c[-1][1],
+        "bytes_per_node": bytes_sent(files),
+        "wall_s": time.time() - t0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=8)
+    ap.add_argument("--rate", default="50mbit")
+    ap.add_argument("--delay-ms", type=float, default=20.0)
+    ap.add_argument("--configs", default="H=1:none,H=1:topk:0.1+int8")
+    ap.add_argument("--gamma", type=float, default=0.0)
+    ap.add_argument(
+        "--loopback-rate", default="", help="also run the reference on loopback at this --max-send-rate"
+    )
+    ap.add_argument("--dataset", default="text:stdlib:16")
+    ap.add_argument("--model", default="gpt:2:128:4")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--evals", type=int, default=10)
+    ap.add_argument("--lr", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-timeout", type=float, default=1800.0)
+    args = ap.parse_args()
+    args.steps_per_epoch = steps_per_epoch(args)
+    if args.steps > args.steps_per_epoch:
+        raise SystemExit(f"--steps {args.steps} is more than an epoch ({args.steps_per_epoch} steps) here")
+    configs = []
+    for part in args.configs.split(","):
+        head, _, spec = part.partition(":")
+        if not head.startswith("H=") or not spec:
+            raise SystemExit(f"--configs: expected H=<n>:<compress spec>, got {part!r}")
+        configs.append((int(head[2:]), spec))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slow-links-") as tmp:
+        for i, (h, spec) in enumerate(configs):
+            say(
+                f"[{i + 1}/{len(configs)}] H={h} compress={spec}: {args.hosts} hosts at {args.rate}, {args.delay_ms:g} ms"
+            )
+            r = run_lab(args, h, spec, Path(tmp) / f"run{i}")
+            rows.append({"H": h, "compress": spec, **r})
+            say(
+                f"    final loss {r['final_loss']:.4f}, {r['bytes_per_node'] / 1e6:.1f} MB per node, {r['wall_s']:.0f} s"
+            )
+        loop = None
+        if args.loopback_rate:
+            say(f"reference on loopback at --max-send-rate {args.loopback_rate}")
+            loop = run_loopback(args, Path(tmp) / "loopback")
+            say(f"    final loss {loop['final_loss']:.4f}, {loop['wall_s']:.0f} s")
+    target = rows[0]["final_loss"] * 1.01
+    for r in rows + ([loop] if loop else []):
+        r["time_to_target_s"] = next((t for t, m in r["curve"] if m <= target), None)
+        r["gap_pct"] = round(100 * (r["final_loss"] / rows[0]["final_loss"] - 1), 3)
+    ref_t = rows[0]["time_to_target_s"]
+    ok = [r for r in rows[1:] if r["time_to_target_s"] is not None and r["final_loss"] <= target]
+    best = min(ok, key=lambda r: r["time_to_target_s"]) if ok else None
+    for r in rows:
+        say(
+            f"H={r['H']} {r['compress']}: time to target {r['time_to_target_s']}, final {r['final_loss']:.4f} "
+            f"(gap {r['gap_pct']:+.2f} %), {r['bytes_per_node'] / 1e6:.2f} MB/node, wall {r['wall_s']:.0f} s"
+        )
+    print(
+        json.dumps(
+            {
+                "speedup": (ref_t / best["time_to_target_s"]) if best and ref_t else None,
+                "best": None if best is None else {"H": best["H"], "compress": best["compress"]},
+                "target_loss": target,
+                "rate": args.rate,
+                "delay_ms": args.delay_ms,
+                "hosts": args.hosts,
+                "model": args.model,
+                "dataset": args.dataset,
+                "runs": rows,
+                "loopback_reference": loop,
+                "loopback_wall_ratio": (loop["wall_s"] / rows[0]["wall_s"]) if loop else None,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        raise SystemExit("bench/slow_links.py builds network namespaces: run it as root")
+    main()
