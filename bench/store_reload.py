@@ -1,6 +1,6 @@
 """What the durable store (``--data-dir``) costs: writing shards, and reading them back at start.
 
-    python bench/store_reload.py [--mib 256] [--shard-kib 1024] [--dir DIR] [--runs 3]
+    python bench/store_reload.py [--mib 256] [--shard-kib 1024] [--dir DIR] [--runs 3] [--gc-off]
 
 One snapshot of ``--mib`` MiB of float32 in ``--shard-kib`` shards (blake3, as a node
 cuts it) goes through a :class:`~gossip.store.durable.DurableStore` under ``--dir``
@@ -13,7 +13,8 @@ cuts it) goes through a :class:`~gossip.store.durable.DurableStore` under ``--di
   cache is warm (the files were just written), as after a process restart; a
   machine reboot reads from the device instead;
 - loop stall: the longest gap a 1 ms ticker on the same loop saw during the
-  reload (reading and hashing run on a worker thread).
+  reload (reading and hashing run on a worker thread). ``--gc-off`` disables the
+  garbage collector for the reloads, to tell its full passes from the load's own work.
 
 The last line printed is JSON: shards, mib, write_s, reload_s (median, with every
 run), reload_mib_per_s and loop_stall_ms (the worst over the runs).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import tempfile
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--shard-kib", type=int, default=1024)
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder under bench/)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gc-off", action="store_true", help="no garbage collection during the reloads")
     args = ap.parse_args()
     manifest, shards = snapshot(args.mib, args.shard_kib << 10)
     with tempfile.TemporaryDirectory(dir=args.dir or Path(__file__).parent) as tmp:
@@ -89,7 +92,11 @@ def main() -> None:
         assert store.flush(600.0) and store.writer.failed == 0
         write_s = time.perf_counter() - t0
         store.close(wait=60.0)
+        if args.gc_off:
+            gc.collect()
+            gc.disable()
         runs = [asyncio.run(reload(root)) for _ in range(args.runs)]
+        gc.enable()
     assert all(n == len(shards) for _, _, n in runs)
     reload_s = statistics.median(r[0] for r in runs)
     out = {
