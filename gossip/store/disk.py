@@ -76,11 +76,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _make_dirs(path: Path, root: Path) -> None:
-    """Create ``path`` and the folders between it and ``root``, each made durable in its parent."""
+def _make_dirs(path: Path) -> None:
+    """Create ``path`` and the folders above it that are missing, each made durable in its parent."""
     missing = []
     p = path
-    while p != root and not p.is_dir():
+    while not p.is_dir():
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
@@ -180,7 +180,7 @@ class DataDir:
 
     def write_shard(self, sid: ShardId, algorithm: str, data: bytearray | memoryview) -> None:
         folder = self.version_dir(sid[0], sid[1])
-        _make_dirs(folder, self.root)
+        _make_dirs(folder)
         write_atomic(folder / shard_file_name(sid[2], algorithm, sid[3]), data)
 
     def remove_shard(self, sid: ShardId, algorithm: str) -> None:
@@ -188,7 +188,7 @@ class DataDir:
 
     def write_manifest(self, m: Manifest) -> None:
         folder = self.version_dir(m.model_id, m.version)
-        _make_dirs(folder, self.root)
+        _make_dirs(folder)
         write_atomic(folder / MANIFEST, manifest_file_bytes(m))
 
     def remove_version(self, model_id: str, version: int) -> None:
