@@ -248,11 +248,14 @@ class DataDir:
                 path.unlink(missing_ok=True)
                 orphans += 1
                 continue
-            problem = self._check_shard(path, m, index, algorithm, out)
-            if problem:
-                log.warning("data dir: deleted %s: %s; repair fetches a good copy", path, problem)
-                path.unlink(missing_ok=True)
-                out.dropped += 1
+            try:
+                problem = self._check_shard(path, m, index, algorithm, out)
+                if problem:
+                    log.warning("data dir: deleted %s: %s; repair fetches a good copy", path, problem)
+                    path.unlink(missing_ok=True)
+                    out.dropped += 1
+            except OSError as exc:  # one file it cannot read (or delete) costs that file, not the load
+                log.warning("data dir: skipped %s: %s; repair fetches a good copy", path, exc.strerror or exc)
         if orphans:
             log.info("data dir: deleted %d shards of %s without their manifest", orphans, folder)
             out.dropped += orphans

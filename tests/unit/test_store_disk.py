@@ -361,3 +361,17 @@ def test_a_data_dir_to_be_made_is_accepted_and_not_created_by_validation(tmp_pat
     StoreConfig(data_dir=str(tmp_path / "a" / "b")).validate()
 
     assert not (tmp_path / "a").exists()
+
+
+def test_an_unreadable_entry_costs_that_shard_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m, shards = snapshot()
+    fill(opened(tmp_path), m, shards)
+    bad = shard_file(tmp_path, m, 2)
+    bad.unlink()
+    bad.mkdir()  # a folder where a shard file should be: cannot be read or unlinked
+
+    with caplog.at_level(logging.WARNING, logger="gossip.store.disk"):
+        again = opened(tmp_path)
+
+    assert [again.holds(m, i) for i in range(m.num_shards)] == [True, True, False, True, True]
+    assert "skipped" in caplog.records[0].getMessage()
