@@ -26,8 +26,9 @@ exchange that notices refuses and both sides :meth:`forget` the pair, which
 starts over from zero copies, as CHOCO itself starts.
 
 Memory: two float32 model copies per remembered neighbour, at most
-:data:`MAX_PAIRS` of them (the least recently used is forgotten first; its pair
-starts over at the next exchange).
+:data:`MAX_PAIRS` of them (the least recently committed is forgotten first; its pair
+starts over at the next exchange). Only a commit makes a pair: a refused call makes
+none and evicts none.
 
 Pure: torch only; shared by real nodes (:mod:`gossip.core.pipeline`) and the
 simulator (:mod:`gossip.sim.mixing`).
@@ -108,7 +109,8 @@ class Choco:
         return pair.rounds if pair is not None else 0
 
     def pair(self, peer: str) -> Pair:
-        """The pair with ``peer``, made (zero copies) if new; the least recently used beyond MAX_PAIRS go."""
+        """The pair with ``peer``, made (zero copies) if new and now the most recently used; the least
+        recently used beyond MAX_PAIRS go (called when an exchange commits)."""
         pair = self._pairs.get(peer)
         if pair is None:
             z = torch.zeros(self.dim, dtype=torch.float32)
@@ -123,10 +125,16 @@ class Choco:
         self._pairs.pop(peer, None)
 
     def offer(self, peer: str, snapshot: Tensor) -> Offer:
-        """Q(snapshot - own): the payload for ``peer`` and the values it will decode (nothing changes yet)."""
-        pair = self.pair(peer)
-        payload, values = self.compressor.compress(snapshot - pair.own, self.gen)
-        return Offer(payload, values, pair.rounds)
+        """Q(snapshot - own): the payload for ``peer`` and the values it will decode.
+
+        Nothing changes: a pair is made (and the least recently used one dropped) only
+        when an exchange commits, so a call that is refused, from anyone, costs no
+        neighbour its pair.
+        """
+        pair = self._pairs.get(peer)
+        residual = snapshot - pair.own if pair is not None else snapshot.to(torch.float32)  # own = 0
+        payload, values = self.compressor.compress(residual, self.gen)
+        return Offer(payload, values, pair.rounds if pair is not None else 0)
 
     def decode(self, payload: bytes | memoryview) -> Tensor:
         """The peer's q from its payload; :class:`~gossip.core.compress.CompressError` unless well formed."""

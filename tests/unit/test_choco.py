@@ -78,14 +78,21 @@ def test_a_pair_out_of_step_is_refused_and_a_forgotten_pair_starts_from_zero() -
     assert a.rounds("b") == 0 and torch.equal(a.pair("b").own, torch.zeros(16))
 
 
-def test_at_most_max_pairs_neighbours_are_remembered_least_recent_first_out() -> None:
+def test_at_most_max_pairs_neighbours_are_remembered_least_recently_committed_first_out() -> None:
     a, _ = pair_of("int8", 0.5, 4)
+
+    def commit(peer: str) -> None:
+        a.settle(peer, a.offer(peer, torch.ones(4)), torch.zeros(4))
+
     for i in range(MAX_PAIRS + 2):
-        off = a.offer(f"p{i}", torch.ones(4))
-        a.settle(f"p{i}", off, torch.zeros(4))
-    a.offer("p2", torch.ones(4))  # used again: kept
-    a.offer("new", torch.ones(4))  # one more pushes out the least recently used (p3)
-    assert a.rounds("p2") == 1 and a.rounds("p3") == 0 and a.rounds(f"p{MAX_PAIRS + 1}") == 1
+        commit(f"p{i}")
+    assert a.rounds("p0") == a.rounds("p1") == 0 and len(a._pairs) == MAX_PAIRS
+    commit("p2")  # committed again: the most recent now
+    kept = list(a._pairs)
+    a.offer("stranger", torch.ones(4))  # an offer alone (a refused call) makes no pair, evicts none
+    assert list(a._pairs) == kept
+    commit("new")  # a commit pushes out the least recently committed (p3)
+    assert a.rounds("p2") == 2 and a.rounds("p3") == 0 and a.rounds("new") == 1
     assert len(a._pairs) == MAX_PAIRS
 
 
