@@ -106,6 +106,8 @@ def node_command(
     cmd += ["--shard-bytes", str(st.shard_bytes), "--keep-versions", str(st.keep_versions)]
     if st.model_id:
         cmd += ["--model-id", st.model_id]
+    if st.data_dir:  # one folder per rank: a node restarted by --churn reloads its shards
+        cmd += ["--data-dir", str(Path(st.data_dir) / f"node{rank}")]
     return cmd
 
 

@@ -38,6 +38,7 @@ from gossip.node.protocol import CallerStream, Party, Stats
 from gossip.node.rest import RestPolicy
 from gossip.node.slot import ExchangeSlot
 from gossip.store import servicer as store_servicer
+from gossip.store.disk import remembered_node_id
 from gossip.store.service import StoreService
 from gossip.transport import security
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, GOSSIP, Channels
@@ -59,6 +60,11 @@ class Node:
         g = config.gossip
         self.flat = flat
         self.node_id = config.node_id or uuid.uuid4().hex[:12]
+        if not config.node_id and config.store.data_dir:  # restarted on its folder: the same id
+            try:
+                self.node_id = remembered_node_id(config.store.data_dir, self.node_id)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"data_dir: {exc}") from None
         self.topology: Topology | None = None
         if g.topology != "random":
             try:

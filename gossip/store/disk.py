@@ -41,6 +41,7 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from gossip.config import MAX_SHARD_BYTES
+from gossip.core.membership import MAX_ID_CHARS
 from gossip.store import digests, serde
 from gossip.store.shards import Manifest, ShardId, StoreError
 
@@ -139,6 +140,30 @@ class Loaded:
     bytes: int = 0
 
 
+NODE_ID = "node_id"  # the id of the node that uses the folder, kept across restarts
+
+
+def remembered_node_id(root: str | Path, fresh: str) -> str:
+    """The node id a data folder keeps (``DIR/node_id``), else ``fresh``, written there first.
+
+    A node restarted on its folder without ``--node-id`` comes back under the same id,
+    so the ring still gives it the shards it reloads. ValueError for a file that holds
+    no valid id (one line, 1 to MAX_ID_CHARS printable characters).
+    """
+    path = Path(root).absolute() / NODE_ID
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        _make_dirs(path.parent)
+        write_atomic(path, fresh.encode())
+        return fresh
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the node id in {path}: {exc}") from None
+    if not 0 < len(text) <= MAX_ID_CHARS or not text.isprintable():
+        raise ValueError(f"{path} does not hold a node id (1 to {MAX_ID_CHARS} printable characters)")
+    return text
+
+
 class DataDirBusy(OSError):
     """Another process holds the data folder's lock."""
 
@@ -213,7 +238,7 @@ class DataDir:
         self.lock()
         out = Loaded()
         for model_dir in sorted(self.root.iterdir()):
-            if model_dir.name == LOCK:
+            if model_dir.name in (LOCK, NODE_ID):
                 continue
             if not (model_dir.is_dir() and _MODEL_DIR.fullmatch(model_dir.name)):
                 log.warning("data dir: ignoring %s (not a folder this node writes)", model_dir)

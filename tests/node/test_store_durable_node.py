@@ -13,9 +13,13 @@ import dataclasses
 import time
 from pathlib import Path
 
+import pytest
+
+from gossip.config import ConfigError, NodeConfig
 from gossip.node.node import Node
 from gossip.store.durable import DurableStore
 from tests.node.test_store_node import SLOW, STORE, run, start
+from tests.support.inproc import vector
 
 
 def holds_all(node: Node, version: int) -> bool:
@@ -78,3 +82,24 @@ def test_the_store_service_keeps_a_durable_store_only_with_a_data_dir(tmp_path: 
         return out
 
     assert run(kinds()) == [False, True]
+
+
+def test_a_node_without_an_id_keeps_the_one_its_data_dir_remembers(tmp_path: Path) -> None:
+    async def main() -> None:
+        folder = tmp_path / "d"
+        cfg = NodeConfig(membership=SLOW, store=dataclasses.replace(STORE, data_dir=str(folder)))
+        first = await Node.create(vector([0.0]), cfg, seed=0)
+        await first.stop(leave=False)
+        again = await Node.create(vector([0.0]), cfg, seed=1)
+        try:
+            assert again.node_id == first.node_id == (folder / "node_id").read_text()
+        finally:
+            await again.stop(leave=False)
+        named = await Node.create(vector([0.0]), dataclasses.replace(cfg, node_id="given"), seed=2)
+        await named.stop(leave=False)
+        assert named.node_id == "given"  # --node-id wins, and the folder keeps its own
+        (folder / "node_id").write_text("\x00bad")
+        with pytest.raises(ConfigError, match="does not hold a node id"):
+            await Node.create(vector([0.0]), cfg, seed=3)
+
+    run(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,15 @@ def test_simulate_hands_every_gossip_knob_to_its_node_processes(tmp_path: Path) 
     """A node's command line, read back by `gossip node`'s own parser, gives the same training and gossip."""
     from gossip.cli import knobs
     from gossip.cluster.procs import node_command
-    from gossip.config import GossipConfig, SimulateConfig, TrainConfig
+    from gossip.config import GossipConfig, SimulateConfig, StoreConfig, TrainConfig
 
-    gossip = GossipConfig(gossip_every=10, outer="nesterov:0.7:0.9", max_lag=2, codec="bf16", idle_pause=0.0)
-    train = TrainConfig(epochs=3, lr=0.05)
-    cmd = node_command(1, SimulateConfig(nodes=4), train, gossip, tmp_path, None)
+    gossip = GossipConfig(gossip_every=10, outer="nesterov:0.7:0.9", max_lag=2, idle_pause=0.0)
+    gossip = dataclasses.replace(gossip, compress="topk:0.01+int8", gamma=0.5)
+    train = TrainConfig(epochs=3, lr=0.05, max_steps=7)
+    sim = SimulateConfig(nodes=4, store=StoreConfig(data_dir=str(tmp_path / "data")))
+    cmd = node_command(1, sim, train, gossip, tmp_path, None)
     args = _subparsers()["node"].parse_args(cmd[cmd.index("node") + 1 :])
     v = knobs.resolve(args, knobs.NODE_KNOBS, {})
     assert knobs.gossip_config(v) == gossip
     assert knobs.train_config(v) == train
+    assert cmd[cmd.index("--data-dir") + 1] == str(tmp_path / "data" / "node1")  # a folder per rank
