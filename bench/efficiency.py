@@ -1,11 +1,14 @@
 """Bytes to target on the vectorised simulator: local steps, outer optimizer, compression.
 
-    python bench/efficiency.py [--tasks digits,text] [--steps 150] [--nodes 32]
-        [--grid "H=1,10,50 outer=none,nesterov:0.7:0.9 compress=none,int8,topk:0.01+int8,sign"]
+    python bench/efficiency.py [--tasks digits,text] [--steps 150] [--nodes 32] [--strategy sync]
+        [--grid "H=1,10,50 outer=none,nesterov:0.7:0.9 compress=none,int8,topk:0.01+int8,sign gamma=0"]
         [--seed 0] [--eval-steps K]
 
 Two tasks, each on ``--nodes`` simulated nodes (32) on the static exponential graph,
-synchronous rounds (D-PSGD; CHOCO-Gossip when compressed):
+synchronous rounds (``--strategy sync``: D-PSGD, every node sends to its 9 neighbours
+each round; CHOCO-Gossip when compressed) or pairwise rounds (``--strategy pairwise``:
+a random matching of the graph's edges each round, as real nodes exchange; CHOCO per
+pair when compressed, ``gossip.core.choco``):
 
 - ``digits``: digits + cnn, lr 0.3, momentum 0.5, batch 16, constant rate:
   TrainConfig's defaults, which ``gossip simulate`` and the simulator use unchanged
@@ -15,9 +18,11 @@ synchronous rounds (D-PSGD; CHOCO-Gossip when compressed):
   (nats per byte) of the average model.
 
 Every configuration runs the same number of local steps S (``--steps``), so
-``rounds = S / H``. The reference is dense (compress none), H = 1, outer none; its
+``rounds = S / H``. The reference is dense (compress none), H = 1, outer none, same
+strategy; its
 final metric minus 1 accuracy point (digits), or plus 1 % validation loss (text), is
-the target. For each configuration of the grid (H x outer x compress) the bench
+the target. For each configuration of the grid (H x outer x compress x gamma, gamma 0
+being the compressor's default consensus step) the bench
 records the bytes sent per node (``sim.bytes_sent / nodes``, the real payloads'
 sizes) at the first evaluation that meets the target, and the final metric.
 
@@ -62,8 +67,9 @@ GRID = {
     "H": ["1", "10", "50"],
     "outer": ["none", "nesterov:0.7:0.9"],
     "compress": ["none", "int8", "topk:0.01+int8", "sign"],
+    "gamma": ["0"],
 }
-REFERENCE = (1, "none", "none")
+REFERENCE = (1, "none", "none", 0.0)
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,11 @@ class Point:
     h: int
     outer: str
     compress: str
+    gamma: float = 0.0
 
     def name(self) -> str:
-        return f"H={self.h} outer={self.outer} compress={self.compress}"
+        step = f" gamma={self.gamma:g}" if self.gamma else ""
+        return f"H={self.h} outer={self.outer} compress={self.compress}{step}"
 
 
 def say(msg: str) -> None:
@@ -87,12 +95,18 @@ def parse_grid(text: str) -> list[Point]:
         if key not in grid or not values:
             raise SystemExit(f"--grid: expected KEY=V1,V2 with KEY in {', '.join(GRID)}, got {part!r}")
         grid[key] = values.split(",")
-    return [
-        Point(int(h), outer, compress)
+    points = [
+        Point(int(h), outer, compress, float(gamma))
         for h in grid["H"]
         for outer in grid["outer"]
         for compress in grid["compress"]
+        for gamma in grid["gamma"]
     ]
+    return list(
+        dict.fromkeys(
+            Point(p.h, p.outer, p.compress, p.gamma if p.compress != "none" else 0.0) for p in points
+        )
+    )
 
 
 def better(task: str, metric: float, target: float) -> bool:
@@ -104,7 +118,12 @@ def run_point(
     task: str, ds: Dataset, point: Point, args: argparse.Namespace, target: float | None
 ) -> dict[str, Any]:
     spec = TASKS[task]
-    row: dict[str, Any] = {"H": point.h, "outer": point.outer, "compress": point.compress}
+    row: dict[str, Any] = {
+        "H": point.h,
+        "outer": point.outer,
+        "compress": point.compress,
+        "gamma": point.gamma,
+    }
     if args.steps % point.h:
         row["error"] = f"steps {args.steps} is not a multiple of H = {point.h}"
         say(f"  skipped: {row['error']}")
@@ -113,7 +132,7 @@ def run_point(
     cfg = SimConfig(
         nodes=args.nodes,
         topology=TOPOLOGY,
-        strategy="sync",
+        strategy=args.strategy,
         dataset=spec["dataset"],
         model=spec["model"],
         rounds=rounds,
@@ -122,6 +141,7 @@ def run_point(
         seed=args.seed,
         eval_every=rounds,
         compress=point.compress,
+        gamma=point.gamma,
         outer=point.outer,
     )
     try:
@@ -226,10 +246,12 @@ def run_task(task: str, args: argparse.Namespace, points: list[Point]) -> dict[s
         "reference_final": ref_final,
         "target": target,
         "reduction": reduction,
-        "best": None if best is None else {k: best[k] for k in ("H", "outer", "compress")},
+        "best": None if best is None else {k: best[k] for k in ("H", "outer", "compress", "gamma")},
         "best_bytes_to_target": None if best is None else best["bytes_to_target"],
         "best_final_gap": None if best is None else best["final_gap"],
-        "first_to_target": None if first is None else {k: first[k] for k in ("H", "outer", "compress")},
+        "first_to_target": None
+        if first is None
+        else {k: first[k] for k in ("H", "outer", "compress", "gamma")},
         "rows": rows,
     }
 
@@ -241,6 +263,7 @@ def main() -> None:
         "--steps", type=int, default=150, help="local steps per node, the same for every configuration"
     )
     ap.add_argument("--nodes", type=int, default=32)
+    ap.add_argument("--strategy", default="sync", choices=("sync", "pairwise"))
     ap.add_argument("--grid", default="", help='subset, e.g. "H=1,10 outer=none compress=none,int8"')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-steps", type=int, default=0, help="local steps between evaluations (0: per task)")
@@ -252,7 +275,8 @@ def main() -> None:
     torch.set_num_threads(1)
     points = parse_grid(args.grid)
     say(
-        f"efficiency: {args.nodes} nodes, {TOPOLOGY}, sync, {args.steps} steps, {len(points)} configurations per task"
+        f"efficiency: {args.nodes} nodes, {TOPOLOGY}, {args.strategy}, {args.steps} steps, "
+        f"{len(points)} configurations per task"
     )
     results = {t: run_task(t, args, points) for t in tasks}
 
@@ -271,6 +295,7 @@ def main() -> None:
                 "steps": args.steps,
                 "nodes": args.nodes,
                 "topology": TOPOLOGY,
+                "strategy": args.strategy,
                 "seed": args.seed,
                 "tasks": results,
             }
