@@ -22,6 +22,7 @@ import torch
 
 from gossip.cluster.sysutil import freeze_heap, tune_malloc, write_atomic
 from gossip.config import NodeConfig, RunOptions, TrainConfig
+from gossip.core.choco import MAX_PAIRS
 from gossip.core.layout import LayoutError
 from gossip.node.node import JoinError, Node
 from gossip.store.reconstruct import Rebuilt, SnapshotUnavailable, load_into
@@ -158,6 +159,13 @@ async def _run_node(
 ) -> int:
     torch.set_num_threads(max(1, opts.threads))
     tune_malloc()
+    g = config.gossip
+    if g.compress not in ("", "none") and g.topology == "random":
+        log.warning(
+            "--compress keeps reference copies for at most %d neighbours, and with topology random "
+            "any member is one: pairs will often start over; prefer a fixed topology (exponential)",
+            MAX_PAIRS,
+        )
     ds = load_dataset(train.dataset, seed=train.seed)
     model = build_model(
         train.model, ds.input_shape, ds.num_classes, seed=train.seed, target_shape=ds.target_shape
