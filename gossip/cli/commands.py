@@ -125,6 +125,61 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch(args: argparse.Namespace) -> int:
+    v = knobs.resolve(args, knobs.LAUNCH_KNOBS, knobs.SIM_DEFAULTS)
+    v = {**knobs.defaults(), **knobs.SIM_DEFAULTS, **v}
+    train = knobs.train_config(v)
+    gossip = knobs.gossip_config(v)
+    sim = knobs.simulate_config(v)
+    if args.ray not in ("", "auto"):
+        check_address(args.ray, "--ray")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if not args.placement_timeout > 0:
+        raise ConfigError(f"--placement-timeout must be > 0, got {args.placement_timeout}")
+    checks.output_folder(sim.out or "runs", "--out" if sim.out else "the output folder")
+    if gossip.topology != "random":
+        from gossip.core.topology import Topology, TopologyError
+
+        try:
+            Topology.parse(gossip.topology, sim.nodes)
+        except TopologyError as exc:
+            raise ConfigError(str(exc)) from None
+    from gossip.cluster.ray_launch import RayMissing, import_ray
+
+    try:
+        import_ray()
+    except RayMissing as exc:
+        raise ConfigError(str(exc)) from None
+    setup_logging(args.verbose)
+    with output.busy(f"checking {train.dataset}, {train.model} and the {train.partition} partition"):
+        checks.training_specs(train.dataset, train.model, train.partition, sim.nodes, train.seed)
+    from gossip.cluster.local import output_folder
+    from gossip.cluster.procs import SimulationError
+    from gossip.cluster.ray_launch import run_launch
+
+    sim = dataclasses.replace(sim, out=str(output_folder(sim)))
+    bar = output.ProgressLine("launch")
+    try:
+        summary = run_launch(
+            train, gossip, sim, args.ray, args.max_restarts, args.placement_timeout, progress=bar
+        )
+    except SimulationError as exc:
+        bar.close()
+        output.print_failure("launch", str(exc))
+        return 1
+    except KeyboardInterrupt as stop:
+        bar.close()
+        partial = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else None
+        if partial is not None:
+            output.simulate_table(partial)
+        output.print_failure("launch", "interrupted" + (" (partial summary written)" if partial else ""))
+        return 130
+    bar.close()
+    output.simulate_table(summary)
+    return 0
+
+
 def reconstruct(args: argparse.Namespace) -> int:
     check_address(args.peer, "--peer")
     if args.version != "latest" and not (args.version.isascii() and args.version.isdigit()):

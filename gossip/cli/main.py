@@ -1,4 +1,4 @@
-"""The ``gossip`` command: node, simulate, status, dashboard, reconstruct, topology, consensus, experiment.
+"""The ``gossip`` command: node, simulate, launch, status, dashboard, reconstruct, topology, consensus, experiment.
 
 The CLI owns the terminal. Bad arguments, config files or paths end with one
 line on stderr, ``gossip COMMAND: error: ...``, and exit code 2, before any work
@@ -53,6 +53,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="also serve the live page of the cluster (gossip dashboard) while it runs, at HOST:PORT "
         "(no value: 127.0.0.1:8080; port 0: a free port); the URL is printed once the nodes serve",
+    )
+
+    p = sub.add_parser(
+        "launch",
+        help="run N nodes as actors on a Ray cluster",
+        description="Place N real nodes on a Ray cluster, one actor with one CPU each in a placement "
+        "group spread over the Ray nodes, each serving gRPC on its Ray node's IP; train, and write the "
+        "same metrics, summary and plot as gossip simulate. Ray restarts an actor whose process dies "
+        "and its node rejoins. Needs the ray extra: pip install 'gossip-sgd[ray]'.",
+    )
+    p.add_argument(
+        "--ray",
+        required=True,
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="the Ray cluster: HOST:PORT of its head (ray start --head prints it), or auto / no "
+        "value: the one running on this machine, started with a CPU per node if none is",
+    )
+    knobs.add_knobs(p, knobs.LAUNCH_KNOBS, knobs.SIM_DEFAULTS, knobs.SIM_HELP)
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="times Ray restarts one node's actor after its process dies (default: 3)",
+    )
+    p.add_argument(
+        "--placement-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for the cluster to hold one CPU per node before giving up (default: 60)",
     )
 
     p = sub.add_parser(
