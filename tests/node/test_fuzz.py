@@ -30,7 +30,9 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,7 +49,7 @@ from gossip.config import GossipConfig, NodeConfig, SecurityConfig
 from gossip.core import averaging
 from gossip.core.choco import MAX_PAIRS, Choco
 from gossip.core.codecs import PayloadReceiver, payload_nbytes
-from gossip.core.compress import BLOCK, Compressor
+from gossip.core.compress import BLOCK, CompressError, Compressor
 from gossip.core.membership import MAX_ADDRESS_CHARS, MAX_ID_CHARS, MemberRecord, MembershipConfig, dialable
 from gossip.core.params import FlatParams
 from gossip.proto import gossip_pb2 as pb
@@ -907,6 +909,106 @@ def test_a_refused_exchange_leaves_no_pair() -> None:
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert list(choco(bg)._pairs) == keys  # not n0's pair dropped for the stranger's
         check_compressed(bg, code, before)
+
+
+# --- 5. a compressing node's own exchange, answered badly ------------------------------------
+# The node calls a peer that answers with a crafted reply (its count, payload length and
+# payload fuzzed as above), then ends every call with an error, even after a commit frame:
+# the node never gets its OK, so it may change nothing. And it may send the commit frame
+# only for an answer that is well formed: its checks come before its commit.
+
+
+class BadCallee:
+    """A peer's Exchange on a real gRPC server (port 0) that answers with :attr:`reply`; it records
+    each call's outcome: whether the caller committed."""
+
+    def __init__(self) -> None:
+        self.reply: list[bytes] = []
+        self.whole = True  # the reply holds as many payload bytes as its header announced
+        self.calls: list[bool] = []  # per call: the caller sent the commit frame
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4))
+        handler = grpc.stream_stream_rpc_method_handler(self.exchange)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("gossip.proto.Gossip", {"Exchange": handler}),)
+        )
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def exchange(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        reply, whole, committed = list(self.reply), self.whole, False
+        try:
+            next(requests, None)  # the caller's header
+            yield from reply
+            # A short answer ends here (the caller would wait for the rest until its deadline).
+            for frame in requests if whole else ():  # its payload, then the commit frame if it commits
+                if frame == wire.COMMIT_FRAME:
+                    committed = True
+                    break
+        finally:
+            self.calls.append(committed)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "gone before the OK")
+
+
+@pytest.fixture(scope="module", params=SPECS[:2])
+def calling(request: pytest.FixtureRequest) -> Iterator[tuple[BackgroundNode, BadCallee]]:
+    bad = BadCallee()
+    cfg = NodeConfig(
+        node_id=f"fuzz-caller-{request.param}",
+        # Picked again at once after each failed call.
+        gossip=GossipConfig(compress=request.param, avoid_after_failure=0.001, busy_retries=1),
+        membership=MembershipConfig(interval=0.2, suspect_after=60.0, dead_after=120.0),
+        security=SecurityConfig(peer_call_rate=0.0),
+    )
+    try:
+        with BackgroundNode(Wide(), cfg, seed=0) as node:
+            assert node.node.members is not None
+            bad_peer = MemberRecord("bad", bad.address, 1, 1, fingerprint=node.node.flat.fingerprint)
+            node.node.members.table.merge([bad_peer])
+            seed_pairs(node, NEIGHBOURS)
+            yield node, bad
+    finally:
+        bad.server.stop(0)
+
+
+def well_formed(bg: BackgroundNode, total: int, rounds: int, payload: bytes) -> bool:
+    """Whether a reply of ``payload`` announced as ``total`` bytes at count ``rounds`` passes every
+    check (the reference: :meth:`Compressor.decompress` itself)."""
+    c = choco(bg)
+    if rounds != 0 or total != len(payload) or not 0 < total <= c.max_nbytes():
+        return False
+    try:
+        c.compressor.decompress(payload, numel(bg))
+    except CompressError:
+        return False
+    return True
+
+
+@COMPRESSED_FUZZ
+@given(data=st.data())
+def test_bad_answers_to_a_compressing_callers_exchange_change_nothing(
+    calling: tuple[BackgroundNode, BadCallee], data: st.DataObject
+) -> None:
+    bg, bad = calling
+    payload = data.draw(st.one_of(st.just(payload_of(bg, 1)), mutated_payload(bg)))
+    total = data.draw(total_bytes_of(bg, payload))
+    rounds = data.draw(st.sampled_from([0, 0, 1, 2**64 - 1]))
+    bad.reply = compressed_frames(bg, payload, sender="bad", pair_round=rounds, total_bytes=total)
+    bad.reply[0] = header(
+        bg.node.flat, **{**wire.header_from_frame(bad.reply[0]).__dict__, "outcome": "accepted"}
+    )
+    bad.whole = len(payload) == total
+    before = state(bg), pairs(bg)
+    calls = len(bad.calls)
+
+    bg.step()  # its own exchange: the bad peer is its only neighbour
+    hang = time.monotonic() + 6 * DEADLINE  # the exchange's own deadline is 5 s
+    while len(bad.calls) == calls or bg.node.slot.own_in_flight:
+        assert time.monotonic() < hang, "the node's exchange did not end"
+        time.sleep(0.002)
+
+    assert (state(bg), pairs(bg)) == before
+    assert bad.calls[calls:] == [well_formed(bg, total, rounds, payload)]
+    still_serving(bg)
 
 
 # --- the command line and config files ---------------------------------------------------------
