@@ -189,14 +189,14 @@ class RayLaunch:
         ready["incarnation"] = len(self.cluster.incarnations[rank]) - 1
         write_atomic(self.out / "nodes" / f"{rank}.ready", json.dumps(ready))
 
-    def tick(self) -> dict[int, list[dict[str, Any]]]:
-        """Collect what arrived within a short wait; restart the nodes of restarted actors."""
-        ray = self.ray
+    def tick(self, every: float = 0.5) -> dict[int, list[dict[str, Any]]]:
+        """Collect what arrived within ``every`` seconds; restart the nodes of restarted actors."""
+        ray, t0 = self.ray, time.monotonic()
         for r in self.ranks.values():
             if r.poll is None and r.down is None:
                 r.poll = r.host.poll.remote(r.seen)
         waiting = {(r.poll if r.down is None else r.down): rank for rank, r in self.ranks.items()}
-        done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0.5)
+        done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=every)
         for ref in done:
             rank = waiting[ref]
             r = self.ranks[rank]
@@ -209,6 +209,7 @@ class RayLaunch:
                     r.down, r.down_since = r.host.info.remote(), time.monotonic()
             else:
                 self._back(rank, ref)
+        time.sleep(max(0.0, every - (time.monotonic() - t0)))  # polls answer in ms: no busy loop
         return {rank: self.cluster.current(rank, self._records(rank)) for rank in self.ranks}
 
     def _records(self, rank: int) -> list[dict[str, Any]]:
