@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gossip.core.compress import Compressor
+from gossip.core.compress import CompressError, Compressor
 
 MAX_PAIRS = 16  # neighbours whose copies a node keeps (2 model copies each)
 
@@ -136,9 +136,15 @@ class Choco:
         payload, values = self.compressor.compress(residual, self.gen)
         return Offer(payload, values, pair.rounds if pair is not None else 0)
 
-    def decode(self, payload: bytes | memoryview) -> Tensor:
-        """The peer's q from its payload; :class:`~gossip.core.compress.CompressError` unless well formed."""
-        return self.compressor.decompress(payload, self.dim)
+    def decode(self, payload: bytes | memoryview, peer: str | None = None) -> Tensor:
+        """The peer's q from its payload; :class:`~gossip.core.compress.CompressError` unless well formed
+        and, given the ``peer``, unless its copy stays finite with it (a peer cannot push it to inf
+        over several exchanges)."""
+        values = self.compressor.decompress(payload, self.dim)
+        pair = self._pairs.get(peer) if peer is not None else None
+        if pair is not None and not bool(torch.isfinite(pair.peer + values).all()):
+            raise CompressError("the payload would take the peer's reference copy past float32's range")
+        return values
 
     def settle(self, peer: str, offer: Offer, received: Tensor) -> Tensor:
         """The exchange committed: move both copies, count it; the difference ``peer - own`` (new tensor)."""

@@ -115,7 +115,9 @@ class Pipeline:
             stage.settle(peer, committed)
 
     def forget(self, peer: str) -> None:
-        """``peer`` refused us as out of step (or is gone): per-pair state with it starts over."""
+        """``peer`` refused us as out of step: per-pair state with it starts over. (A peer that is
+        gone keeps its pair until newer neighbours push it out: forgetting it while an exchange
+        with it may be in flight would move the pair under that exchange.)"""
         if self.choco is not None:
             self.choco.forget(peer)
 
@@ -241,8 +243,9 @@ class PairwiseDelta:
 class BytesReceiver:
     """A compressed payload of the announced length, gathered whole, then decoded and checked."""
 
-    def __init__(self, choco: Choco) -> None:
+    def __init__(self, choco: Choco, peer: str) -> None:
         self.choco = choco
+        self.peer = peer
         self.expected = 0
         self.received = 0
         self._buf = bytearray()
@@ -263,7 +266,7 @@ class BytesReceiver:
         if self.received != self.expected:
             raise LayoutError(f"payload has {self.received} bytes, expected {self.expected}")
         try:
-            self.values = self.choco.decode(memoryview(self._buf))
+            self.values = self.choco.decode(memoryview(self._buf), self.peer)
         except CompressError as exc:
             raise LayoutError(f"compressed payload: {exc}") from None
         return self.values
@@ -291,7 +294,7 @@ class CompressedDelta:
         self.scale = choco.scale
         vector = torch.cat([s.reshape(-1).to(torch.float32) for s in snap])
         self.offer: Offer = choco.offer(peer, vector)
-        self.receiver = BytesReceiver(choco)
+        self.receiver = BytesReceiver(choco, peer)
 
     @property
     def payload(self) -> bytes:

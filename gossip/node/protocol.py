@@ -264,6 +264,10 @@ def check_header(party: Party, h: Header, codec: str | None = None) -> None:
     if codec is not None and h.codec != codec:
         raise Refused("INVALID_ARGUMENT", f"codec {h.codec} where {codec} was expected")
     if party.pipeline.choco is not None:
+        if h.codec != "raw":
+            raise Refused(
+                "INVALID_ARGUMENT", f"codec {h.codec} in a compressed exchange (its spec codes the values)"
+            )
         return  # a compressed payload's length varies: PairChange.accept checks it
     expected = party.pipeline.payload_nbytes(h.codec)
     if h.total_bytes != expected:

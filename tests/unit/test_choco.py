@@ -7,7 +7,7 @@ import torch
 
 from gossip.core import averaging
 from gossip.core.choco import MAX_PAIRS, Choco, exchange_, seed_of
-from gossip.core.compress import Compressor
+from gossip.core.compress import CompressError, Compressor
 
 
 def pair_of(spec: str, gamma: float, d: int) -> tuple[Choco, Choco]:
@@ -102,3 +102,13 @@ def test_the_spec_names_the_compressor_and_the_step() -> None:
     assert c is not None and c.name == "choco[topk:0.01+int8;0.02]" and c.scale == 0.01
     with pytest.raises(ValueError, match="step"):
         Choco(Compressor.parse("int8"), 1.5, 10)
+
+
+def test_a_payload_that_would_take_a_copy_past_float32_is_refused() -> None:
+    a, b = pair_of("int8", 1.0, 256)
+    big = torch.full((256,), 3e38)
+    assert torch.isfinite(a.settle("b", a.offer("b", torch.zeros(256)), big)).all()  # a's copy of b: 3e38
+    payload, _ = b.compressor.compress(big, b.gen)
+    with pytest.raises(CompressError, match="range"):
+        a.decode(payload, "b")  # 3e38 + 3e38 overflows the copy a keeps of b
+    assert a.decode(payload) is not None  # without a pair to add to, the values alone are fine
