@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.support.netns import node_argv  # noqa: E402
 from tests.support.procs import read_records  # noqa: E402
 
 
@@ -112,20 +113,7 @@ def run_lab(args: argparse.Namespace, h: int, compress: str, work: Path) -> dict
         t0 = time.time()
         for host in lab.hosts:
             name = f"n{host.index}"
-            argv = [
-                sys.executable,
-                "-m",
-                "gossip",
-                "node",
-                "--listen",
-                host.local,
-                "--advertise",
-                host.address,
-            ]
-            argv += ["--node-id", name, "--rank", str(host.index), "--world-size", str(args.hosts)]
-            argv += ["--metrics", str(work / f"{name}.jsonl")]
-            if host.index:
-                argv += ["--peers", lab.hosts[0].address]
+            argv = [*node_argv(host, lab.hosts), "--metrics", str(work / f"{name}.jsonl")]
             procs.append(lab.start(host, name, [*argv, *node_args(args, h, compress)]))
         return _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
 

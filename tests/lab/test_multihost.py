@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.netns import Host, NetLab, Proc, missing_requirements
+from tests.support.netns import Host, NetLab, Proc, missing_requirements, node_argv
 from tests.support.procs import read_records
 
 REASON = missing_requirements()
@@ -56,21 +56,9 @@ class Cluster:
     def start(self, *args: str) -> list[Proc]:
         for host in self.lab.hosts:
             name = f"n{host.index}"
-            argv = [
-                sys.executable,
-                "-m",
-                "gossip",
-                "node",
-                "--listen",
-                host.local,
-                "--advertise",
-                host.address,
-            ]
-            argv += ["--node-id", name, "--rank", str(host.index), "--world-size", str(len(self.lab.hosts))]
+            argv = node_argv(host, self.lab.hosts)
             argv += ["--metrics", str(self.workdir / f"{name}.jsonl"), "--threads", "1"]
             argv += ["--ready-file", str(self.workdir / f"{name}.ready")]
-            if host.index:
-                argv += ["--peers", self.lab.hosts[0].address]
             self.nodes.append(self.lab.start(host, name, [*argv, *args]))
         deadline = time.monotonic() + START_TIMEOUT
         for p in self.nodes:

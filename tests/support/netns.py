@@ -131,6 +131,14 @@ class Proc:
         return f"--- last lines of {self.name} ({self.host.ns}) ---\n" + "\n".join(text)
 
 
+def node_argv(host: Host, hosts: Sequence[Host]) -> list[str]:
+    """``gossip node`` on ``host`` of a lab: listening on the host's loopback, advertised at its
+    relay, node id ``n<index>`` with that rank among ``hosts``, joined through host 0."""
+    argv = [sys.executable, "-m", "gossip", "node", "--listen", host.local, "--advertise", host.address]
+    argv += ["--node-id", f"n{host.index}", "--rank", str(host.index), "--world-size", str(len(hosts))]
+    return argv + (["--peers", hosts[0].address] if host.index else [])
+
+
 @dataclass
 class NetLab:
     hosts_count: int
