@@ -180,8 +180,9 @@ class RayLaunch:
             return list(ray.get(refs, timeout=timeout))
         except ray.exceptions.GetTimeoutError:
             raise SimulationError(f"the nodes did not {what} within {timeout:.0f} s") from None
-        except ray.exceptions.RayError as exc:
-            raise SimulationError(f"a node failed to {what}: {exc}") from None
+        except ray.exceptions.RayError as exc:  # the last line of Ray's traceback names the cause
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise SimulationError(f"a node failed to {what}: {cause}") from None
 
     def _ready(self, rank: int, info: dict[str, Any]) -> None:
         r = self.ranks[rank]
