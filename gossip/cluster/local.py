@@ -160,17 +160,17 @@ def run_simulation(
         records = {r: recs for r, recs in records.items() if recs}
         if not records:
             raise
-        summary = _write(out, records, train, gossip, sim, time.monotonic() - t0, launched, progress)
+        summary = write_outputs(out, records, train, gossip, sim, time.monotonic() - t0, launched, progress)
         summary["interrupted"] = True
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         raise KeyboardInterrupt(summary) from None
-    summary = _write(out, records, train, gossip, sim, time.monotonic() - t0, launched, progress)
+    summary = write_outputs(out, records, train, gossip, sim, time.monotonic() - t0, launched, progress)
     if not all(math.isfinite(a) for a in summary["accuracies"]):
         raise SimulationError("a node ended with a non-finite accuracy")
     return summary
 
 
-def _write(
+def write_outputs(
     out: Path,
     records: dict[int, list[dict[str, Any]]],
     train: TrainConfig,

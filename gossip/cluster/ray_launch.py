@@ -301,7 +301,7 @@ def run_launch(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The whole run; returns the summary (also in ``OUT/summary.json``), like ``run_simulation``."""
-    from gossip.cluster.local import _write, output_folder
+    from gossip.cluster.local import output_folder, write_outputs
     from gossip.cluster.rebuild import rebuild_from
 
     out = output_folder(sim)
@@ -353,7 +353,7 @@ def run_launch(
     records = {r: recs for r, recs in records.items() if recs}
     if not records:
         raise KeyboardInterrupt() if interrupted else SimulationError("no node wrote any metrics")
-    summary = _write(out, records, train, gossip, sim, time.monotonic() - t0, launched, progress)
+    summary = write_outputs(out, records, train, gossip, sim, time.monotonic() - t0, launched, progress)
     summary["ray"] = {
         "address": address or "auto",
         "ray_nodes": sorted(
