@@ -131,9 +131,8 @@ def simulated(reference: tuple[subprocess.Popen[str], Path]) -> dict[str, Any]:
 def test_six_nodes_on_ray_train_like_simulate_survive_a_sigkill_and_serve_reconstruct(
     launched: dict[str, Any], simulated: dict[str, Any]
 ) -> None:
-    """One scenario on one cluster: with pytest-xdist 3.8 here, ``--dist loadgroup`` spread this
-    module's tests over both workers despite their xdist_group mark, and each worker then
-    started its own Ray cluster and launch beside the other's."""
+    """One scenario on one Ray cluster: starting one takes 15-20 s here, and one at a time keeps
+    the run inside its timeouts on two cores."""
     assert launched["code"] == 0, launched["stderr"][-3000:]
     out = launched["out"]
     summary = json.loads((out / "summary.json").read_text())
