@@ -156,7 +156,8 @@ def status_text(s: dict[str, Any]) -> str:
     state = "resting" if s.get("resting") else "training" if s.get("training") else "serving"
     lines = [
         f"node        {s['node_id']} at {s['address']} ({s['phase']}, {state})",
-        f"rank        {s['rank']}  topology {s['topology']}  strategy {s['strategy']}",
+        f"rank        {s['rank']}  topology {s['topology']}  strategy {s['strategy']}"
+        + (f"  pipeline {s['pipeline']}" if s.get("pipeline") else ""),
         f"step        {s['step']}  parameters {s['parameters']}  weight {s['weight']:.4g}",
         f"exchanges   ok {s['exchanges_ok']}  served {s['exchanges_served']}  failed {s['exchanges_failed']}"
         f"  declined {s['exchanges_declined']}",

@@ -152,6 +152,7 @@ class NodeStatus:
     max_send_rate: float = 0.0
     paced_bytes: int = 0
     paced_wait_seconds: float = 0.0
+    pipeline: str = ""  # the exchange pipeline besides the codec ('' for the plain delta rule)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

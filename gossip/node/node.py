@@ -420,6 +420,7 @@ class Node:
             rank=self.rank,
             topology=self.config.gossip.topology,
             strategy=self.config.gossip.strategy,
+            pipeline=self.party.pipeline.spec,
             parameters=self.flat.numel,
             fingerprint=self.flat.fingerprint,
             weight=self.weight,

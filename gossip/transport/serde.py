@@ -165,6 +165,7 @@ def status_to_bytes(s: NodeStatus) -> bytes:
             max_send_rate=s.max_send_rate,
             paced_bytes=s.paced_bytes,
             paced_wait_seconds=s.paced_wait_seconds,
+            pipeline=s.pipeline,
         )
     )
 
@@ -220,4 +221,5 @@ def status_from_bytes(data: bytes) -> NodeStatus:
         max_send_rate=s.max_send_rate,
         paced_bytes=s.paced_bytes,
         paced_wait_seconds=s.paced_wait_seconds,
+        pipeline=s.pipeline,
     )

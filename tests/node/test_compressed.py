@@ -6,9 +6,11 @@ import asyncio
 
 import torch
 
+from gossip.cli.output import status_text
 from gossip.config import GossipConfig
 from gossip.core.choco import Choco
 from gossip.node.node import Node
+from gossip.observe.status import fetch_status
 from tests.node.test_node import CALL_TIMEOUT, cluster, config, drive, run
 from tests.support.inproc import vec, vector, wait_until
 
@@ -70,6 +72,9 @@ def test_both_sides_keep_bit_identical_copies_and_the_sum() -> None:
             await wait_until(lambda: a.slot.idle and b.slot.idle, CALL_TIMEOUT, "quiet nodes")
             assert in_step(a, b)
             assert choco(a).rounds("n1") == a.stats.exchanges_ok + a.stats.exchanges_served > 0
+            reply = await fetch_status(a.address, CALL_TIMEOUT)  # gossip status shows the pipeline
+            assert reply["pipeline"] == "choco[randk:0.1+int4;0.1]"
+            assert "pipeline choco[randk:0.1+int4;0.1]" in status_text(reply)
             total = (vec(a) + vec(b)).double()
             assert torch.allclose(total, (x0[0] + x0[1]).double(), atol=1e-4)
 
