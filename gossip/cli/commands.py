@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,6 @@ def simulate(args: argparse.Namespace) -> int:
     bar = output.ProgressLine("simulate")
     from gossip.cluster.board import DashboardProcess
     from gossip.cluster.local import output_folder, run_simulation
-    from gossip.cluster.procs import SimulationError
 
     sim = dataclasses.replace(sim, out=str(output_folder(sim)))
     boards: list[DashboardProcess] = []
@@ -105,21 +105,32 @@ def simulate(args: argparse.Namespace) -> int:
             output.err.print(f"dashboard: {boards[-1].start()}", markup=False)
 
     try:
-        summary = run_simulation(train, gossip, sim, progress=bar, serving=serving)
+        return _run_cluster(
+            "simulate", bar, lambda: run_simulation(train, gossip, sim, progress=bar, serving=serving)
+        )
+    finally:
+        for board in boards:
+            board.stop()
+
+
+def _run_cluster(what: str, bar: output.ProgressLine, run: Callable[[], dict[str, Any]]) -> int:
+    """Run a launcher behind its progress line: the summary table and 0, or one line for a failed run
+    (1) or Ctrl-C (130, with the partial summary when the launcher wrote one)."""
+    from gossip.cluster.procs import SimulationError
+
+    try:
+        summary = run()
     except SimulationError as exc:
         bar.close()
-        output.print_failure("simulate", str(exc))
+        output.print_failure(what, str(exc))
         return 1
     except KeyboardInterrupt as stop:
         bar.close()
         partial = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else None
         if partial is not None:
             output.simulate_table(partial)
-        output.print_failure("simulate", "interrupted" + (" (partial summary written)" if partial else ""))
+        output.print_failure(what, "interrupted" + (" (partial summary written)" if partial else ""))
         return 130
-    finally:
-        for board in boards:
-            board.stop()
     bar.close()
     output.simulate_table(summary)
     return 0
@@ -155,29 +166,17 @@ def launch(args: argparse.Namespace) -> int:
     with output.busy(f"checking {train.dataset}, {train.model} and the {train.partition} partition"):
         checks.training_specs(train.dataset, train.model, train.partition, sim.nodes, train.seed)
     from gossip.cluster.local import output_folder
-    from gossip.cluster.procs import SimulationError
     from gossip.cluster.ray_launch import run_launch
 
     sim = dataclasses.replace(sim, out=str(output_folder(sim)))
     bar = output.ProgressLine("launch")
-    try:
-        summary = run_launch(
+    return _run_cluster(
+        "launch",
+        bar,
+        lambda: run_launch(
             train, gossip, sim, args.ray, args.max_restarts, args.placement_timeout, progress=bar
-        )
-    except SimulationError as exc:
-        bar.close()
-        output.print_failure("launch", str(exc))
-        return 1
-    except KeyboardInterrupt as stop:
-        bar.close()
-        partial = stop.args[0] if stop.args and isinstance(stop.args[0], dict) else None
-        if partial is not None:
-            output.simulate_table(partial)
-        output.print_failure("launch", "interrupted" + (" (partial summary written)" if partial else ""))
-        return 130
-    bar.close()
-    output.simulate_table(summary)
-    return 0
+        ),
+    )
 
 
 def reconstruct(args: argparse.Namespace) -> int:
