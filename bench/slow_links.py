@@ -81,13 +81,14 @@ def node_args(args: argparse.Namespace, h: int, compress: str) -> list[str]:
     return out
 
 
-def curve(files: list[Path]) -> list[tuple[float, float]]:
+def curve(records: list[list[dict[str, Any]]]) -> list[tuple[float, float]]:
     """(seconds from the first evaluation to when the last node made evaluation k, mean loss over
-    nodes) for each k: the clock starts once every node has loaded and begins training."""
+    nodes) for each k, from each node's metrics records: the clock starts once every node has
+    loaded and begins training."""
     per_node = []
-    for f in files:
+    for recs in records:
         evals: dict[int, dict[str, Any]] = {}
-        for r in read_records(f):
+        for r in recs:
             if "eval" in r and r.get("loss") is not None:
                 evals[int(r["eval"])] = r
         per_node.append(evals)
@@ -100,10 +101,6 @@ def curve(files: list[Path]) -> list[tuple[float, float]]:
         )
         for k in common
     ]
-
-
-def bytes_sent(files: list[Path]) -> float:
-    return sum(read_records(f)[-1].get("bytes_sent", 0) for f in files) / len(files)
 
 
 def run_lab(args: argparse.Namespace, h: int, compress: str, work: Path) -> dict[str, Any]:
@@ -152,18 +149,19 @@ def _finish(
                 raise SystemExit(f"a node did not finish within {args.run_timeout:.0f} s\n{tail(p)}")
             if time.monotonic() - last > 15:
                 last = time.monotonic()
-                done = [f for f in sorted(work.glob("n*.jsonl"))]
-                evals = [sum(1 for r in read_records(f) if "eval" in r) for f in done]
+                evals = [
+                    sum(1 for r in read_records(f) if "eval" in r) for f in sorted(work.glob("n*.jsonl"))
+                ]
                 say(f"    {time.time() - t0:.0f} s, evaluations per node {evals}")
             time.sleep(0.5)
         if popen(p).returncode != 0:
             raise SystemExit(f"a node failed ({popen(p).returncode})\n{tail(p)}")
-    files = [work / f"n{i}.jsonl" for i in range(args.hosts)]
-    c = curve(files)
+    records = [read_records(work / f"n{i}.jsonl") for i in range(args.hosts)]  # each file read once
+    c = curve(records)
     return {
         "curve": c,
         "final_loss": c[-1][1],
-        "bytes_per_node": bytes_sent(files),
+        "bytes_per_node": sum(r[-1].get("bytes_sent", 0) for r in records) / len(records),
         "wall_s": time.time() - t0,
     }
 

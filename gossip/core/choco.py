@@ -132,7 +132,7 @@ class Choco:
         neighbour its pair.
         """
         pair = self._pairs.get(peer)
-        residual = snapshot - pair.own if pair is not None else snapshot.to(torch.float32)  # own = 0
+        residual = snapshot - pair.own if pair is not None else snapshot  # no pair: own = 0
         payload, values = self.compressor.compress(residual, self.gen)
         return Offer(payload, values, pair.rounds if pair is not None else 0)
 

@@ -86,10 +86,6 @@ class Pipeline:
         """Whether the delta is formed chunk by chunk as the payload arrives (raw, no stages)."""
         return codec == "raw" and not self.stages and self.choco is None
 
-    def max_payload(self, codec: str) -> int:
-        """The longest payload a peer may announce: exactly the layout's size unless compressed."""
-        return self.choco.max_nbytes() if self.choco else self.payload_nbytes(codec)
-
     def outgoing(self, snap: FlatParams, peer: str, codec: str | None = None) -> list[memoryview]:
         """The bytes to send ``peer`` for ``snap`` (views into it for raw, no copies)."""
         for stage in self.stages:

@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,15 +19,6 @@ import pytest
 from tests.support.procs import Launcher, NodeProc, stop, wait_for
 
 STEPS_PER_EPOCH = 90  # digits: 1437 training samples in batches of 16, every node the whole set
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    la = Launcher(tmp_path)
-    try:
-        yield la
-    finally:
-        la.cleanup()
 
 
 def status(p: NodeProc) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ from tests.support.procs import Launcher, NodeProc, wait_for
 STORE_ARGS = ["--shard-bytes", "4096", "--publish-every", "3", "--replication", "3", "--epochs", "1"]
 SLOW_DEATH = ["--suspect-after", "30", "--dead-after", "60"]
 N = 4
-
-
-@pytest.fixture
-def launcher(tmp_path: Path) -> Iterator[Launcher]:
-    la = Launcher(tmp_path)
-    try:
-        yield la
-    finally:
-        la.cleanup()
 
 
 def node_args(i: int, data_dirs: dict[int, Path]) -> list[str]:

@@ -658,6 +658,14 @@ def check_compressed(bg: BackgroundNode, code: grpc.StatusCode, before: tuple[St
     still_serving(bg)
 
 
+def exchange_unchanged(bg: BackgroundNode, frames: Sequence[bytes]) -> grpc.StatusCode:
+    """One Exchange call of ``frames``; its status, once checked to have changed nothing."""
+    before = state(bg), pairs(bg)
+    code = call(bg.address, (GOSSIP + "Exchange", True, True), frames)
+    check_compressed(bg, code, before)
+    return code
+
+
 def payload_of(bg: BackgroundNode, seed: int = 0) -> bytes:
     """A well-formed payload of the node's spec (what a neighbour at round 0 sends)."""
     g = torch.Generator().manual_seed(seed)
@@ -743,11 +751,7 @@ COMPRESSED_FUZZ = settings(FUZZ, max_examples=30)
 def test_mutated_compressed_frames_change_nothing(compressed: BackgroundNode, data: st.DataObject) -> None:
     # From a stranger: a bit flip in a neighbour's count would be the out-of-step signal.
     frames = data.draw(mutated(compressed_frames(compressed, payload_of(compressed))))
-    before = state(compressed), pairs(compressed)
-
-    code = call(compressed.address, (GOSSIP + "Exchange", True, True), frames)
-
-    check_compressed(compressed, code, before)
+    code = exchange_unchanged(compressed, frames)
     assert code != grpc.StatusCode.OK
 
 
@@ -763,11 +767,7 @@ def test_mutated_compressed_payloads_are_refused_and_change_nothing(
     frames = compressed_frames(
         compressed, payload, chunk, sender=sender, pair_round=NEIGHBOURS.get(sender, 0), total_bytes=total
     )
-    before = state(compressed), pairs(compressed)
-
-    code = call(compressed.address, (GOSSIP + "Exchange", True, True), frames)
-
-    check_compressed(compressed, code, before)
+    code = exchange_unchanged(compressed, frames)
     assert code != grpc.StatusCode.OK
 
 
@@ -801,11 +801,7 @@ def test_wrong_but_valid_compressed_headers_change_nothing(
         codec=codec,
         pipeline=pipeline,
     )
-    before = state(compressed), pairs(compressed)
-
-    code = call(compressed.address, (GOSSIP + "Exchange", True, True), frames)
-
-    check_compressed(compressed, code, before)
+    code = exchange_unchanged(compressed, frames)
     assert code != grpc.StatusCode.OK
 
 
