@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 import gossip.proto
 from gossip.api import BackgroundNode
 from gossip.cli.main import main as cli_main
-from gossip.config import GossipConfig, NodeConfig, SecurityConfig
+from gossip.config import GossipConfig, NodeConfig, SecurityConfig, StoreConfig
 from gossip.core import averaging
 from gossip.core.choco import MAX_PAIRS, Choco
 from gossip.core.codecs import PayloadReceiver, payload_nbytes
@@ -952,7 +952,10 @@ def calling(request: pytest.FixtureRequest) -> Iterator[tuple[BackgroundNode, Ba
         node_id=f"fuzz-caller-{request.param}",
         # Picked again at once after each failed call.
         gossip=GossipConfig(compress=request.param, avoid_after_failure=0.001, busy_retries=1),
-        membership=MembershipConfig(interval=0.2, suspect_after=60.0, dead_after=120.0),
+        # The bad peer answers no Sync: it must not turn suspect however long the examples take.
+        membership=MembershipConfig(interval=0.2, suspect_after=3600.0, dead_after=7200.0),
+        # No snapshot from its steps: a publish into its own store would change its state.
+        store=StoreConfig(publish_every=0),
         security=SecurityConfig(peer_call_rate=0.0),
     )
     try:
