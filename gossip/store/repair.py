@@ -1,13 +1,22 @@
 """Repair, scrub and handoff of one node's shards (the other half of ``service``).
 
 Every ``repair_interval`` seconds, and at once when the membership changes, a
-node asks every member which versions and shards it holds (one small Holdings
-call each), then:
+node asks a bounded set of members which versions and shards they hold (one
+small Holdings call each): for every shard it owns or holds, that shard's
+R owners and the next member on the ring (the owner before this node took the
+range over), plus ``ANTI_ENTROPY_PEERS`` members drawn at random. The set
+depends on the shards a node has, not on N: a node of a large cluster owns
+fewer of them, so it asks fewer. Then it:
 
-- takes the manifests it lacks, or one that wins a conflict (anti-entropy);
+- takes the manifests it lacks, or one that wins a conflict (anti-entropy,
+  epidemic through the random draws: every member holds every kept manifest,
+  so one round finds a missed one);
 - pulls every shard it owns but lacks from a holder, other owners first;
 - drops a copy it holds but no longer owns once all the owners hold it: with
   the pulls of the new owners, that is the handoff after a membership change;
+- pushes a copy it holds but no longer owns to the owners when none of them
+  holds it (after many members changed at once, the holders may be no owner's
+  neighbour): the owners then have it within one round of the holder's;
 - re-hashes the shards it has not checked for ``scrub_interval`` seconds and
   drops a copy that no longer matches its digest, so the next round pulls a
   good one;
@@ -23,8 +32,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from gossip.config import StoreConfig
 from gossip.core.errors import PeerError
@@ -43,6 +51,9 @@ PushShard = Callable[[str, ShardHeader, memoryview, asyncio.Semaphore, set[str]]
 _PULL_STREAMS = 4  # repair pulls in flight: repair yields to training and exchanges
 _PUSH_STREAMS = 8  # handoff pushes in flight before a leave
 _HASH_INLINE = 1 << 20  # hash larger buffers on a worker thread, off the event loop
+# Members asked at random each round besides the ones that share a shard with this node:
+# manifests travel by them, and a stray copy is found by them too.
+ANTI_ENTROPY_PEERS = 3
 
 
 async def hash_off_loop(data: bytearray | memoryview, algorithm: str) -> bytes:
@@ -102,7 +113,7 @@ class Repair:
         await self._scrub()
         self.placement.refresh()
         ring = self.placement.ring
-        peers = self.placement.peers()
+        peers = self._to_ask(ring)
         replies = await asyncio.gather(*(self._holdings(a) for _, a in peers))
         # (model, version, manifest digest) -> node -> bitmap of the shards it holds
         held: dict[tuple[str, int, bytes], dict[str, bytes]] = {}
@@ -110,7 +121,7 @@ class Repair:
             for vh in reply or ():
                 held.setdefault((vh.model_id, vh.version, vh.manifest_digest), {})[node] = vh.held
                 await self._learn_manifest(address, vh)
-        pulls: list[Coroutine[Any, Any, bool]] = []
+        moves: list[Awaitable[bool]] = []
         placement: list[tuple[Manifest, int, list[str], set[str]]] = []
         streams = asyncio.Semaphore(_PULL_STREAMS)
         for m in self._kept():
@@ -120,12 +131,15 @@ class Repair:
                 others = {n for n, bits in bitmaps.items() if bitmap_has(bits, i)}
                 mine = self.store.holds(m, i)
                 if self.node_id in owners and not mine and others:
-                    pulls.append(self._pull(m, i, owners, others, streams))
-                elif mine and self.node_id not in owners and all(o in others for o in owners):
-                    self.store.drop((m.model_id, m.version, i, m.shard_digests[i]))
-                    self.stats.handed_off += 1
+                    moves.append(self._pull(m, i, owners, others, streams))
+                elif mine and self.node_id not in owners:
+                    if all(o in others for o in owners):
+                        self.store.drop((m.model_id, m.version, i, m.shard_digests[i]))
+                        self.stats.handed_off += 1
+                    elif not any(o in others for o in owners):
+                        moves.extend(self._give(m, i, owners, streams))
                 placement.append((m, i, owners, others))
-        await asyncio.gather(*pulls)
+        await asyncio.gather(*moves)
         # Copies among the owners, this node's as it is now, the others' as they answered.
         self.under_replicated = [
             m.shard_key(i)
@@ -150,7 +164,15 @@ class Repair:
     async def _hand_off(self) -> int:
         others = dict(self.placement.peers())
         ring = Ring(others, self.config.vnodes)
-        names = list(others)
+        # Only the owners that take this node's place are asked what they hold.
+        takers = {
+            owner
+            for m in self._kept()
+            for i in range(m.num_shards)
+            if self.store.holds(m, i)
+            for owner in ring.preference_list(m.shard_key(i), m.replication)
+        }
+        names = [n for n in others if n in takers]
         replies = await asyncio.gather(*(self._holdings(others[n]) for n in names))
         bits = {
             (n, h.model_id, h.version, h.manifest_digest): h.held
@@ -172,6 +194,32 @@ class Repair:
 
     def _kept(self) -> list[Manifest]:
         return [m for model in self.store.models() for m in self.store.kept(model)]
+
+    def _to_ask(self, ring: Ring) -> list[tuple[str, str]]:
+        """The members this round asks: each shard's owners and the member after them, for
+        every shard this node owns or holds; and a few others at random (see the module
+        docstring). Bounded by the shards held here, not by the size of the cluster."""
+        near: set[str] = set()
+        for m in self._kept():
+            for i in range(m.num_shards):
+                around = ring.preference_list(m.shard_key(i), m.replication + 1)
+                if self.node_id in around[: m.replication] or self.store.holds(m, i):
+                    near.update(around)
+        peers = self.placement.peers()
+        rest = [p for p in peers if p[0] not in near]
+        drawn = {n for n, _ in self._rng.sample(rest, min(ANTI_ENTROPY_PEERS, len(rest)))}
+        return [p for p in peers if p[0] in near or p[0] in drawn]
+
+    def _give(
+        self, m: Manifest, index: int, owners: list[str], streams: asyncio.Semaphore
+    ) -> list[Awaitable[bool]]:
+        """Pushes of a copy no owner holds to each of its owners (stray copies: see the docstring)."""
+        held = self.store.get(m.model_id, m.version, index)
+        if held is None:
+            return []
+        header = ShardHeader(m.model_id, m.version, index, len(held.data), held.digest, held.algorithm)
+        log.info("no owner of %s holds it; giving them this node's copy", m.shard_key(index))
+        return [self.push(o, header, memoryview(held.data), streams, set()) for o in owners]
 
     async def _holdings(self, address: str) -> list[Holding] | None:
         try:

@@ -1,7 +1,7 @@
 """The shard store between real nodes over gRPC on loopback (one process, port 0).
 
 Each test runs its own event loop and stops every node it started in a
-``finally``. Repair runs every 0.2 s here (2 s by default) so the tests wait
+``finally``. Repair runs every 0.2 s here (5 s by default) so the tests wait
 for it briefly.
 """
 
@@ -26,7 +26,7 @@ from gossip.core.params import FlatParams, Layout
 from gossip.core.ring import Ring
 from gossip.node.node import Node
 from gossip.proto import store_pb2 as spb
-from gossip.store import serde
+from gossip.store import repair, serde
 from gossip.store.reconstruct import Rebuilt, SnapshotUnavailable, fetch_snapshot
 from gossip.store.service import PublishError
 from gossip.store.shards import Manifest, ShardHeader
@@ -310,6 +310,50 @@ def test_a_dead_owner_is_replaced_until_every_shard_has_r_copies_again() -> None
                 10,
                 "no shard reported short",
             )
+
+    run(main())
+
+
+ONE_SHARD = dataclasses.replace(STORE, shard_bytes=1 << 16)  # the 40 000-byte model in one shard
+
+
+def test_repair_asks_the_members_that_share_its_shards_and_a_few_others_not_everyone() -> None:
+    async def main() -> None:
+        async with cluster(10, store=ONE_SHARD) as nodes:
+            m = await nodes[0].store.publish(nodes[0].flat.clone(), 1, 10)
+            await wait_until(lambda: placed_on_owners(nodes, m), 10, "placement")
+            ring = nodes[0].store.placement.ring
+            around = ring.preference_list(m.shard_key(0), m.replication + 1)  # the owners, then the next
+
+            for node in nodes:
+                asked = {n for n, _ in node.store.repair._to_ask(node.store.placement.ring)}
+                near = set(around) - {node.node_id} if node.node_id in around[: m.replication] else set()
+                assert near <= asked and len(asked - near) == repair.ANTI_ENTROPY_PEERS, node.node_id
+                assert len(asked) < len(nodes) - 1
+
+    run(main())
+
+
+def test_a_copy_no_owner_holds_is_given_to_the_owners_by_its_holder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No random draws: only the holder's own round can bring the owners their copies.
+    monkeypatch.setattr(repair, "ANTI_ENTROPY_PEERS", 0)
+
+    async def main() -> None:
+        async with cluster(8, store=ONE_SHARD) as nodes:
+            m = await nodes[0].store.publish(nodes[0].flat.clone(), 1, 10)
+            await wait_until(lambda: placed_on_owners(nodes, m), 10, "placement")
+            around = nodes[0].store.placement.ring.preference_list(m.shard_key(0), m.replication + 1)
+            stray = next(n for n in nodes if n.node_id not in around)
+            sid = (m.model_id, m.version, 0, m.shard_digests[0])
+            held = next(n for n in nodes if n.node_id == around[0]).store.store.shards[sid]
+
+            stray.store.store.add(sid, bytearray(held.data), held.algorithm)
+            for node in nodes:
+                if node is not stray:
+                    node.store.store.drop(sid)
+
+            await wait_until(lambda: placed_on_owners(nodes, m), 20, "the owners given the stray copy")
+            assert not stray.store.store.holds(m, 0)  # dropped once every owner held it
 
     run(main())
 
