@@ -326,12 +326,10 @@ class NodeConfig:
         if self.join_timeout <= 0 or self.rpc_timeout <= 0:
             raise ConfigError("join_timeout and rpc_timeout must be > 0")
         self.send_rate  # noqa: B018  (a bad rate fails here)
-        m = self.membership
-        if not m.interval < m.suspect_after < m.dead_after < 1e6:
-            raise ConfigError(
-                f"suspect_after must be above the {m.interval} s gossip interval and dead_after above "
-                f"suspect_after, got {m.suspect_after} and {m.dead_after}"
-            )
+        try:
+            self.membership.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.gossip.validate()
         self.store.validate()
         self.security.validate()

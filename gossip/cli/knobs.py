@@ -88,6 +88,12 @@ KNOBS: dict[str, tuple[str, str]] = {
     "join_timeout": ("node", "seconds to keep trying the seeds"),
     "suspect_after": ("node", "seconds of silence before a member is suspect (not picked)"),
     "dead_after": ("node", "seconds of silence before a member is declared dead (raise both on slow links)"),
+    "member_protocol": (
+        "node",
+        "heartbeat (whole member tables swapped, silence judged: simple, for tens of nodes) or swim "
+        "(probes and piggybacked news, traffic per node flat in the cluster size: for hundreds; a "
+        "suspect is dead after dead_after - suspect_after s without refuting; every node the same)",
+    ),
     "tls_cert": ("node", "PEM certificate to serve TLS with and to present to peers (with --tls-key)"),
     "tls_key": ("node", "PEM private key of --tls-cert"),
     "tls_ca": ("node", "PEM CA of the cluster: verifies peers and requires their certificates (mutual TLS)"),
@@ -299,7 +305,9 @@ def node_config(v: dict[str, Any]) -> NodeConfig:
             node_call_burst=max(1, round(2 * v["node_call_rate"])),
         ),
         gossip=gossip_config(v),
-        membership=MembershipConfig(suspect_after=v["suspect_after"], dead_after=v["dead_after"]),
+        membership=MembershipConfig(
+            suspect_after=v["suspect_after"], dead_after=v["dead_after"], member_protocol=v["member_protocol"]
+        ),
         store=store_config(v),
     )
     config.validate()

@@ -62,6 +62,19 @@ class MembershipConfig:
     # Members kept at most: a peer's table of thousands of fake members must not make
     # this node dial (or place shards on) all of them.
     max_members: int = 1024
+    # heartbeat: whole tables swapped, silence judged (this module); swim: probes and
+    # piggybacked news, per-node traffic flat in N (gossip.core.swim).
+    member_protocol: str = "heartbeat"
+
+    def validate(self) -> None:
+        """ValueError naming the field that is out of range."""
+        if not self.interval < self.suspect_after < self.dead_after < 1e6:
+            raise ValueError(
+                f"suspect_after must be above the {self.interval} s gossip interval and dead_after above "
+                f"suspect_after, got {self.suspect_after} and {self.dead_after}"
+            )
+        if self.member_protocol not in ("heartbeat", "swim"):
+            raise ValueError(f"member_protocol must be heartbeat or swim, got {self.member_protocol!r}")
 
 
 class Membership:

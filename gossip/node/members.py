@@ -1,10 +1,13 @@
 """A node's membership: joining through seeds, the gossip loop, and the Join/Sync/Leave calls.
 
 The rules (heartbeats, merging, suspicion) are pure and live in
-:mod:`gossip.core.membership`; this is their I/O. Every round the node beats,
+:mod:`gossip.core.membership` (and :mod:`gossip.core.swim` for
+``--member-protocol swim``); this is their I/O. Every round the node beats,
 sweeps, and starts a sync with a random member as its own task: a peer that
 takes the call and never answers holds one of a few sync slots until its
-deadline, never the heartbeat.
+deadline, never the heartbeat. With swim the sync is the round's probe: it goes
+to the next member of the probe order and carries news, not the table; an
+answer is a sign of life, a failure a suspicion.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from gossip.config import NodeConfig
 from gossip.core.errors import PeerError
 from gossip.core.membership import MemberRecord, Membership
+from gossip.core.swim import Swim
 from gossip.transport import serde
 from gossip.transport.channels import GOSSIP, Channels
 from gossip.transport.frames import WireError
@@ -48,7 +52,13 @@ class Members:
         rng: random.Random,
         on_join: Callable[[MemberRecord], None] = lambda m: None,
     ) -> None:
-        self.table = Membership(me, config.membership)
+        self.swim: Swim | None = None
+        self.table: Membership
+        if config.membership.member_protocol == "swim":
+            self.table = self.swim = Swim(me, config.membership)
+            self.swim.spread(me.node_id)  # its own record is news to everyone
+        else:
+            self.table = Membership(me, config.membership)
         self.config = config
         self.channels = channels
         self.rng = rng
@@ -58,12 +68,20 @@ class Members:
     def me(self) -> MemberRecord:
         return self.table.me
 
-    def encoded(self) -> bytes:
-        return serde.table_to_bytes(self.table.me, self.table.gossip_records())
+    def encoded(self, full: bool = True, to: str = "") -> bytes:
+        """This node's table; with swim and not ``full``, its news and what it claims of ``to``."""
+        if self.swim is None or full:
+            return serde.table_to_bytes(
+                self.table.me, self.table.gossip_records(), full=self.swim is not None
+            )
+        return serde.table_to_bytes(self.table.me, [*self.swim.news(), *self.swim.claims_about(to)])
 
-    def merge(self, data: bytes) -> None:
-        """Fold a peer's table in (WireError if it does not decode)."""
-        sender, records = serde.table_from_bytes(data)
+    def merge(self, data: bytes) -> tuple[str, bool]:
+        """Fold a peer's table in (WireError if it does not decode); its sender, and whether it
+        sent its whole table."""
+        sender, records, full = serde.table_message_from_bytes(data)
+        if self.swim is not None:
+            self.swim.answered(sender.node_id)
         for node_id in self.table.merge([sender, *records]):
             m = self.table.members[node_id]
             if m.fingerprint and m.fingerprint != self.me.fingerprint:
@@ -73,6 +91,7 @@ class Members:
             else:
                 log.info("member %s (%s, rank %d) is alive", node_id, m.address, m.rank)
             self.on_join(m)
+        return sender.node_id, full
 
     # --- joining ---------------------------------------------------------------------
 
@@ -133,39 +152,50 @@ class Members:
                 ms.discount(late)
                 level = logging.WARNING if late > ms.config.suspect_after / 2 else logging.DEBUG
                 log.log(level, "membership loop %.1f s late; that silence is not held against peers", late)
-            ms.beat()
+            if self.swim is None:
+                ms.beat()
             for node_id in ms.sweep():
                 log.warning("member %s (%s) declared dead", node_id, ms.members[node_id].address)
             on_round()
             if len(syncing) >= MAX_SYNCS_IN_FLIGHT:
                 continue
-            address = self._sync_target()
-            if address is None or address in syncing:
+            full = self.swim is None or self.swim.full_sync_due()
+            target = self._sync_target()
+            if target is None or target[1] in syncing:
                 continue
-            syncing.add(address)
-            spawn(self._sync_with(address, syncing))
+            syncing.add(target[1])
+            spawn(self._sync_with(*target, syncing, full))
 
-    def _sync_target(self) -> str | None:
-        """A random member to swap tables with: alive or suspect, now and then a dead one, else a seed."""
+    def _sync_target(self) -> tuple[str, str] | None:
+        """(id, address) of a member to swap tables with: alive or suspect (with swim: the next
+        of the probe order), now and then a dead one, else a seed (id unknown: empty)."""
         target = None
         if self.rng.random() < PROBE_DEAD:
             target = self.table.pick_dead(self.rng)
         if target is None:
-            target = self.table.pick_gossip_target(self.rng)
-        address = target.address if target is not None else None
-        if address is None and self.config.peers:
+            target = (
+                self.swim.next_probe(self.rng)
+                if self.swim is not None
+                else self.table.pick_gossip_target(self.rng)
+            )
+        if target is not None:
+            return (target.node_id, target.address) if target.address != self.me.address else None
+        if self.config.peers:
             address = self.rng.choice(self.config.peers)
-        return None if address == self.me.address else address
+            return None if address == self.me.address else ("", address)
+        return None
 
-    async def _sync_with(self, address: str, syncing: set[str]) -> None:
-        """Swap tables with ``address``, which stays in ``syncing`` until the call ended."""
+    async def _sync_with(self, node_id: str, address: str, syncing: set[str], full: bool) -> None:
+        """Swap tables (swim: news) with ``address``, which stays in ``syncing`` until the call ended."""
         try:
             reply = await self.channels.unary(
-                address, GOSSIP + "Sync", self.encoded(), self.config.rpc_timeout
+                address, GOSSIP + "Sync", self.encoded(full, node_id), self.config.rpc_timeout
             )
             self.merge(reply)
         except PeerError as exc:
             log.debug("member sync with %s failed: %s", address, exc.code)
+            if self.swim is not None and node_id:
+                self.swim.probe_failed(node_id)
         except WireError as exc:
             log.warning("bad member table from %s: %s", address, exc)
         finally:
@@ -186,9 +216,10 @@ class Members:
     # --- the calls peers make ----------------------------------------------------------------
 
     async def on_sync(self, request: bytes) -> bytes:
-        """Join and Sync: fold the caller's table in, answer with ours."""
-        self.merge(request)
-        return self.encoded()
+        """Join and Sync: fold the caller's table in, answer with ours (swim: with our news and
+        what we claim of the caller, unless it sent its whole table)."""
+        sender, full = self.merge(request)
+        return self.encoded(full, sender)
 
     async def on_leave(self, request: bytes) -> bytes:
         node_id, incarnation = serde.leave_from_bytes(request)

@@ -75,18 +75,26 @@ def _member_from_pb(m: pb.Member) -> MemberRecord:
     )
 
 
-def table_to_bytes(sender: MemberRecord, members: list[MemberRecord]) -> bytes:
-    return encode(pb.MemberTable(sender=_member_to_pb(sender), members=[_member_to_pb(m) for m in members]))
+def table_to_bytes(sender: MemberRecord, members: list[MemberRecord], full: bool = False) -> bytes:
+    return encode(
+        pb.MemberTable(sender=_member_to_pb(sender), members=[_member_to_pb(m) for m in members], full=full)
+    )
 
 
-def table_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord]]:
+def table_message_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord], bool]:
+    """The sender, the records, and whether they are the sender's whole table (``full``)."""
     msg = parse(pb.MemberTable(), data)
     assert isinstance(msg, pb.MemberTable)
     if len(msg.members) > MAX_MEMBERS:
         raise WireError(f"member table of {len(msg.members)} entries exceeds {MAX_MEMBERS}")
     if not msg.HasField("sender"):
         raise WireError("member table without a sender")
-    return _member_from_pb(msg.sender), [_member_from_pb(m) for m in msg.members]
+    return _member_from_pb(msg.sender), [_member_from_pb(m) for m in msg.members], msg.full
+
+
+def table_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord]]:
+    sender, members, _ = table_message_from_bytes(data)
+    return sender, members
 
 
 def leave_to_bytes(node_id: str, incarnation: int) -> bytes:

@@ -86,6 +86,7 @@ BAD_INPUTS = {
     "unknown model module": ["node", "--model", "nosuch.module:factory"],
     "dead before suspect": ["node", "--suspect-after", "5", "--dead-after", "3"],
     "dead after nan": ["node", "--dead-after", "nan"],
+    "unknown member protocol": ["node", "--member-protocol", "gossipy"],
     "node call rate negative": ["node", "--node-call-rate", "-1"],
     "send rate without a unit": ["node", "--max-send-rate", "50"],
     "send rate zero": ["node", "--max-send-rate", "0mbit"],

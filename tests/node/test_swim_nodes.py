@@ -1,0 +1,92 @@
+"""``--member-protocol swim`` between real nodes over gRPC on loopback (one process, port 0).
+
+The rules are unit-tested on a fake clock (tests/unit/test_swim.py); here the node
+layer runs them: probes are Sync calls, their answers signs of life, news rides on
+both, and a node that stops answering is suspected, then declared dead by all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import torch
+
+from gossip.config import NodeConfig, StoreConfig
+from gossip.core.membership import MembershipConfig
+from gossip.core.params import FlatParams, Layout
+from gossip.node.node import Node
+from gossip.transport import serde
+from tests.support.inproc import wait_until
+
+SWIM = MembershipConfig(interval=0.1, suspect_after=0.5, dead_after=1.5, member_protocol="swim")
+NODES = 10
+
+
+async def start(i: int, seed: str | None) -> Node:
+    flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(100))]))
+    cfg = NodeConfig(
+        node_id=f"s{i}",
+        peers=(seed,) if seed else (),
+        membership=SWIM,
+        store=StoreConfig(publish_every=0),
+    )
+    return await Node.create(flat, cfg, seed=i)
+
+
+@contextlib.asynccontextmanager
+async def cluster(n: int) -> AsyncIterator[list[Node]]:
+    nodes: list[Node] = []
+    try:
+        for i in range(n):
+            nodes.append(await start(i, nodes[0].address if nodes else None))
+        yield nodes
+    finally:
+        await asyncio.gather(*(node.stop(leave=False) for node in nodes), return_exceptions=True)
+
+
+def states(nodes: list[Node], node_id: str) -> set[str]:
+    out = set()
+    for node in nodes:
+        assert node.members is not None
+        if node.node_id != node_id:
+            m = node.members.table.members.get(node_id)
+            out.add(m.state if m is not None else "unknown")
+    return out
+
+
+def test_swim_nodes_find_each_other_and_all_declare_a_stopped_one_dead_and_no_other() -> None:
+    async def main() -> None:
+        async with cluster(NODES) as nodes:
+            for node in nodes:
+                assert await node.wait_for_members(NODES, 30.0), node.node_id
+            victim = nodes[4]
+            await victim.stop(leave=False)
+            survivors = [n for n in nodes if n is not victim]
+
+            took = await wait_until(lambda: states(survivors, victim.node_id) == {"dead"}, 30, "the death")
+
+            assert all(states(survivors, n.node_id) == {"alive"} for n in survivors)
+            assert took < 15.0  # suspicion timeout (a few s here) plus the probes and news
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_swim_probe_carries_news_not_the_table() -> None:
+    async def main() -> None:
+        async with cluster(NODES) as nodes:
+            for node in nodes:
+                assert await node.wait_for_members(NODES, 30.0)
+            members = nodes[0].members
+            assert members is not None and members.swim is not None
+            for _ in range(100):  # the join news, sent out
+                members.swim.news()
+
+            probe = serde.table_message_from_bytes(members.encoded(full=False, to="s3"))
+            whole = serde.table_message_from_bytes(members.encoded())
+
+            assert probe[1] == [] and not probe[2]  # only its own record: nothing new
+            assert len(whole[1]) == NODES and whole[2]  # the others and itself, marked whole
+
+    asyncio.run(asyncio.wait_for(main(), 90))
