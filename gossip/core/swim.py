@@ -112,12 +112,7 @@ class Swim(Membership):
         """This node's record of ``node_id`` when it holds it suspect or dead: sent to that member
         so it can refute (a probe of it, or an answer to it)."""
         rec = self.members.get(node_id)
-        if rec is not None and rec.state in ("suspect", "dead"):
-            return [rec]
-        tomb = self._tombstones.get(node_id)
-        if rec is None and tomb is not None and tomb[1] < 1 << 64:
-            return [MemberRecord(node_id, "", tomb[0], tomb[1], "dead")]
-        return []
+        return [rec] if rec is not None and rec.state in ("suspect", "dead") else []
 
     # --- merging -------------------------------------------------------------------------------
 

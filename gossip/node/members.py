@@ -70,16 +70,15 @@ class Members:
 
     def encoded(self, full: bool = True, to: str = "") -> bytes:
         """This node's table; with swim and not ``full``, its news and what it claims of ``to``."""
-        if self.swim is None or full:
-            return serde.table_to_bytes(
-                self.table.me, self.table.gossip_records(), full=self.swim is not None
-            )
-        return serde.table_to_bytes(self.table.me, [*self.swim.news(), *self.swim.claims_about(to)])
+        if self.swim is None:
+            return serde.table_to_bytes(self.table.me, self.table.gossip_records())
+        records = self.table.gossip_records() if full else [*self.swim.news(), *self.swim.claims_about(to)]
+        return serde.table_to_bytes(self.table.me, records, full=full, claims=True)
 
     def merge(self, data: bytes) -> tuple[str, bool]:
         """Fold a peer's table in (WireError if it does not decode); its sender, and whether it
         sent its whole table."""
-        sender, records, full = serde.table_message_from_bytes(data)
+        sender, records, full = serde.table_message_from_bytes(data, claims=self.swim is not None)
         if self.swim is not None:
             self.swim.answered(sender.node_id)
         for node_id in self.table.merge([sender, *records]):

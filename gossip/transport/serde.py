@@ -42,8 +42,10 @@ def encode(msg: Message) -> bytes:
 # --- membership ----------------------------------------------------------------
 
 
-def _member_to_pb(m: MemberRecord) -> pb.Member:
-    state = "left" if m.state == "left" else "alive"
+def _member_to_pb(m: MemberRecord, claims: bool = False) -> pb.Member:
+    # Heartbeat: suspect and dead are this node's own judgement and travel as alive; swim
+    # (``claims``): they are claims every node takes in (gossip.core.swim).
+    state = m.state if claims or m.state == "left" else "alive"
     return pb.Member(
         node_id=m.node_id,
         address=m.address,
@@ -55,13 +57,20 @@ def _member_to_pb(m: MemberRecord) -> pb.Member:
     )
 
 
-def _member_from_pb(m: pb.Member) -> MemberRecord:
+def _member_from_pb(m: pb.Member, claims: bool = False) -> MemberRecord:
     if not m.node_id or len(m.node_id) > MAX_ID_CHARS:
         raise WireError("member has an empty or over-long node_id")
     if not dialable(m.address):
         raise WireError(f"member {m.node_id!r} has an invalid address {m.address[:80]!r}")
-    if m.state not in (pb.STATE_ALIVE, pb.STATE_LEFT):
-        raise WireError(f"member {m.node_id!r} travels with state {m.state}, only alive or left may")
+    allowed = (
+        (pb.STATE_ALIVE, pb.STATE_LEFT, pb.STATE_SUSPECT, pb.STATE_DEAD)
+        if claims
+        else (pb.STATE_ALIVE, pb.STATE_LEFT)
+    )
+    if m.state not in allowed:
+        raise WireError(
+            f"member {m.node_id!r} travels with state {m.state}, only {'alive, suspect, dead' if claims else 'alive'} or left may"
+        )
     if m.rank < -1:
         raise WireError(f"member {m.node_id!r} has rank {m.rank}")
     return MemberRecord(
@@ -75,21 +84,29 @@ def _member_from_pb(m: pb.Member) -> MemberRecord:
     )
 
 
-def table_to_bytes(sender: MemberRecord, members: list[MemberRecord], full: bool = False) -> bytes:
+def table_to_bytes(
+    sender: MemberRecord, members: list[MemberRecord], full: bool = False, claims: bool = False
+) -> bytes:
+    """A member table; with ``claims`` (swim) suspect and dead travel as they are."""
     return encode(
-        pb.MemberTable(sender=_member_to_pb(sender), members=[_member_to_pb(m) for m in members], full=full)
+        pb.MemberTable(
+            sender=_member_to_pb(sender), members=[_member_to_pb(m, claims) for m in members], full=full
+        )
     )
 
 
-def table_message_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord], bool]:
-    """The sender, the records, and whether they are the sender's whole table (``full``)."""
+def table_message_from_bytes(
+    data: bytes, claims: bool = False
+) -> tuple[MemberRecord, list[MemberRecord], bool]:
+    """The sender, the records, and whether they are the sender's whole table (``full``); with
+    ``claims`` (swim) records may say suspect or dead, the sender itself never."""
     msg = parse(pb.MemberTable(), data)
     assert isinstance(msg, pb.MemberTable)
     if len(msg.members) > MAX_MEMBERS:
         raise WireError(f"member table of {len(msg.members)} entries exceeds {MAX_MEMBERS}")
     if not msg.HasField("sender"):
         raise WireError("member table without a sender")
-    return _member_from_pb(msg.sender), [_member_from_pb(m) for m in msg.members], msg.full
+    return _member_from_pb(msg.sender), [_member_from_pb(m, claims) for m in msg.members], msg.full
 
 
 def table_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord]]:

@@ -90,3 +90,18 @@ def test_a_swim_probe_carries_news_not_the_table() -> None:
             assert len(whole[1]) == NODES and whole[2]  # the others and itself, marked whole
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_suspicion_travels_to_the_member_which_refutes_it_over_the_wire() -> None:
+    async def main() -> None:
+        async with cluster(4) as nodes:
+            for node in nodes:
+                assert await node.wait_for_members(4, 30.0)
+            a, b = nodes[0].members, nodes[2].members
+            assert a is not None and a.swim is not None and b is not None
+            a.swim.probe_failed("s2")  # as if a probe of s2 was lost
+
+            await wait_until(lambda: b.me.heartbeat >= 1, 20, "s2 to hear the claim and refute it")
+            await wait_until(lambda: states(nodes, "s2") == {"alive"}, 20, "the refutation everywhere")
+
+    asyncio.run(asyncio.wait_for(main(), 90))

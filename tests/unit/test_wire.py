@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.core.membership import MAX_ADDRESS_CHARS, MAX_ID_CHARS, MemberRecord
+from gossip.core.membership import MAX_ADDRESS_CHARS, MAX_ID_CHARS, STATES, MemberRecord
 from gossip.proto import gossip_pb2 as pb
 from gossip.transport import frames as wire
 from gossip.transport.frames import (
@@ -24,7 +24,7 @@ from gossip.transport.frames import (
     header_to_frame,
     iter_chunks,
 )
-from gossip.transport.serde import MAX_MEMBERS, table_from_bytes, table_to_bytes
+from gossip.transport.serde import MAX_MEMBERS, table_from_bytes, table_message_from_bytes, table_to_bytes
 
 CHUNK_SIZES = [0, 1, 127, 128, 16383, 16384, 1 << 20]
 
@@ -306,6 +306,18 @@ def test_member_encoding_sends_only_alive_or_left(local: str, travels: str) -> N
     back = _member_round_trip(rec)
 
     assert back.state == travels
+
+
+def test_swim_claims_travel_as_they_are_and_only_where_claims_are_taken() -> None:
+    me = MemberRecord("me", "127.0.0.1:1000", 1, 5)
+    others = [MemberRecord(f"n{i}", f"127.0.0.1:{2000 + i}", 1, 0, state=s) for i, s in enumerate(STATES)]
+    data = table_to_bytes(me, others, full=True, claims=True)
+
+    sender, members, full = table_message_from_bytes(data, claims=True)
+
+    assert (sender, members, full) == (me, others, True)
+    with pytest.raises(WireError, match="only alive or left may"):
+        table_from_bytes(data)  # a heartbeat node takes no claims
 
 
 def test_table_round_trip() -> None:
