@@ -89,7 +89,7 @@ KNOBS: dict[str, tuple[str, str]] = {
     "suspect_after": ("node", "seconds of silence before a member is suspect (not picked)"),
     "dead_after": ("node", "seconds of silence before a member is declared dead (raise both on slow links)"),
     "member_protocol": (
-        "node",
+        "link",
         "heartbeat (whole member tables swapped, silence judged: simple, for tens of nodes) or swim "
         "(probes and piggybacked news, traffic per node flat in the cluster size: for hundreds; a "
         "suspect is dead after dead_after - suspect_after s without refuting; every node the same)",
@@ -348,8 +348,13 @@ def simulate_config(v: dict[str, Any]) -> SimulateConfig:
         churn=v["churn"],
         churn_downtime=v["churn_downtime"],
         max_send_rate=v["max_send_rate"],
+        member_protocol=v["member_protocol"],
         prometheus=v["prometheus"],
     )
+    try:
+        MembershipConfig(member_protocol=sim.member_protocol).validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if v["start_timeout"] is not None:
         sim = replace(sim, start_timeout=v["start_timeout"])
     sim.validate()

@@ -62,6 +62,7 @@ def node_command(
         cmd += ["--join-timeout", str(join_timeout)]
     if sim.max_send_rate:
         cmd += ["--max-send-rate", sim.max_send_rate]
+    cmd += ["--member-protocol", sim.member_protocol]
     if sim.prometheus:
         cmd += ["--prometheus", sim.metrics_address(rank)]
     cmd += ["--rank", str(rank), "--world-size", str(sim.nodes)]

@@ -36,6 +36,7 @@ from gossip.config import (
     TrainConfig,
     join_host_port,
 )
+from gossip.core.membership import MembershipConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class NodeHost:
             rank=self.rank,
             world_size=self.sim.nodes,
             max_send_rate=self.sim.max_send_rate,
+            membership=MembershipConfig(member_protocol=self.sim.member_protocol),
             gossip=self.gossip,
             store=self._store(),
         )

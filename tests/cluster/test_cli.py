@@ -87,6 +87,7 @@ BAD_INPUTS = {
     "dead before suspect": ["node", "--suspect-after", "5", "--dead-after", "3"],
     "dead after nan": ["node", "--dead-after", "nan"],
     "unknown member protocol": ["node", "--member-protocol", "gossipy"],
+    "simulate unknown member protocol": ["simulate", "--member-protocol", "gossipy"],
     "node call rate negative": ["node", "--node-call-rate", "-1"],
     "send rate without a unit": ["node", "--max-send-rate", "50"],
     "send rate zero": ["node", "--max-send-rate", "0mbit"],
