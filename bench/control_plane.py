@@ -1,15 +1,17 @@
-"""The control plane as it is today: what it costs per node, and how fast it notices, at N nodes.
+"""The control plane: what it costs per node, and how fast it notices, at N nodes, per member protocol.
 
-    python bench/control_plane.py [--sizes 16,64] [--processes 2] [--window 20] [--time-limit 1500]
+    python bench/control_plane.py [--sizes 16,64] [--protocols heartbeat,swim] [--processes 2]
+        [--window 20] [--time-limit 1500]
 
-For each N in ``--sizes``: N real nodes (``gossip.node.node.Node``, gRPC on
+For each N in ``--sizes`` and each member protocol in ``--protocols`` (heartbeat, the
+default, swaps whole tables; swim probes and piggybacks news: gossip.core.swim): N real nodes (``gossip.node.node.Node``, gRPC on
 127.0.0.1 port 0, a 16-float model, no training), the survivors spread over
 ``--processes`` worker processes and the N/10 victims (at least 1) in one more,
 one asyncio loop per process. Every node joins through node 0. The figures:
 
 - converge_s: from the first node's start until every node's table holds all N alive.
 - calls_per_node_per_s, bytes_per_node_per_s: over a ``--window`` of steady state
-  (after the snapshot below is placed), the control calls every server answered
+  (from ``--settle`` seconds after the snapshot below is placed), the control calls every server answered
   (every method but Exchange, Push, PutShard and GetShards) and their request +
   response bytes (serialized messages; HTTP/2 framing not counted; a call that
   fails counts its request only), counted by an interceptor the bench adds to each
@@ -24,10 +26,12 @@ A figure not reached within ``--give-up`` seconds is null (``converged_nodes_bes
 then says how many nodes at best saw all N); the run goes on to the next figure.
 ``cores_used``: CPU of the node processes over the window, in cores.
 
-Membership and store timings are the defaults a user gets (MembershipConfig(),
-StoreConfig() but for the shard size and the model id). Nodes do not train and
-``idle_pause`` is 0, so no averaging runs: the traffic is the control plane alone.
-The last line is JSON, each figure keyed by N as a string, with the config used.
+Membership and store timings are the defaults a user gets (MembershipConfig() but
+for the protocol, StoreConfig() but for the shard size and the model id). Nodes do
+not train and ``idle_pause`` is 0, so no averaging runs: the traffic is the control
+plane alone. The last line is JSON, each figure keyed by protocol, then by N as a
+string, with the config used; with both protocols, ``swim_vs_heartbeat`` holds the
+ratios of calls and bytes per node per second at each N (same run, one after the other).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ DATA_METHODS = {"Exchange", "Push", "PutShard", "GetShards"}  # the data plane: 
 SHARD_BYTES = 4096  # the smallest shard StoreConfig allows: many shards from a small snapshot
 MODEL_ID = "bench"
 REPLICATION = 3
+START_BATCH = 16  # nodes a worker starts at once
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -128,22 +133,28 @@ async def _serve(conn: Connection) -> None:
         f.segments["float32"].copy_(torch.arange(numel, dtype=torch.float32))
         return f
 
-    def config(node_id: str, seed: str | None) -> NodeConfig:
+    def config(node_id: str, seed: str | None, protocol: str) -> NodeConfig:
         return NodeConfig(
             node_id=node_id,
             peers=(seed,) if seed else (),
+            join_timeout=60.0,  # a few hundred nodes starting on 2 cores
             gossip=GossipConfig(idle_pause=0.0),
-            membership=MembershipConfig(),
+            membership=MembershipConfig(member_protocol=protocol),
             store=StoreConfig(shard_bytes=SHARD_BYTES, model_id=MODEL_ID, publish_every=0),
         )
 
     nodes: list[Node] = []
     loop = asyncio.get_running_loop()
 
-    async def start(ids: list[str], seed: str | None) -> dict[str, str]:
-        made = await asyncio.gather(
-            *(Node.create(flat(16), config(i, seed), seed=k) for k, i in enumerate(ids))
-        )
+    async def start(ids: list[str], seed: str | None, protocol: str) -> dict[str, str]:
+        made: list[Node] = []
+        for b in range(0, len(ids), START_BATCH):  # a batch at a time: the seed answers every join
+            made += await asyncio.gather(
+                *(
+                    Node.create(flat(16), config(i, seed, protocol), seed=b + k)
+                    for k, i in enumerate(ids[b : b + START_BATCH])
+                )
+            )
         nodes.extend(made)
         return {n.node_id: n.address for n in made}
 
@@ -217,7 +228,7 @@ class Host:
 
     def end(self) -> None:
         if self.proc.is_alive():
-            with contextlib.suppress(OSError, TimeoutError, EOFError):
+            with contextlib.suppress(OSError, TimeoutError, EOFError, RuntimeError):
                 self.ask("stop", timeout=20.0)
             self.proc.join(10.0)
         if self.proc.is_alive():
@@ -262,7 +273,7 @@ def say(msg: str, t0: float) -> None:
     print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
 
 
-def run_size(n: int, args: argparse.Namespace, t0: float, hosts: list[Host]) -> dict[str, Any]:
+def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: list[Host]) -> dict[str, Any]:
     from gossip.config import StoreConfig
 
     ctx = mp.get_context("spawn")
@@ -274,15 +285,15 @@ def run_size(n: int, args: argparse.Namespace, t0: float, hosts: list[Host]) -> 
     for h in hosts:
         h.recv()
     say(
-        f"N={n}: {len(hosts)} processes up ({args.processes} x ~{len(survivors) // args.processes}, "
-        f"{victims_n} victims in one)",
+        f"N={n} ({protocol}): {len(hosts)} processes up ({args.processes} x "
+        f"~{len(survivors) // args.processes}, {victims_n} victims in one)",
         t0,
     )
     # --- convergence
     start = time.monotonic()
-    seed = hosts[0].ask("start", [groups[0][0]], None)[groups[0][0]]
+    seed = hosts[0].ask("start", [groups[0][0]], None, protocol)[groups[0][0]]
     for h, g in zip(hosts, groups, strict=True):
-        h.send("start", [i for i in g if i != groups[0][0]], seed)
+        h.send("start", [i for i in g if i != groups[0][0]], seed, protocol)
     for h in hosts:
         h.recv()
     say(f"N={n}: all joined in {time.monotonic() - start:.1f} s", t0)
@@ -323,6 +334,9 @@ def run_size(n: int, args: argparse.Namespace, t0: float, hosts: list[Host]) -> 
             time.sleep(2.0)
         say(f"N={n}: snapshot of {m.num_shards} shards, {p[0]} on all {REPLICATION} owners", t0)
     # --- steady state
+    if args.settle > 0:  # swim's join news are still being sent for a few rounds: not steady yet
+        say(f"N={n}: settling for {args.settle:.0f} s before the window", t0)
+        time.sleep(args.settle)
     before = ask_all(hosts, "counts")
     cpu0 = sum(cpu_seconds(h.proc.pid) for h in hosts)
     w0 = time.monotonic()
@@ -395,8 +409,10 @@ class TimeLimit(Exception):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16,64", help="comma-separated node counts")
+    ap.add_argument("--protocols", default="heartbeat,swim", help="member protocols, each run at each size")
     ap.add_argument("--processes", type=int, default=2, help="worker processes for the survivors")
     ap.add_argument("--window", type=float, default=20.0, help="seconds of steady state counted")
+    ap.add_argument("--settle", type=float, default=15.0, help="seconds after placement before the window")
     ap.add_argument("--shards", type=int, default=64, help="shards in the published snapshot")
     ap.add_argument(
         "--give-up",
@@ -409,6 +425,9 @@ def main() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not protocols or not set(protocols) <= {"heartbeat", "swim"}:
+        ap.error(f"--protocols: heartbeat and/or swim, got {args.protocols!r}")
     t0 = time.monotonic()
     from gossip.config import StoreConfig
     from gossip.core.membership import MembershipConfig
@@ -416,8 +435,10 @@ def main() -> None:
     mc, sc = MembershipConfig(), StoreConfig()
     config = {
         "sizes": sizes,
+        "protocols": protocols,
         "processes": args.processes,
         "window_s": args.window,
+        "settle_s": args.settle,
         "shards": args.shards,
         "shard_bytes": SHARD_BYTES,
         "replication": REPLICATION,
@@ -441,17 +462,18 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.alarm(max(1, int(args.time_limit)))
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[str, dict[int, dict[str, Any]]] = {p: {} for p in protocols}
     hosts: list[Host] = []
     try:
         for n in sizes:
-            try:
-                results[n] = run_size(n, args, t0, hosts)
-            except (RuntimeError, TimeoutError) as exc:
-                say(f"N={n} failed: {exc}", t0)
-            finally:
-                while hosts:
-                    hosts.pop().end()
+            for protocol in protocols:
+                try:
+                    results[protocol][n] = run_size(n, protocol, args, t0, hosts)
+                except (RuntimeError, TimeoutError) as exc:
+                    say(f"N={n} ({protocol}) failed: {exc}", t0)
+                finally:
+                    while hosts:
+                        hosts.pop().end()
     except (TimeLimit, KeyboardInterrupt) as exc:
         say(f"stopped: {exc!r}; reporting the sizes that finished", t0)
     finally:
@@ -471,7 +493,15 @@ def main() -> None:
         "cores_used": "cores",
         "converged_nodes_best": "converged_best",
     }
-    out: dict[str, Any] = {k: {str(n): r[v] for n, r in results.items()} for k, v in keys.items()}
+    out: dict[str, Any] = {
+        k: {p: {str(n): r[v] for n, r in results[p].items()} for p in protocols} for k, v in keys.items()
+    }
+    if len(protocols) == 2:
+        hb, sw = results["heartbeat"], results["swim"]
+        out["swim_vs_heartbeat"] = {
+            what: {str(n): round(sw[n][what] / hb[n][what], 3) for n in sizes if n in hb and n in sw}
+            for what in ("calls", "bytes")
+        }
     out["config"] = config
     print(json.dumps(out))
 

@@ -21,9 +21,9 @@ variant follows SWIM (Das, Gupta, Motivala, DSN 2002) as memberlist runs it
   message, each sent ``RETRANSMIT * ceil(log2(N + 2))`` times, least sent first
   (the newest first among those sent as often):
   news reaches every node in O(log N) rounds with messages of bounded size.
-- **Anti-entropy.** Now and then (every ``full_sync_rounds`` rounds, which grows
-  with N so the cost per node stays flat) a probe carries the whole table and the
-  answer does too, which heals any news that was dropped.
+- **Anti-entropy.** A newcomer's first probes, and every node's probe every
+  ``max(60, 2 N)`` rounds (growing with N so the cost per node stays flat), carry
+  the whole table and the answer does too, which heals any news that was dropped.
 
 The records and merge rules are the heartbeat protocol's (versions never move
 backwards, tombstones, leaves, restarts), with one addition: at an equal version a
@@ -47,9 +47,11 @@ RETRANSMIT = 3
 # Suspicion lasts at least this many rounds times log2(N + 1): time for the claim to reach the
 # member and its refutation to come back, which grows with the number of hops (Lifeguard).
 SUSPICION_ROUNDS = 4
-# Rounds between whole-table syncs, at least; with more members, N / FULL_SYNC_PER_ROUND rounds.
+# Rounds between whole-table syncs: at least FULL_SYNC_ROUNDS, and FULL_SYNC_ROUNDS_PER_MEMBER
+# per member beyond, so a node's share of the anti-entropy stays about 2 * 70 bytes per member
+# over 2 N rounds: under 150 bytes/s at any N with 0.5 s rounds.
 FULL_SYNC_ROUNDS = 60
-FULL_SYNC_PER_ROUND = 2
+FULL_SYNC_ROUNDS_PER_MEMBER = 2
 FIRST_FULL_SYNCS = 3
 
 _RANK = {"alive": 0, "suspect": 1, "dead": 2, "left": 3}
@@ -103,7 +105,7 @@ class Swim(Membership):
     def full_sync_due(self) -> bool:
         """Whether this round's probe should carry the whole table (anti-entropy)."""
         self._rounds += 1
-        every = max(FULL_SYNC_ROUNDS, len(self.members) // FULL_SYNC_PER_ROUND)
+        every = max(FULL_SYNC_ROUNDS, FULL_SYNC_ROUNDS_PER_MEMBER * len(self.members))
         # A newcomer's first probes carry the table it joined with: the members it meets learn
         # everyone at once, not one news record at a time.
         return self._rounds <= FIRST_FULL_SYNCS or self._rounds % every == 0
