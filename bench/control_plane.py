@@ -29,9 +29,10 @@ then says how many nodes at best saw all N); the run goes on to the next figure.
 Membership and store timings are the defaults a user gets (MembershipConfig() but
 for the protocol, StoreConfig() but for the shard size and the model id). Nodes do
 not train and ``idle_pause`` is 0, so no averaging runs: the traffic is the control
-plane alone. The last line is JSON, each figure keyed by protocol, then by N as a
-string, with the config used; with both protocols, ``swim_vs_heartbeat`` holds the
-ratios of calls and bytes per node per second at each N (same run, one after the other).
+plane alone. The last line is JSON: each figure keyed by N as a string for swim (or
+the one protocol run), every protocol's under ``by_protocol``, the config used, and
+with both protocols ``swim_vs_heartbeat``: the ratios of calls and bytes per node per
+second at each N (same run, one after the other).
 """
 
 from __future__ import annotations
@@ -493,8 +494,15 @@ def main() -> None:
         "cores_used": "cores",
         "converged_nodes_best": "converged_best",
     }
+    # The issue's keys, each keyed by N, for the protocol that scales (swim when it ran);
+    # every protocol's figures under by_protocol.
+    main_protocol = "swim" if "swim" in protocols else protocols[0]
     out: dict[str, Any] = {
-        k: {p: {str(n): r[v] for n, r in results[p].items()} for p in protocols} for k, v in keys.items()
+        k: {str(n): r[v] for n, r in results[main_protocol].items()} for k, v in keys.items()
+    }
+    out["protocol"] = main_protocol
+    out["by_protocol"] = {
+        p: {k: {str(n): r[v] for n, r in results[p].items()} for k, v in keys.items()} for p in protocols
     }
     if len(protocols) == 2:
         hb, sw = results["heartbeat"], results["swim"]
