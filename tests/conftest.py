@@ -28,6 +28,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
         if tier in ("cluster", "lab"):
-            # With pytest-xdist (-n 2 --dist loadgroup, the default here): tests that start
-            # node processes run one after another on one worker, beside the in-process ones.
+            # Meant to run the tests that start node processes one after another on one
+            # worker (-n 2 --dist loadgroup). In effect it does not: xdist's loadgroup reads
+            # the marks in its own collection hook, before this one, so they spread over both
+            # workers, as every CI run so far has had them. With @pytest.hookimpl(tryfirst=True)
+            # the group holds, but CI then took 10 min 35 s (tests 8:20) against 8:46-9:03:
+            # left so until the process tests are cut enough to run serially within budget.
             item.add_marker(pytest.mark.xdist_group("processes"))
