@@ -136,12 +136,7 @@ class Swim(Membership):
             new = self.members.get(rec.node_id)
             if new is None or before == (new.incarnation, new.heartbeat, new.state):
                 continue  # not taken
-            self.spread(rec.node_id)
-            if new.state == "suspect":
-                new.meta["suspect_at"] = self.clock()
-            elif new.state == "dead":
-                self._tombstones[new.node_id] = (new.incarnation, new.heartbeat)
-                self._deaths.append(new.node_id)
+            self._entered(new)
         return changed
 
     def _refute(self, rec: MemberRecord) -> None:
@@ -156,13 +151,16 @@ class Swim(Membership):
 
     def _claim(self, m: MemberRecord, state: str) -> None:
         """This node now holds ``m`` ``state`` (suspect or dead) at its current version."""
-        if m.state == state:
-            return
-        m.state = state
+        if m.state != state:
+            m.state = state
+            self._entered(m)
+
+    def _entered(self, m: MemberRecord) -> None:
+        """``m`` took a new version or state here: news, and a suspicion's clock or a death."""
         self.spread(m.node_id)
-        if state == "suspect":
+        if m.state == "suspect":
             m.meta["suspect_at"] = self.clock()
-        else:
+        elif m.state == "dead":
             self._tombstones[m.node_id] = (m.incarnation, m.heartbeat)
             self._deaths.append(m.node_id)
 
@@ -216,9 +214,3 @@ class Swim(Membership):
                 self._claim(m, "dead")
         died, self._deaths = self._deaths, []
         return died
-
-    def gossip_records(self) -> list[MemberRecord]:
-        """The whole table, for a full sync (news travel by :meth:`news`)."""
-        out = [m for m in self.members.values() if m.state in ("alive", "suspect", "left")]
-        out.append(self.me)
-        return out

@@ -113,7 +113,8 @@ class Repair:
         await self._scrub()
         self.placement.refresh()
         ring = self.placement.ring
-        peers = self._to_ask(ring)
+        around = self._around(ring, {})
+        peers = self._to_ask(around)
         replies = await asyncio.gather(*(self._holdings(a) for _, a in peers))
         # (model, version, manifest digest) -> node -> bitmap of the shards it holds
         held: dict[tuple[str, int, bytes], dict[str, bytes]] = {}
@@ -124,21 +125,22 @@ class Repair:
         moves: list[Awaitable[bool]] = []
         placement: list[tuple[Manifest, int, list[str], set[str]]] = []
         streams = asyncio.Semaphore(_PULL_STREAMS)
-        for m in self._kept():
+        # Again, with the manifests learned above: the ring's answers are reused.
+        known = {m.shard_key(i): nodes for m, i, nodes in around}
+        for m, i, near in self._around(ring, known):
             bitmaps = held.get((m.model_id, m.version, m.digest), {})
-            for i in range(m.num_shards):
-                owners = ring.preference_list(m.shard_key(i), m.replication)
-                others = {n for n, bits in bitmaps.items() if bitmap_has(bits, i)}
-                mine = self.store.holds(m, i)
-                if self.node_id in owners and not mine and others:
-                    moves.append(self._pull(m, i, owners, others, streams))
-                elif mine and self.node_id not in owners:
-                    if all(o in others for o in owners):
-                        self.store.drop((m.model_id, m.version, i, m.shard_digests[i]))
-                        self.stats.handed_off += 1
-                    elif not any(o in others for o in owners):
-                        moves.extend(self._give(m, i, owners, streams))
-                placement.append((m, i, owners, others))
+            owners = near[: m.replication]
+            others = {n for n, bits in bitmaps.items() if bitmap_has(bits, i)}
+            mine = self.store.holds(m, i)
+            if self.node_id in owners and not mine and others:
+                moves.append(self._pull(m, i, owners, others, streams))
+            elif mine and self.node_id not in owners:
+                if all(o in others for o in owners):
+                    self.store.drop((m.model_id, m.version, i, m.shard_digests[i]))
+                    self.stats.handed_off += 1
+                elif not any(o in others for o in owners):
+                    moves.extend(self._give(m, i, owners, streams))
+            placement.append((m, i, owners, others))
         await asyncio.gather(*moves)
         # Copies among the owners, this node's as it is now, the others' as they answered.
         self.under_replicated = [
@@ -195,16 +197,22 @@ class Repair:
     def _kept(self) -> list[Manifest]:
         return [m for model in self.store.models() for m in self.store.kept(model)]
 
-    def _to_ask(self, ring: Ring) -> list[tuple[str, str]]:
-        """The members this round asks: each shard's owners and the member after them, for
-        every shard this node owns or holds; and a few others at random (see the module
-        docstring). Bounded by the shards held here, not by the size of the cluster."""
+    def _around(self, ring: Ring, known: dict[str, list[str]]) -> list[tuple[Manifest, int, list[str]]]:
+        """Each kept shard with its owners and the member after them (``known``: already read)."""
+        return [
+            (m, i, known.get(m.shard_key(i)) or ring.preference_list(m.shard_key(i), m.replication + 1))
+            for m in self._kept()
+            for i in range(m.num_shards)
+        ]
+
+    def _to_ask(self, around: list[tuple[Manifest, int, list[str]]]) -> list[tuple[str, str]]:
+        """The members this round asks: each shard's owners and the member after them
+        (``around``), for every shard this node owns or holds; and a few others at random (see
+        the module docstring). Bounded by the shards held here, not by the size of the cluster."""
         near: set[str] = set()
-        for m in self._kept():
-            for i in range(m.num_shards):
-                around = ring.preference_list(m.shard_key(i), m.replication + 1)
-                if self.node_id in around[: m.replication] or self.store.holds(m, i):
-                    near.update(around)
+        for m, i, nodes in around:
+            if self.node_id in nodes[: m.replication] or self.store.holds(m, i):
+                near.update(nodes)
         peers = self.placement.peers()
         rest = [p for p in peers if p[0] not in near]
         drawn = {n for n, _ in self._rng.sample(rest, min(ANTI_ENTROPY_PEERS, len(rest)))}

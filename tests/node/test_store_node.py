@@ -326,7 +326,8 @@ def test_repair_asks_the_members_that_share_its_shards_and_a_few_others_not_ever
             around = ring.preference_list(m.shard_key(0), m.replication + 1)  # the owners, then the next
 
             for node in nodes:
-                asked = {n for n, _ in node.store.repair._to_ask(node.store.placement.ring)}
+                r = node.store.repair
+                asked = {n for n, _ in r._to_ask(r._around(node.store.placement.ring, {}))}
                 near = set(around) - {node.node_id} if node.node_id in around[: m.replication] else set()
                 assert near <= asked and len(asked - near) == repair.ANTI_ENTROPY_PEERS, node.node_id
                 assert len(asked) < len(nodes) - 1
