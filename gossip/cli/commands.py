@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from gossip.cli import checks, knobs, output
-from gossip.config import ConfigError, check_address
+from gossip.config import ConfigError
+from gossip.core.addresses import check_address
 
 
 def setup_logging(verbose: int, default: int = logging.WARNING) -> None:

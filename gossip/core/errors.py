@@ -3,6 +3,8 @@
 A status is a gRPC status code *name* (``"UNAVAILABLE"``, ``"INVALID_ARGUMENT"``):
 the protocols and the store decide on names, and only the transport edge turns
 them into ``grpc.StatusCode`` values, so nothing above it imports grpc.
+
+:class:`ConfigError` is what every check of a user's input raises (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -29,3 +31,7 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the culprit."""

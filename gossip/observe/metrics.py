@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from gossip import __version__
-from gossip.config import join_host_port, metrics_address
+from gossip.core.addresses import join_host_port, metrics_address
 from gossip.core.status import NodeStatus
 from gossip.store.shards import StoreInfo
 

@@ -10,7 +10,8 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from gossip.config import ConfigError, RunOptions, SimulateConfig, metrics_address
+from gossip.config import ConfigError, RunOptions, SimulateConfig
+from gossip.core.addresses import metrics_address
 from gossip.core.status import EXCHANGE_SECONDS_BOUNDS, MemberView, NodeStatus
 from gossip.observe.metrics import NodeCollector
 from gossip.store.shards import Holding, StoreInfo

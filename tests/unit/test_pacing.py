@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from gossip.config import ConfigError, NodeConfig, SimulateConfig, parse_rate
+from gossip.config import ConfigError, NodeConfig, SimulateConfig
+from gossip.core.addresses import parse_rate
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, transfer_timeout
 from gossip.transport.pacing import SendPacer
 
