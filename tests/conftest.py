@@ -22,16 +22,16 @@ TIERS = ("unit", "node", "cluster", "lab")
 _HERE = Path(__file__).parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        tier = Path(item.path).relative_to(_HERE).parts[0]
+        parts = Path(item.path).relative_to(_HERE).parts
+        tier = parts[0]
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
-        if tier in ("cluster", "lab"):
-            # Meant to run the tests that start node processes one after another on one
-            # worker (-n 2 --dist loadgroup). In effect it does not: xdist's loadgroup reads
-            # the marks in its own collection hook, before this one, so they spread over both
-            # workers, as every CI run so far has had them. With @pytest.hookimpl(tryfirst=True)
-            # the group holds, but CI then took 10 min 35 s (tests 8:20) against 8:46-9:03:
-            # left so until the process tests are cut enough to run serially within budget.
-            item.add_marker(pytest.mark.xdist_group("processes"))
+        if tier in ("cluster", "lab", "ray"):
+            # One worker runs a whole module of process tests (-n 2 --dist loadgroup), so its
+            # module fixtures (a simulate run, a churn run, the fault matrix's survivors and the
+            # victims it starts one case ahead) run once, not once on each worker; the two
+            # workers still run two such modules at once.
+            item.add_marker(pytest.mark.xdist_group("/".join(parts)))

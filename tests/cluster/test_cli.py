@@ -141,13 +141,50 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("argv", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, argv: list[str]) -> None:
+def _bad_input_folder(tmp_path: Path) -> list[str]:
     (tmp_path / "unknown.toml").write_text("epochs = 3\nbogus = 1\n")
     (tmp_path / "wrongtype.toml").write_text('epochs = "ten"\n')
     (tmp_path / "exp.toml").write_text("nodes = 4\nrounds = 2\n")
     (tmp_path / "afile").write_text("not a folder")
-    before = sorted(p.name for p in tmp_path.iterdir())
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_one_line_and_exit_code_2(
+    tmp_path: Path, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process, through the function `python -m gossip` runs: each case in a process
+    # of its own would pay torch's import each time (about 3 s here). A sample of them runs
+    # as real processes below.
+    from gossip.cli.main import main
+
+    before = _bad_input_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"gossip {argv[0]}: error: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a refused command left something behind"
+
+
+IN_PROCESSES = [
+    "listen not an address",
+    "simulate unknown model",
+    "reconstruct bad peer",
+    "experiment missing file",
+]
+
+
+@pytest.mark.parametrize("what", IN_PROCESSES)
+def test_bad_input_in_a_process_of_its_own_is_one_line_and_exit_code_2(tmp_path: Path, what: str) -> None:
+    argv = BAD_INPUTS[what]
+    before = _bad_input_folder(tmp_path)
 
     done = _gossip(*argv, cwd=tmp_path)
 

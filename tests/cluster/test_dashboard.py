@@ -115,7 +115,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         addresses = _ready(folder, "main", main, deadline) | _ready(folder, "victim", victim, deadline)
         cmd = [sys.executable, "-m", "gossip", "dashboard", "--peer", addresses["n0"]]
         cmd += ["--listen", "127.0.0.1:0", "--interval", str(INTERVAL)]
-        board = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        # Ctrl-C reaches it also where this test runs with SIGINT ignored (a background job
+        # without job control passes SIG_IGN on to everything it starts).
+        board = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         procs.append(board)
         line = _first_line(board, 60.0)
         assert board.poll() is None, board.communicate()

@@ -2,8 +2,8 @@
 
 The eight real ``gossip node`` processes (default membership timing: suspect
 after 4 s, dead after 10 s) start and then train at once on however few cores
-the machine has, for 2.5 times the time to a death (six times the time to a
-suspicion); no member may ever be declared dead. Every process is
+the machine has, for 1.5 times the time to a death (almost four times the time
+to a suspicion); no member may ever be declared dead. Every process is
 killed by its PID when the test ends, pass or fail.
 
 The floods run against in-process nodes with small limits, from sixteen
@@ -142,7 +142,7 @@ async def watch(procs: list[Proc], seconds: float) -> dict[str, Any]:
 def test_eight_training_processes_declare_no_one_dead(procs: list[Proc], tmp_path: Path) -> None:
     count = 8
     dead_after = MembershipConfig().dead_after  # what `gossip node` runs with
-    window = 2.5 * dead_after
+    window = 1.5 * dead_after
     deadline = time.monotonic() + START_TIMEOUT
     seed = start_node(tmp_path, procs, "n0", count, None)
     wait_ready(seed, deadline)
