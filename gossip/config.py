@@ -334,10 +334,15 @@ class TrainConfig:
     # Stop after this many local steps if the epochs have not ended first (0: the epochs
     # decide): a short run over a large corpus, or one to a fixed step budget.
     max_steps: int = 0
+    # Seconds each local step takes at least (0: as fast as the machine goes): a slower
+    # device, or a straggler, emulated on one machine; it also leaves the cores to others.
+    min_step_time: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not (math.isfinite(self.min_step_time) and 0 <= self.min_step_time <= 3600):
+            raise ConfigError(f"min_step_time must be 0 to 3600 seconds, got {self.min_step_time}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:

@@ -50,6 +50,11 @@ KNOBS: dict[str, tuple[str, str]] = {
         "train",
         "stop after this many local steps if the epochs have not ended first (0: epochs decide)",
     ),
+    "min_step_time": (
+        "train",
+        "seconds each local step takes at least: a slower device or a straggler emulated on one "
+        "machine (0: as fast as it goes)",
+    ),
     "topology": (
         "gossip",
         "ring, torus, hypercube, exponential, one-peer-exponential, complete, star, "

@@ -85,6 +85,7 @@ def node_command(
         "seed",
         "eval_every",
         "max_steps",
+        "min_step_time",
     ):
         cmd += ["--" + key.replace("_", "-"), str(knobs[key])]
     for key in (

@@ -121,16 +121,22 @@ class _Recorder:
         return rec
 
 
-def _train_thread(trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, threads: int) -> None:
+def _train_thread(
+    trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, threads: int, min_step_time: float = 0.0
+) -> None:
     torch.set_num_threads(max(1, threads))
     node = rec.node
     try:
         while not trainer.done() and not stop.is_set():
+            started = time.monotonic()
             rec.last_loss = trainer.step()
             node.report(epoch=trainer.epoch, train_loss=rec.last_loss)
             node.step()
             if trainer.evaluation_due() and not trainer.done():
                 rec.record()
+            rest = min_step_time - (time.monotonic() - started)
+            if rest > 0:  # a slower device: the rest of the step's time, idle
+                stop.wait(rest)
         node.finish_training()
         if not stop.is_set():
             rec.record(done=True)
@@ -260,7 +266,9 @@ async def _run_node(
                 )
         if not stopping.is_set():
             train_task = asyncio.ensure_future(
-                asyncio.to_thread(_train_thread, trainer, rec, stop_training, opts.threads)
+                asyncio.to_thread(
+                    _train_thread, trainer, rec, stop_training, opts.threads, train.min_step_time
+                )
             )
             stopper = asyncio.ensure_future(stopping.wait())
             await asyncio.wait([train_task, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -138,6 +138,8 @@ BAD_INPUTS = {
     "status bad peer": ["status", "--peer", "nohost"],
     "outer with push-sum": ["node", "--strategy", "push-sum", "--outer", "nesterov:0.7:0.9"],
     "outer unknown": ["node", "--outer", "adam:0.1"],
+    "min step time negative": ["node", "--min-step-time", "-1"],
+    "simulate min step time nan": ["simulate", "--min-step-time", "nan"],
 }
 
 

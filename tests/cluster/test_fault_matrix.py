@@ -75,6 +75,7 @@ PAYLOAD_BYTES = 38_440
 DEADLINE = 5.0 + 2 * PAYLOAD_BYTES / 20e6  # Party.deadline with the default exchange_timeout
 SLACK = 2.0  # a loaded 2-core machine: scheduling, log flushing
 VICTIM_TIMEOUT = 90.0  # start (imports, data), join, train to the fatal exchange
+SURVIVOR_STEP = 0.02  # seconds per step at least: 100 steps in 2 s, an evaluation every 1.8 s
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ class Survivors:
             if old.popen.poll() is None:
                 old.kill()
         name = f"survivor-{strategy}-{role}-{len(self.launcher.procs)}"
-        args = ["--strategy", strategy, *COMMON, "--rank", "0", "--epochs", "100000", "--eval-every", "4"]
+        args = ["--strategy", strategy, *COMMON, "--rank", "0", "--epochs", "100000", "--eval-every", "1"]
+        # It trains through every case of its group; paced, it leaves the cores to the victims.
+        args += ["--min-step-time", str(SURVIVOR_STEP)]
         # The victim's role decides who starts exchanges: the survivor only answers a caller.
         p = self.launcher.start(name, *args, *(NEVER if role == "caller" else []))
         self.launcher.wait_ready(p)

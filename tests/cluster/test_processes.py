@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -88,8 +89,10 @@ def test_survivors_of_a_sigkill_keep_training_and_declare_it_dead(launcher: Laun
 
 @pytest.mark.timeout(240)
 def test_sigterm_leaves_gracefully_and_exits_zero(launcher: Launcher) -> None:
-    # Long enough that both are still training when the signals come.
-    a, b = start_cluster(launcher, 2, "--epochs", "1000")
+    # Long enough that both are still training when the signals come; paced (a slower
+    # device), so that they never finish and leave the cores to other work.
+    step_time = 0.02
+    a, b = start_cluster(launcher, 2, "--epochs", "1000", "--min-step-time", str(step_time))
     wait_for(lambda: exchanges(status(a)) >= 5, 120.0, "exchanges", a, b)
     step_a = status(a)["step"]
 
@@ -98,7 +101,10 @@ def test_sigterm_leaves_gracefully_and_exits_zero(launcher: Launcher) -> None:
     # b said goodbye before it exited; the wait only absorbs a slow status call.
     wait_for(lambda: member_state(status(a), "n1") == "left", 15.0, "n1 to show as left", a)
     assert status(a)["neighbours"] == []
+    t0, from_step = time.monotonic(), status(a)["step"]
     wait_for(lambda: status(a)["step"] > step_a + 50, 60.0, "n0 to train on alone", a)
+    # Never faster than one step per --min-step-time.
+    assert status(a)["step"] - from_step <= (time.monotonic() - t0) / step_time + 1
     assert not a.finished()
     assert stop(a) == 0, a.tail()
     assert b.records() and a.records()  # both wrote their metrics before leaving
