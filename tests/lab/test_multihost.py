@@ -215,7 +215,7 @@ def _loopback_accuracy(tmp_path: Path, args: list[str]) -> list[float]:
 
 @pytest.mark.timeout(400)
 def test_four_hosts_on_degraded_links_train_into_the_loopback_band(lab: NetLab, tmp_path: Path) -> None:
-    args = ["--topology", "exponential", "--epochs", "8", "--max-lag", "2", "--seed", "0"]
+    args = ["--topology", "exponential", "--epochs", "5", "--max-lag", "2", "--seed", "0"]
     args += ["--wait-for", str(HOSTS), "--exit-when-done"]
     cluster = Cluster(lab, tmp_path)
     t0 = time.monotonic()
