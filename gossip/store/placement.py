@@ -42,11 +42,11 @@ class Placement:
         addresses = {m[0]: m[1] for m in members}
         if addresses != self._addresses:
             self._addresses = addresses
-            self.ring = Ring(addresses, self.vnodes)
+            self.ring = self.ring.rebuilt(addresses)
             moved = True
         publishers = sorted(m[0] for m in members if m[2] == self.fingerprint and m[3])
         if publishers != list(self.publishers.nodes):
-            self.publishers = Ring(publishers, self.vnodes)
+            self.publishers = self.publishers.rebuilt(publishers)
         return moved
 
     def address(self, node: str) -> str | None:
