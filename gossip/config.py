@@ -17,8 +17,6 @@ from gossip.core.errors import ConfigError
 from gossip.core.membership import MembershipConfig
 from gossip.core.ring import DEFAULT_VNODES
 
-__all__ = ["ConfigError"]  # raised by every check here; imported from here across gossip
-
 STRATEGIES = ("pairwise", "push-sum")
 
 

@@ -122,7 +122,7 @@ class _Recorder:
 
 
 def _train_thread(
-    trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, threads: int, min_step_time: float = 0.0
+    trainer: LocalTrainer, rec: _Recorder, stop: threading.Event, threads: int, min_step_time: float
 ) -> None:
     torch.set_num_threads(max(1, threads))
     node = rec.node

@@ -44,9 +44,8 @@ class Placement:
             self._addresses = addresses
             self.ring = self.ring.rebuilt(addresses)
             moved = True
-        publishers = sorted(m[0] for m in members if m[2] == self.fingerprint and m[3])
-        if publishers != list(self.publishers.nodes):
-            self.publishers = self.publishers.rebuilt(publishers)
+        # The same ring back when its members did not change.
+        self.publishers = self.publishers.rebuilt(m[0] for m in members if m[2] == self.fingerprint and m[3])
         return moved
 
     def address(self, node: str) -> str | None:
