@@ -35,7 +35,7 @@ import numpy as np
 
 from gossip.core.layout import Layout
 from gossip.store.durable import DurableStore
-from gossip.store.shards import Manifest, cut
+from gossip.store.manifest import Manifest, cut
 
 
 def snapshot(mib: int, shard_bytes: int) -> tuple[Manifest, list[memoryview]]:

@@ -194,6 +194,7 @@ async def _run_node(
         # Before the node serves: nothing can average into the model while it loads.
         rebuilt = await _init_from_network(model, config)
         m = rebuilt.manifest
+        momentum = trainer.load_momentum(rebuilt.optimizer_state())
         loss, acc = evaluate(model, ds.x_test, ds.y_test)
         init = {
             "init_from": {
@@ -201,16 +202,19 @@ async def _run_node(
                 "version": m.version,
                 "step": m.step,
                 "publisher": m.publisher,
+                "momentum_buffers": momentum,
             },
             "init_accuracy": acc,
             "init_loss": loss,
         }
         log.info(
-            "starting from snapshot %s v%d (publisher %s, step %d): test accuracy %.4f, rebuilt in %.2f s",
+            "starting from snapshot %s v%d (publisher %s, step %d, %d momentum buffers): "
+            "test accuracy %.4f, rebuilt in %.2f s",
             m.model_id,
             m.version,
             m.publisher,
             m.step,
+            momentum,
             acc,
             rebuilt.seconds,
         )
@@ -220,6 +224,7 @@ async def _run_node(
         loop.add_signal_handler(sig, stopping.set)
     freeze_heap()  # what is built now lives as long as the process: keep collections off it
     node = Node.around(model, config, seed=train.seed * 7919 + max(config.rank, 0))
+    node.state_source = trainer.snapshot_state  # snapshots carry the momentum and model buffers
     if endpoint is not None:
         endpoint.watch(node)
     metrics = _Metrics(opts.metrics, node.node_id, config.rank)

@@ -24,6 +24,14 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     raise ImportError("gossip sends raw little-endian bytes and needs a little-endian host")
 
 
+# What a snapshot may carry after the parameters (a second layout, names prefixed):
+# the publisher's momentum buffers, keyed by parameter name, and the model's
+# floating-point buffers (e.g. BatchNorm's running statistics), keyed by buffer name.
+STATE_MOMENTUM = "momentum/"
+STATE_BUFFER = "buffer/"
+STATE_PREFIXES = (STATE_MOMENTUM, STATE_BUFFER)
+
+
 class LayoutError(ValueError):
     """A model or a payload does not fit the expected layout."""
 

@@ -64,6 +64,16 @@ class FlatParams:
         """Uninitialised buffers, for a destination that is filled whole before it is read."""
         return cls(layout, {dt: torch.empty(n, dtype=DTYPES[dt]) for dt, n in layout.segments.items()})
 
+    @classmethod
+    def copy_of(cls, named: Sequence[tuple[str, torch.Tensor]]) -> FlatParams:
+        """A flat copy of named CPU tensors (a snapshot's optimizer state), in a layout of their own."""
+        flat = cls.empty(Layout.from_named(named))
+        views = flat.state_dict()
+        with torch.no_grad():
+            for name, t in named:
+                views[name].copy_(t.reshape(views[name].shape))
+        return flat
+
     @property
     def numel(self) -> int:
         return self.layout.numel

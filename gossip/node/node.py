@@ -119,6 +119,9 @@ class Node:
             chunk_bytes=g.chunk_bytes,
             send_floor=floor,
         )
+        # What snapshots carry next to the parameters (the trainer's optimizer state and
+        # model buffers, as named tensors), read on the training thread at publish time.
+        self.state_source: Callable[[], list[tuple[str, torch.Tensor]]] | None = None
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -325,6 +328,9 @@ class Node:
         version = self.store.publish_due(self.slot.step, final=final)
         if version is None or self._loop is None or self.phase != "running":
             return
+        # Only the training thread (this one) changes the optimizer state: no lock needed.
+        named = self.state_source() if self.state_source is not None else []
+        state = FlatParams.copy_of(named) if named else None
         with self.slot.lock:
             snap, self.store.spare = self.store.spare, None  # a buffer of an earlier snapshot
             if snap is None:
@@ -332,7 +338,7 @@ class Node:
             else:
                 snap.copy_(self.flat)
             step = self.slot.step
-        self._loop.call_soon_threadsafe(self.store.start_publish, snap, version, step)
+        self._loop.call_soon_threadsafe(self.store.start_publish, snap, version, step, state)
 
     async def wait_for_members(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` nodes (this one included) are alive; False on timeout."""

@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gossip/proto/store.proto\x12\x0cgossip.proto\"\x97\x02\n\x08Manifest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tpublisher\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0blayout_json\x18\x05 \x01(\t\x12\x13\n\x0bshard_bytes\x18\x06 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x15\n\rshard_digests\x18\x08 \x03(\x0c\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12\x13\n\x0breplication\x18\n \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\x0c\x12\x37\n\x10\x64igest_algorithm\x18\x0c \x01(\x0e\x32\x1d.gossip.proto.DigestAlgorithm\"\x98\x01\n\x0bShardHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\x12\x37\n\x10\x64igest_algorithm\x18\x06 \x01(\x0e\x32\x1d.gossip.proto.DigestAlgorithm\"R\n\nStoreFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.gossip.proto.ShardHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"L\n\x08ShardRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\"T\n\rShardsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07indices\x18\x03 \x03(\r\x12\x0f\n\x07\x64igests\x18\x04 \x03(\x0c\"\x1a\n\x08StoreAck\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"4\n\x0fManifestRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"!\n\rLocateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"-\n\tStorePeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x84\x01\n\x0bLocateReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\tmanifests\x18\x02 \x03(\x0b\x32\x16.gossip.proto.Manifest\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.gossip.proto.StorePeer\x12\x0e\n\x06vnodes\x18\x04 \x01(\r\"\x11\n\x0fHoldingsRequest\"k\n\x0fVersionHoldings\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\x12\x0c\n\x04held\x18\x04 \x01(\x0c\x12\x0e\n\x06shards\x18\x05 \x01(\r\"@\n\rHoldingsReply\x12/\n\x08versions\x18\x01 \x03(\x0b\x32\x1d.gossip.proto.VersionHoldings\"\x14\n\x12StoreStatusRequest\"\xd4\x02\n\x10StoreStatusReply\x12\x13\n\x0breplication\x18\x01 \x01(\r\x12\x0e\n\x06vnodes\x18\x02 \x01(\r\x12\x12\n\nring_share\x18\x03 \x01(\x01\x12\x14\n\x0cring_members\x18\x04 \x01(\r\x12/\n\x08versions\x18\x05 \x03(\x0b\x32\x1d.gossip.proto.VersionHoldings\x12\x13\n\x0bshards_held\x18\x06 \x01(\x04\x12\x12\n\nbytes_held\x18\x07 \x01(\x04\x12\x18\n\x10under_replicated\x18\x08 \x03(\t\x12\x11\n\tpublished\x18\t \x01(\x04\x12\x10\n\x08repaired\x18\n \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\x0b \x01(\x04\x12\x10\n\x08model_id\x18\x0c \x01(\t\x12\x15\n\rpublish_every\x18\r \x01(\r\x12\x16\n\x0eshards_pending\x18\x0e \x01(\x04*7\n\x0f\x44igestAlgorithm\x12\x11\n\rDIGEST_SHA256\x10\x00\x12\x11\n\rDIGEST_BLAKE3\x10\x01\x32\xa2\x04\n\x05Store\x12>\n\x08PutShard\x12\x18.gossip.proto.StoreFrame\x1a\x16.gossip.proto.StoreAck(\x01\x12\x44\n\tGetShards\x12\x1b.gossip.proto.ShardsRequest\x1a\x18.gossip.proto.StoreFrame0\x01\x12=\n\x0bPutManifest\x12\x16.gossip.proto.Manifest\x1a\x16.gossip.proto.StoreAck\x12\x44\n\x0bGetManifest\x12\x1d.gossip.proto.ManifestRequest\x1a\x16.gossip.proto.Manifest\x12@\n\x06Locate\x12\x1b.gossip.proto.LocateRequest\x1a\x19.gossip.proto.LocateReply\x12\x46\n\x08Holdings\x12\x1d.gossip.proto.HoldingsRequest\x1a\x1b.gossip.proto.HoldingsReply\x12\x38\n\x06Report\x12\x16.gossip.proto.ShardRef\x1a\x16.gossip.proto.StoreAck\x12J\n\x06Status\x12 .gossip.proto.StoreStatusRequest\x1a\x1e.gossip.proto.StoreStatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gossip/proto/store.proto\x12\x0cgossip.proto\"\xb2\x02\n\x08Manifest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x11\n\tpublisher\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0blayout_json\x18\x05 \x01(\t\x12\x13\n\x0bshard_bytes\x18\x06 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x15\n\rshard_digests\x18\x08 \x03(\x0c\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12\x13\n\x0breplication\x18\n \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\x0c\x12\x37\n\x10\x64igest_algorithm\x18\x0c \x01(\x0e\x32\x1d.gossip.proto.DigestAlgorithm\x12\x19\n\x11state_layout_json\x18\r \x01(\t\"\x98\x01\n\x0bShardHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\x0c\x12\x37\n\x10\x64igest_algorithm\x18\x06 \x01(\x0e\x32\x1d.gossip.proto.DigestAlgorithm\"R\n\nStoreFrame\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.gossip.proto.ShardHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"L\n\x08ShardRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\x0c\"T\n\rShardsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07indices\x18\x03 \x03(\r\x12\x0f\n\x07\x64igests\x18\x04 \x03(\x0c\"\x1a\n\x08StoreAck\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"4\n\x0fManifestRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"!\n\rLocateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"-\n\tStorePeer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x84\x01\n\x0bLocateReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12)\n\tmanifests\x18\x02 \x03(\x0b\x32\x16.gossip.proto.Manifest\x12(\n\x07members\x18\x03 \x03(\x0b\x32\x17.gossip.proto.StorePeer\x12\x0e\n\x06vnodes\x18\x04 \x01(\r\"\x11\n\x0fHoldingsRequest\"k\n\x0fVersionHoldings\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\x12\x0c\n\x04held\x18\x04 \x01(\x0c\x12\x0e\n\x06shards\x18\x05 \x01(\r\"@\n\rHoldingsReply\x12/\n\x08versions\x18\x01 \x03(\x0b\x32\x1d.gossip.proto.VersionHoldings\"\x14\n\x12StoreStatusRequest\"\xd4\x02\n\x10StoreStatusReply\x12\x13\n\x0breplication\x18\x01 \x01(\r\x12\x0e\n\x06vnodes\x18\x02 \x01(\r\x12\x12\n\nring_share\x18\x03 \x01(\x01\x12\x14\n\x0cring_members\x18\x04 \x01(\r\x12/\n\x08versions\x18\x05 \x03(\x0b\x32\x1d.gossip.proto.VersionHoldings\x12\x13\n\x0bshards_held\x18\x06 \x01(\x04\x12\x12\n\nbytes_held\x18\x07 \x01(\x04\x12\x18\n\x10under_replicated\x18\x08 \x03(\t\x12\x11\n\tpublished\x18\t \x01(\x04\x12\x10\n\x08repaired\x18\n \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\x0b \x01(\x04\x12\x10\n\x08model_id\x18\x0c \x01(\t\x12\x15\n\rpublish_every\x18\r \x01(\r\x12\x16\n\x0eshards_pending\x18\x0e \x01(\x04*7\n\x0f\x44igestAlgorithm\x12\x11\n\rDIGEST_SHA256\x10\x00\x12\x11\n\rDIGEST_BLAKE3\x10\x01\x32\xa2\x04\n\x05Store\x12>\n\x08PutShard\x12\x18.gossip.proto.StoreFrame\x1a\x16.gossip.proto.StoreAck(\x01\x12\x44\n\tGetShards\x12\x1b.gossip.proto.ShardsRequest\x1a\x18.gossip.proto.StoreFrame0\x01\x12=\n\x0bPutManifest\x12\x16.gossip.proto.Manifest\x1a\x16.gossip.proto.StoreAck\x12\x44\n\x0bGetManifest\x12\x1d.gossip.proto.ManifestRequest\x1a\x16.gossip.proto.Manifest\x12@\n\x06Locate\x12\x1b.gossip.proto.LocateRequest\x1a\x19.gossip.proto.LocateReply\x12\x46\n\x08Holdings\x12\x1d.gossip.proto.HoldingsRequest\x1a\x1b.gossip.proto.HoldingsReply\x12\x38\n\x06Report\x12\x16.gossip.proto.ShardRef\x1a\x16.gossip.proto.StoreAck\x12J\n\x06Status\x12 .gossip.proto.StoreStatusRequest\x1a\x1e.gossip.proto.StoreStatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gossip.proto.store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIGESTALGORITHM']._serialized_start=1585
-  _globals['_DIGESTALGORITHM']._serialized_end=1640
+  _globals['_DIGESTALGORITHM']._serialized_start=1612
+  _globals['_DIGESTALGORITHM']._serialized_end=1667
   _globals['_MANIFEST']._serialized_start=43
-  _globals['_MANIFEST']._serialized_end=322
-  _globals['_SHARDHEADER']._serialized_start=325
-  _globals['_SHARDHEADER']._serialized_end=477
-  _globals['_STOREFRAME']._serialized_start=479
-  _globals['_STOREFRAME']._serialized_end=561
-  _globals['_SHARDREF']._serialized_start=563
-  _globals['_SHARDREF']._serialized_end=639
-  _globals['_SHARDSREQUEST']._serialized_start=641
-  _globals['_SHARDSREQUEST']._serialized_end=725
-  _globals['_STOREACK']._serialized_start=727
-  _globals['_STOREACK']._serialized_end=753
-  _globals['_MANIFESTREQUEST']._serialized_start=755
-  _globals['_MANIFESTREQUEST']._serialized_end=807
-  _globals['_LOCATEREQUEST']._serialized_start=809
-  _globals['_LOCATEREQUEST']._serialized_end=842
-  _globals['_STOREPEER']._serialized_start=844
-  _globals['_STOREPEER']._serialized_end=889
-  _globals['_LOCATEREPLY']._serialized_start=892
-  _globals['_LOCATEREPLY']._serialized_end=1024
-  _globals['_HOLDINGSREQUEST']._serialized_start=1026
-  _globals['_HOLDINGSREQUEST']._serialized_end=1043
-  _globals['_VERSIONHOLDINGS']._serialized_start=1045
-  _globals['_VERSIONHOLDINGS']._serialized_end=1152
-  _globals['_HOLDINGSREPLY']._serialized_start=1154
-  _globals['_HOLDINGSREPLY']._serialized_end=1218
-  _globals['_STORESTATUSREQUEST']._serialized_start=1220
-  _globals['_STORESTATUSREQUEST']._serialized_end=1240
-  _globals['_STORESTATUSREPLY']._serialized_start=1243
-  _globals['_STORESTATUSREPLY']._serialized_end=1583
-  _globals['_STORE']._serialized_start=1643
-  _globals['_STORE']._serialized_end=2189
+  _globals['_MANIFEST']._serialized_end=349
+  _globals['_SHARDHEADER']._serialized_start=352
+  _globals['_SHARDHEADER']._serialized_end=504
+  _globals['_STOREFRAME']._serialized_start=506
+  _globals['_STOREFRAME']._serialized_end=588
+  _globals['_SHARDREF']._serialized_start=590
+  _globals['_SHARDREF']._serialized_end=666
+  _globals['_SHARDSREQUEST']._serialized_start=668
+  _globals['_SHARDSREQUEST']._serialized_end=752
+  _globals['_STOREACK']._serialized_start=754
+  _globals['_STOREACK']._serialized_end=780
+  _globals['_MANIFESTREQUEST']._serialized_start=782
+  _globals['_MANIFESTREQUEST']._serialized_end=834
+  _globals['_LOCATEREQUEST']._serialized_start=836
+  _globals['_LOCATEREQUEST']._serialized_end=869
+  _globals['_STOREPEER']._serialized_start=871
+  _globals['_STOREPEER']._serialized_end=916
+  _globals['_LOCATEREPLY']._serialized_start=919
+  _globals['_LOCATEREPLY']._serialized_end=1051
+  _globals['_HOLDINGSREQUEST']._serialized_start=1053
+  _globals['_HOLDINGSREQUEST']._serialized_end=1070
+  _globals['_VERSIONHOLDINGS']._serialized_start=1072
+  _globals['_VERSIONHOLDINGS']._serialized_end=1179
+  _globals['_HOLDINGSREPLY']._serialized_start=1181
+  _globals['_HOLDINGSREPLY']._serialized_end=1245
+  _globals['_STORESTATUSREQUEST']._serialized_start=1247
+  _globals['_STORESTATUSREQUEST']._serialized_end=1267
+  _globals['_STORESTATUSREPLY']._serialized_start=1270
+  _globals['_STORESTATUSREPLY']._serialized_end=1610
+  _globals['_STORE']._serialized_start=1670
+  _globals['_STORE']._serialized_end=2216
 # @@protoc_insertion_point(module_scope)

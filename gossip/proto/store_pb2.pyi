@@ -15,7 +15,7 @@ DIGEST_SHA256: DigestAlgorithm
 DIGEST_BLAKE3: DigestAlgorithm
 
 class Manifest(_message.Message):
-    __slots__ = ("model_id", "version", "publisher", "step", "layout_json", "shard_bytes", "total_bytes", "shard_digests", "sha256", "replication", "fingerprint", "digest_algorithm")
+    __slots__ = ("model_id", "version", "publisher", "step", "layout_json", "shard_bytes", "total_bytes", "shard_digests", "sha256", "replication", "fingerprint", "digest_algorithm", "state_layout_json")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUBLISHER_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class Manifest(_message.Message):
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DIGEST_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    STATE_LAYOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     publisher: str
@@ -40,7 +41,8 @@ class Manifest(_message.Message):
     replication: int
     fingerprint: bytes
     digest_algorithm: DigestAlgorithm
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., publisher: _Optional[str] = ..., step: _Optional[int] = ..., layout_json: _Optional[str] = ..., shard_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shard_digests: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ..., replication: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., digest_algorithm: _Optional[_Union[DigestAlgorithm, str]] = ...) -> None: ...
+    state_layout_json: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., publisher: _Optional[str] = ..., step: _Optional[int] = ..., layout_json: _Optional[str] = ..., shard_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., shard_digests: _Optional[_Iterable[bytes]] = ..., sha256: _Optional[bytes] = ..., replication: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., digest_algorithm: _Optional[_Union[DigestAlgorithm, str]] = ..., state_layout_json: _Optional[str] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
     __slots__ = ("model_id", "version", "index", "length", "digest", "digest_algorithm")

@@ -19,7 +19,8 @@ import numpy as np
 
 from gossip.core.errors import PeerError
 from gossip.store import digests, serde
-from gossip.store.shards import Holding, Located, Manifest, ShardHeader, StoreError, StoreInfo
+from gossip.store.manifest import Manifest, StoreError
+from gossip.store.shards import Holding, Located, ShardHeader, StoreInfo
 from gossip.transport.channels import STORE, Channels
 from gossip.transport.frames import WireError, chunk_frame, chunk_from_frame
 

@@ -4,7 +4,7 @@ A manifest and every shard header name the algorithm of their digests:
 ``blake3`` for what this code cuts, ``sha256`` for what manifests and shards
 carried before they named one (the wire's default, so those still verify). A
 name outside :data:`ALGORITHMS` is refused by whoever reads it
-(``shards.check_algorithm``), never taken for another.
+(``manifest.check_algorithm``), never taken for another.
 
 blake3 because it is the cheapest check that is still a cryptographic hash: on
 one core here 100 MiB hashes in 24 ms against sha256's 59 ms (SHA-NI), and a

@@ -43,7 +43,8 @@ from queue import SimpleQueue
 from gossip.config import MAX_SHARD_BYTES
 from gossip.core.membership import MAX_ID_CHARS
 from gossip.store import digests, serde
-from gossip.store.shards import Manifest, ShardId, StoreError
+from gossip.store.manifest import Manifest, StoreError
+from gossip.store.shards import ShardId
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from functools import partial
 
 from gossip.store.disk import DataDir, DataDirBusy, Loaded, Writer
-from gossip.store.shards import Manifest, ShardId, ShardStore, shard_key, snapshot_key
+from gossip.store.manifest import Manifest, shard_key, snapshot_key
+from gossip.store.shards import ShardId, ShardStore
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gossip.core.ring import Ring
-from gossip.store.shards import snapshot_key
+from gossip.store.manifest import snapshot_key
 
 # node id, address, layout fingerprint of its model, whether it is alive (not suspect)
 Member = tuple[str, str, bytes, bool]

@@ -38,11 +38,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gossip.core.errors import PeerError
-from gossip.core.layout import ITEMSIZE
+from gossip.core.layout import ITEMSIZE, STATE_BUFFER, STATE_MOMENTUM, Layout
 from gossip.core.ring import Ring
 from gossip.store import digests
 from gossip.store.client import StoreClient
-from gossip.store.shards import Manifest, describe
+from gossip.store.manifest import Manifest
+from gossip.store.shards import describe
 from gossip.transport.channels import Channels, transfer_timeout
 
 if TYPE_CHECKING:  # torch only for callers that want tensors; the rebuild itself never needs it
@@ -73,16 +74,14 @@ class Rebuilt:
         return self.manifest.layout.numel
 
     def tensor_bytes(self) -> dict[str, tuple[str, tuple[int, ...], memoryview]]:
-        """name -> (dtype name, shape, a view of its bytes in the buffer), in layout order."""
-        layout = self.manifest.layout
-        base, start = {}, 0
-        for dt, n in layout.segments.items():
-            base[dt] = start
-            start += n * ITEMSIZE[dt]
-        out = {}
-        for e in layout.entries:
-            begin = base[e.dtype] + e.offset * ITEMSIZE[e.dtype]
-            out[e.name] = (e.dtype, e.shape, self.data[begin : begin + e.numel * ITEMSIZE[e.dtype]])
+        """name -> (dtype name, shape, a view of its bytes in the buffer), in layout order: the
+        model's state_dict, i.e. the parameters, then the model buffers the snapshot carries."""
+        out = _entry_bytes(self.manifest.layout, self.data[: self.manifest.params_bytes])
+        state = self.manifest.state_layout
+        if state is not None:
+            for name, item in _entry_bytes(state, self.data[self.manifest.params_bytes :]).items():
+                if name.startswith(STATE_BUFFER):
+                    out[name.removeprefix(STATE_BUFFER)] = item
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -104,10 +103,38 @@ class Rebuilt:
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's tensors (views into the rebuilt buffer; loads torch)."""
+        """The model's tensors: parameters and the model buffers the snapshot carries (views into
+        the rebuilt buffer; loads torch)."""
         from gossip.core.params import FlatParams
 
-        return FlatParams.from_bytes(self.manifest.layout, self.data).state_dict()
+        m = self.manifest
+        out = FlatParams.from_bytes(m.layout, self.data[: m.params_bytes]).state_dict()
+        state = self.optimizer_state()
+        out.update((n.removeprefix(STATE_BUFFER), t) for n, t in state.items() if n.startswith(STATE_BUFFER))
+        return out
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """Everything after the parameters, by its prefixed name (``momentum/<parameter>``,
+        ``buffer/<buffer>``); empty for a snapshot without state (views; loads torch)."""
+        from gossip.core.params import FlatParams
+
+        m = self.manifest
+        state = m.state_layout
+        if state is None:
+            return {}
+        return FlatParams.from_bytes(state, self.data[m.params_bytes :]).state_dict()
+
+
+def _entry_bytes(layout: Layout, data: memoryview) -> dict[str, tuple[str, tuple[int, ...], memoryview]]:
+    base, start = {}, 0
+    for dt, n in layout.segments.items():
+        base[dt] = start
+        start += n * ITEMSIZE[dt]
+    out = {}
+    for e in layout.entries:
+        begin = base[e.dtype] + e.offset * ITEMSIZE[e.dtype]
+        out[e.name] = (e.dtype, e.shape, data[begin : begin + e.numel * ITEMSIZE[e.dtype]])
+    return out
 
 
 async def fetch_snapshot(
@@ -264,15 +291,16 @@ async def load_into(
     channels: Channels | None = None,
 ) -> Rebuilt:
     """Rebuild the newest snapshot of ``model_id`` through the first of ``peers`` that answers,
-    and copy it into ``model``'s trainable parameters.
+    and copy it into ``model``'s trainable parameters and the floating-point buffers it carries.
+    The momentum buffers it carries (``Rebuilt.optimizer_state``) are the caller's to take.
 
     ConnectionError when no peer could be asked, SnapshotUnavailable when none can
-    be rebuilt, LayoutError when the snapshot is of another architecture (the model
-    is then left as it was).
+    be rebuilt, LayoutError when the snapshot is of another architecture or carries
+    state that does not fit the model (the model is then left as it was).
     """
     import torch
 
-    from gossip.core.layout import Layout, LayoutError
+    from gossip.core.layout import LayoutError
 
     errors = []
     for peer in peers:
@@ -283,10 +311,35 @@ async def load_into(
             continue
         if rebuilt.manifest.fingerprint != Layout.of_model(model).fingerprint():
             raise LayoutError(f"snapshot {rebuilt.manifest.key} has another parameter layout than this model")
+        _check_state(rebuilt, model)
         state = rebuilt.state_dict()
+        buffers = dict(model.named_buffers())
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(state[name])
+            for name, t in state.items():
+                if name in buffers:
+                    buffers[name].copy_(t)
         return rebuilt
     raise ConnectionError("; ".join(errors) or "no peer to ask")
+
+
+def _check_state(rebuilt: Rebuilt, model: torch.nn.Module) -> None:
+    """Every tensor of the snapshot's state must be one of ``model``'s, of the same shape and dtype."""
+    from gossip.core.layout import LayoutError
+
+    state = rebuilt.manifest.state_layout
+    if state is None:
+        return
+    params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    buffers: dict[str, torch.Tensor] = dict(model.named_buffers())
+    for e in state.entries:
+        if e.name.startswith(STATE_MOMENTUM):
+            like = params.get(e.name.removeprefix(STATE_MOMENTUM))
+        else:
+            like = buffers.get(e.name.removeprefix(STATE_BUFFER))
+        if like is None or tuple(like.shape) != e.shape or str(like.dtype).removeprefix("torch.") != e.dtype:
+            raise LayoutError(
+                f"snapshot {rebuilt.manifest.key} carries {e.name} {e.dtype}{list(e.shape)}, which this model lacks"
+            )

@@ -39,8 +39,9 @@ from gossip.core.errors import PeerError
 from gossip.core.ring import Ring
 from gossip.store import digests
 from gossip.store.client import StoreClient
+from gossip.store.manifest import Manifest
 from gossip.store.placement import Placement
-from gossip.store.shards import Holding, Manifest, ShardHeader, ShardStore, StoreStats, bitmap_has
+from gossip.store.shards import Holding, ShardHeader, ShardStore, StoreStats, bitmap_has
 from gossip.transport.channels import transfer_timeout
 
 log = logging.getLogger(__name__)

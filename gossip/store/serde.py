@@ -17,16 +17,8 @@ from google.protobuf.message import DecodeError, Message
 from gossip.core.membership import MAX_ID_CHARS, dialable
 from gossip.proto import store_pb2 as spb
 from gossip.store import digests
-from gossip.store.shards import (
-    MAX_SHARDS,
-    Holding,
-    Located,
-    Manifest,
-    ShardHeader,
-    ShardId,
-    StoreError,
-    StoreInfo,
-)
+from gossip.store.manifest import MAX_SHARDS, Manifest, StoreError
+from gossip.store.shards import Holding, Located, ShardHeader, ShardId, StoreInfo
 from gossip.transport.frames import MAX_HEADER_BYTES
 from gossip.transport.serde import encode
 
@@ -77,6 +69,7 @@ def _manifest_pb(m: Manifest) -> spb.Manifest:
         replication=m.replication,
         fingerprint=m.fingerprint,
         digest_algorithm=_ALGORITHM_PB[m.digest_algorithm],
+        state_layout_json=m.state_layout_json,
     )
 
 
@@ -95,6 +88,7 @@ def _manifest(msg: spb.Manifest) -> Manifest:
         sha256=bytes(msg.sha256),
         replication=msg.replication,
         fingerprint=bytes(msg.fingerprint),
+        state_layout_json=msg.state_layout_json,
     )
     m.validate()
     return m

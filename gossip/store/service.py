@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from gossip.config import StoreConfig
@@ -25,22 +26,18 @@ from gossip.core.ring import Ring
 from gossip.store import digests
 from gossip.store.client import StoreClient
 from gossip.store.durable import DurableStore
+from gossip.store.manifest import Manifest, StoreError, check_model_id, cut, snapshot_key
 from gossip.store.placement import Member, Placement
 from gossip.store.repair import Repair, hash_off_loop
 from gossip.store.shards import (
     Holding,
     Located,
-    Manifest,
     ShardHeader,
     ShardId,
     ShardStore,
-    StoreError,
     StoreInfo,
     StoreStats,
-    check_model_id,
-    cut,
     describe,
-    snapshot_key,
 )
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, Channels, transfer_timeout
 
@@ -51,6 +48,23 @@ _PUSH_STREAMS = 8  # shard pushes in flight while publishing: enough to keep eve
 
 class PublishError(RuntimeError):
     """A snapshot could not be placed on R owners."""
+
+
+@dataclass
+class _Job:
+    """A snapshot waiting to be published."""
+
+    flat: FlatParams
+    version: int
+    step: int
+    state: FlatParams | None
+
+
+def snapshot_bytes(flat: FlatParams, state: FlatParams | None) -> memoryview:
+    """The bytes a snapshot is cut from: the parameters, then the state (one copy when there is state)."""
+    if state is None:
+        return flat.concat_bytes()
+    return memoryview(b"".join([*flat.byte_views(), *state.byte_views()]))
 
 
 class StoreService:
@@ -84,7 +98,7 @@ class StoreService:
         self.placement = Placement(node_id, fingerprint, config.vnodes)
         self.reserved = 0  # bytes of shards being received
         self.publishing = False
-        self._queued: tuple[FlatParams, int, int] | None = None  # the snapshot due while one is placed
+        self._queued: _Job | None = None  # the snapshot due while one is placed
         # A snapshot buffer the store is done with: the node copies its next snapshot into
         # it instead of allocating (and page-faulting) a new one on the training thread.
         self.spare: FlatParams | None = None
@@ -150,30 +164,33 @@ class StoreService:
             version = step // every
         return version if self.placement.publisher(self.model_id, version) == self.node_id else None
 
-    def start_publish(self, flat: FlatParams, version: int, step: int) -> None:
-        """Publish a snapshot copy in the background (event loop thread).
+    def start_publish(
+        self, flat: FlatParams, version: int, step: int, state: FlatParams | None = None
+    ) -> None:
+        """Publish a snapshot copy (and the optimizer ``state`` copied with it) in the
+        background (event loop thread).
 
         One publish at a time; while one runs, the newest snapshot due waits and
         an older waiting one is skipped (the store keeps the newest versions anyway).
         """
         if self.publishing:
             if self._queued is not None:
-                log.info("skipping v%d: v%d is newer", self._queued[1], version)
-                self.spare = self._queued[0]
-            self._queued = (flat, version, step)
+                log.info("skipping v%d: v%d is newer", self._queued.version, version)
+                self.spare = self._queued.flat
+            self._queued = _Job(flat, version, step, state)
             return
         self.publishing = True
 
         async def run() -> None:
-            job: tuple[FlatParams, int, int] | None = (flat, version, step)
+            job: _Job | None = _Job(flat, version, step, state)
             try:
                 while job is not None:
                     try:
-                        await self.publish(*job)
+                        await self.publish(job.flat, job.version, job.step, state=job.state)
                     except PublishError as exc:
                         self.stats.publish_failed += 1
-                        log.warning("snapshot v%d not published: %s", job[1], exc)
-                    self.spare = job[0]  # placed (local copies are copies): free for the next one
+                        log.warning("snapshot v%d not published: %s", job.version, exc)
+                    self.spare = job.flat  # placed (local copies are copies): free for the next one
                     job, self._queued = self._queued, None
             finally:
                 self.publishing = False
@@ -187,26 +204,31 @@ class StoreService:
         step: int,
         model_id: str | None = None,
         algorithm: str = digests.DEFAULT,
+        state: FlatParams | None = None,
     ) -> Manifest:
-        """Cut ``flat`` into shards digested by ``algorithm``, place each on its R owners, then
-        spread the manifest."""
+        """Cut ``flat`` (followed by ``state``, the optimizer state, when given) into shards
+        digested by ``algorithm``, place each on its R owners, then spread the manifest."""
         model_id = model_id or self.model_id
         if self.store.manifest(model_id, version) is not None or self.store.retired(model_id, version):
             raise PublishError(f"{snapshot_key(model_id, version)} exists or is older than the kept versions")
         t0 = time.monotonic()
         r = self.config.replication
-        manifest, shards = await asyncio.to_thread(
-            cut,
-            flat.concat_bytes(),
-            flat.layout,
-            model_id,
-            version,
-            self.node_id,
-            step,
-            self.config.shard_bytes,
-            r,
-            algorithm,
-        )
+
+        def cut_off_loop() -> tuple[Manifest, list[memoryview]]:
+            return cut(
+                snapshot_bytes(flat, state),  # a copy when there is state: off the event loop
+                flat.layout,
+                model_id,
+                version,
+                self.node_id,
+                step,
+                self.config.shard_bytes,
+                r,
+                algorithm,
+                None if state is None else state.layout,
+            )
+
+        manifest, shards = await asyncio.to_thread(cut_off_loop)
         self.refresh()
         ring = self.placement.ring
         want = min(r, len(ring))

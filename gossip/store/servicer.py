@@ -14,9 +14,10 @@ import asyncio
 import logging
 
 from gossip.store import serde
+from gossip.store.manifest import MAX_MODELS, StoreError
 from gossip.store.repair import hash_off_loop
 from gossip.store.service import StoreService
-from gossip.store.shards import MAX_MODELS, ShardHeader, StoreError
+from gossip.store.shards import ShardHeader
 from gossip.transport.channels import transfer_timeout
 from gossip.transport.frames import WireError, chunk_frame, chunk_from_frame
 from gossip.transport.server import Method, ServerStream, download, unary, upload

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gossip.config import TrainConfig
+from gossip.core.layout import STATE_BUFFER, STATE_MOMENTUM
 from gossip.train.data import Dataset
 from gossip.train.models import build_model
 
@@ -80,6 +82,15 @@ class MomentumSGD:
                 d = buf
             p.add_(d, alpha=-self.lr)
 
+    @property
+    def buffers(self) -> list[Tensor | None]:
+        """The momentum buffer of each parameter, None before its first step (or without momentum)."""
+        return list(self._buf)
+
+    def set_buffer(self, index: int, value: Tensor) -> None:
+        """Resume from a momentum buffer (a copy of ``value`` is kept)."""
+        self._buf[index] = value.detach().clone()
+
 
 class LocalTrainer:
     """Local SGD on one node's slice.
@@ -124,6 +135,32 @@ class LocalTrainer:
         self._eval_interval = cfg.eval_every * self.steps_per_epoch  # in steps, may be fractional
         self._step_count = 0
         self._order = torch.empty(0, dtype=torch.int64)
+
+    def snapshot_state(self) -> list[tuple[str, Tensor]]:
+        """What a snapshot carries next to the parameters: each momentum buffer the steps so far
+        made, and the model's floating-point buffers (views, not copies)."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        out = [
+            (STATE_MOMENTUM + n, b)
+            for n, b in zip(names, self.optimizer.buffers, strict=True)
+            if b is not None
+        ]
+        out += [(STATE_BUFFER + n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        return out
+
+    def load_momentum(self, state: Mapping[str, Tensor]) -> int:
+        """Resume the momentum buffers a snapshot's state holds (as ``snapshot_state`` names them,
+        shapes already checked); returns how many were taken. Without momentum, none is."""
+        if not self.optimizer.momentum:
+            return 0
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        taken = 0
+        for i, n in enumerate(names):
+            buf = state.get(STATE_MOMENTUM + n)
+            if buf is not None:
+                self.optimizer.set_buffer(i, buf)
+                taken += 1
+        return taken
 
     @property
     def step_count(self) -> int:

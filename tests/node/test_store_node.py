@@ -27,9 +27,10 @@ from gossip.core.ring import Ring
 from gossip.node.node import Node
 from gossip.proto import store_pb2 as spb
 from gossip.store import repair, serde
+from gossip.store.manifest import Manifest
 from gossip.store.reconstruct import Rebuilt, SnapshotUnavailable, fetch_snapshot
 from gossip.store.service import PublishError
-from gossip.store.shards import Manifest, ShardHeader
+from gossip.store.shards import ShardHeader
 from gossip.transport import channels as transport
 from gossip.transport import frames as wire
 from tests.support.inproc import wait_until

@@ -22,6 +22,7 @@ from gossip.core.params import FlatParams
 from gossip.core.ring import Ring
 from gossip.proto import store_pb2 as spb
 from gossip.store import digests, files
+from gossip.store.manifest import Manifest, StoreError, cut
 from gossip.store.reconstruct import Rebuilt
 from gossip.store.serde import (
     located_from_bytes,
@@ -31,7 +32,7 @@ from gossip.store.serde import (
     shard_header_from_frame,
 )
 from gossip.store.service import StoreService
-from gossip.store.shards import Manifest, ShardHeader, ShardStore, StoreError, bitmap_has, cut
+from gossip.store.shards import ShardHeader, ShardStore, bitmap_has
 from gossip.transport.channels import Channels
 
 
@@ -220,6 +221,68 @@ def test_every_algorithms_manifest_survives_its_wire_form(algorithm: str, seed: 
 )
 def test_a_bad_manifest_is_refused_with_a_reason(change: dict[str, object], words: str) -> None:
     m, _ = snapshot()
+
+    with pytest.raises(StoreError, match=words) as err:
+        manifest_from_bytes(manifest_to_bytes(dataclasses.replace(m, **change)))  # type: ignore[arg-type]
+
+    assert err.value.kind == "invalid"
+
+
+def with_state(seed: int = 0) -> tuple[Manifest, list[memoryview], FlatParams, FlatParams]:
+    params = small(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    state = flat_of(
+        ("momentum/w", torch.randn(5000, generator=g)), ("buffer/bn.mean", torch.randn(3, generator=g))
+    )
+    data = memoryview(b"".join([*params.byte_views(), *state.byte_views()]))
+    m, shards = cut(data, params.layout, "m", 1, "n0", 10, 4096, 3, digests.DEFAULT, state.layout)
+    return m, shards, params, state
+
+
+def test_a_snapshot_carries_its_state_after_the_parameters() -> None:
+    m, shards, params, state = with_state()
+    back = manifest_from_bytes(manifest_to_bytes(m))
+
+    assert back == m and back.digest == m.digest
+    assert back.state_layout == state.layout and back.layout == params.layout
+    assert (back.params_bytes, back.total_bytes) == (params.nbytes, params.nbytes + state.nbytes)
+    assert m.digest != dataclasses.replace(m, state_layout_json="").digest  # the identity covers the state
+    rebuilt = Rebuilt(m, memoryview(bytearray(b"".join(bytes(s) for s in shards))), 0.0)
+    got = rebuilt.optimizer_state()
+    assert torch.equal(got["momentum/w"], state.state_dict()["momentum/w"])
+    # The model's state_dict: parameters and model buffers, never the momentum.
+    assert set(rebuilt.state_dict()) == {"w", "b", "bn.mean"} == set(rebuilt.tensor_bytes())
+    assert torch.equal(rebuilt.state_dict()["bn.mean"], state.state_dict()["buffer/bn.mean"])
+
+
+def test_a_manifest_without_state_keeps_the_identity_it_had() -> None:
+    m, _ = snapshot()
+
+    assert m.state_layout is None and m.params_bytes == m.total_bytes
+    assert manifest_from_bytes(manifest_to_bytes(m)).digest == m.digest
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"state_layout_json": "[{"}, "layout"),
+        (
+            {"state_layout_json": json.dumps([{"name": "w", "dtype": "float32", "shape": [3], "offset": 0}])},
+            "state layout names must start with momentum/ or buffer/",
+        ),
+        (
+            {
+                "state_layout_json": json.dumps(
+                    [{"name": "buffer/x", "dtype": "float32", "shape": [3], "offset": 0}]
+                )
+            },
+            "bytes",
+        ),
+        ({"state_layout_json": "x" * ((2 << 20) + 1)}, "exceeds"),
+    ],
+)
+def test_a_manifest_with_bad_state_is_refused_with_a_reason(change: dict[str, object], words: str) -> None:
+    m, _, _, _ = with_state()
 
     with pytest.raises(StoreError, match=words) as err:
         manifest_from_bytes(manifest_to_bytes(dataclasses.replace(m, **change)))  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from gossip.config import ConfigError, StoreConfig
 from gossip.store import disk
 from gossip.store.disk import LOCK, MANIFEST, TMP_PREFIX, model_dir_name, shard_file_name
 from gossip.store.durable import DurableStore
-from gossip.store.shards import Manifest
+from gossip.store.manifest import Manifest
 from tests.unit.test_store import cut_flat, small, snapshot
 
 FLUSH = 10.0
