@@ -138,17 +138,28 @@ def _training_line(s: dict[str, Any]) -> str:
     )
 
 
+def _calls_line(calls: dict[str, int]) -> str:
+    if not calls:
+        return ""
+    busiest = sorted(calls.items(), key=lambda kv: (-kv[1], kv[0]))
+    return "\ncontrol     calls received: " + ", ".join(f"{m} {n:,}" for m, n in busiest)
+
+
 def _exchange_line(s: dict[str, Any]) -> str:
     started = sum(s.get("exchange_seconds_buckets", ()))
     mean = s.get("exchange_seconds_sum", 0.0) / started * 1000 if started else None
     return (
-        f"averaging   mean exchange {_figure(mean, '.1f')} ms  last change norm {_figure(s.get('last_delta_norm'), '.4g')}"
-        f"  rate-limited calls: refused {s.get('calls_refused', 0)}, held {s.get('calls_delayed', 0)}"
-    ) + (
-        f"\nsend limit  {s['max_send_rate'] * 8 / 1e6:g} Mbit/s: {s.get('paced_bytes', 0):,} bytes sent,"
-        f" {s.get('paced_wait_seconds', 0.0):.2f} s waited"
-        if s.get("max_send_rate")
-        else ""
+        (
+            f"averaging   mean exchange {_figure(mean, '.1f')} ms  last change norm {_figure(s.get('last_delta_norm'), '.4g')}"
+            f"  rate-limited calls: refused {s.get('calls_refused', 0)}, held {s.get('calls_delayed', 0)}"
+        )
+        + _calls_line(s.get("control_calls") or {})
+        + (
+            f"\nsend limit  {s['max_send_rate'] * 8 / 1e6:g} Mbit/s: {s.get('paced_bytes', 0):,} bytes sent,"
+            f" {s.get('paced_wait_seconds', 0.0):.2f} s waited"
+            if s.get("max_send_rate")
+            else ""
+        )
     )
 
 

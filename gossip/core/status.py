@@ -147,6 +147,7 @@ class NodeStatus:
     exchanged_with: Mapping[str, int] = field(default_factory=dict)  # peer -> exchanges completed
     calls_refused: int = 0  # control calls the per-peer rate limit refused
     calls_delayed: int = 0  # control calls it held back before serving
+    control_calls: Mapping[str, int] = field(default_factory=dict)  # "Service/Method" -> calls received
     sample: tuple[float, ...] = ()  # the model at sample_coordinates(fingerprint, parameters)
     # --max-send-rate (bytes per second, 0: none): bytes let through, seconds spent waiting.
     max_send_rate: float = 0.0
@@ -166,6 +167,7 @@ class NodeStatus:
         out["exchange_seconds_bounds"] = list(self.exchange_seconds_bounds)
         out["exchange_seconds_buckets"] = list(self.exchange_seconds_buckets)
         out["exchanged_with"] = dict(self.exchanged_with)
+        out["control_calls"] = dict(self.control_calls)
         out["sample"] = list(self.sample)
         for key in ("train_loss", "eval_loss", "eval_accuracy", "last_delta_norm"):
             if out[key] is not None and not math.isfinite(out[key]):

@@ -439,6 +439,7 @@ class Node:
             **asdict(self.training_report),
             calls_refused=self._limiter.refused if self._limiter is not None else 0,
             calls_delayed=self._limiter.delayed if self._limiter is not None else 0,
+            control_calls=dict(self._limiter.received) if self._limiter is not None else {},
             sample=tuple(self.flat.gather(self._sampled)),
             **(self.pacer.status_fields() if self.pacer is not None else {}),
         )

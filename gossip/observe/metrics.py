@@ -170,6 +170,14 @@ def node_metrics(s: NodeStatus) -> Iterator[Metric]:
     limited.add_metric(["refused"], s.calls_refused)
     limited.add_metric(["delayed"], s.calls_delayed)
     yield limited
+    control = CounterMetricFamily(
+        "gossip_control_calls",
+        "Control calls received (all but the exchange and shard transfers), by service and method",
+        labels=["method"],
+    )
+    for method, n in sorted(s.control_calls.items()):
+        control.add_metric([method], n)
+    yield control
     if s.max_send_rate:  # --max-send-rate
         yield GaugeMetricFamily(
             "gossip_max_send_rate_bytes_per_second", "The node's send limit", value=s.max_send_rate

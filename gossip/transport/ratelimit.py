@@ -8,6 +8,7 @@ and unknown ones included, is metered here before any handler runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import math
 import time
@@ -46,6 +47,15 @@ _RECOUNT = 0.1
 # A call refused for want of time is answered this long before its deadline, so its
 # caller reads RESOURCE_EXHAUSTED rather than its own DEADLINE_EXCEEDED.
 _REFUSE_EARLY = 0.05
+
+
+UNKNOWN_METHOD = "unknown"
+
+
+def method_name(path: str) -> str:
+    """``/gossip.proto.Store/Holdings`` -> ``Store/Holdings``."""
+    service, _, method = path.lstrip("/").partition("/")
+    return f"{service.rpartition('.')[2]}/{method}"
 
 
 class _Bucket:
@@ -107,6 +117,9 @@ class PeerRateLimiter(grpc.aio.ServerInterceptor):
         self._pool_stamp = clock()
         self.refused = 0
         self.delayed = 0
+        # Control calls received, by "Service/Method" (UNKNOWN for a method this server lacks,
+        # so a peer cannot grow the map): refused and held ones included.
+        self.received: collections.Counter[str] = collections.Counter()
 
     def share(self) -> tuple[float, float, int]:
         """What one connection gets now: calls per second, calls at once, calls held."""
@@ -232,5 +245,8 @@ class PeerRateLimiter(grpc.aio.ServerInterceptor):
         if handler_call_details.method in BULK_METHODS:
             return handler
         if handler is None:  # an unknown method costs a caller its turn like any other call
+            self.received[UNKNOWN_METHOD] += 1
             handler = refusing_handler(grpc.StatusCode.UNIMPLEMENTED, "no such method")
+        else:
+            self.received[method_name(handler_call_details.method)] += 1
         return self._wrap(handler)

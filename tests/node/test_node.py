@@ -23,6 +23,7 @@ import grpc.aio
 import pytest
 import torch
 
+from gossip.cli.output import status_text
 from gossip.config import GossipConfig, NodeConfig
 from gossip.core.averaging import consensus_distance
 from gossip.core.codecs import encode, payload_nbytes
@@ -569,6 +570,25 @@ def test_status_lists_members_with_states_and_counters() -> None:
             assert len(reply["exchange_seconds_buckets"]) == len(reply["exchange_seconds_bounds"]) + 1
             assert reply["last_delta_norm"] == a.stats.last_delta_norm is not None
             assert reply["calls_refused"] == reply["calls_delayed"] == 0
+            # Control calls received, by method: the others joining and syncing, this call;
+            # exchanges are the data plane, not counted; an unknown method counts as one name.
+            calls = reply["control_calls"]
+            assert calls["Gossip/Status"] >= 1 and calls["Gossip/Join"] >= 2 and calls["Gossip/Sync"] >= 1
+            assert set(calls) <= {
+                "Gossip/Status",
+                "Gossip/Join",
+                "Gossip/Sync",
+                "Gossip/Leave",
+                "Store/Holdings",
+            }
+            async with grpc.aio.insecure_channel(a.address) as ch:
+                for name in ("/gossip.proto.Gossip/Nope", "/x.Y/Z"):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await ch.unary_unary(name)(b"", timeout=CALL_TIMEOUT)
+            again = (await fetch_status(a.address, CALL_TIMEOUT))["control_calls"]
+            assert again["unknown"] == 2 and again["Gossip/Status"] == calls["Gossip/Status"] + 1
+            busiest = min(calls.items(), key=lambda kv: (-kv[1], kv[0]))
+            assert f"calls received: {busiest[0]} {busiest[1]:,}" in status_text(reply)
             # A four-element model is sampled whole, for the spread estimate.
             assert reply["sample"] == torch.cat(list(a.flat)).tolist()
             # Nothing trains here: no figures until someone reports them, then those.

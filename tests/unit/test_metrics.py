@@ -55,6 +55,7 @@ def status(**kw: Any) -> NodeStatus:
         exchanged_with={"n1": 6, "n2": 1},
         calls_refused=7,
         calls_delayed=8,
+        control_calls={"Gossip/Sync": 30, "Store/Holdings": 9},
     )
     base.update(kw)
     return NodeStatus(**base)
@@ -109,6 +110,7 @@ def test_every_family_has_its_type_and_a_conventional_name() -> None:
         "gossip_received_bytes",
         "gossip_sent_bytes",
         "gossip_rate_limited_calls",
+        "gossip_control_calls",
     ):
         assert types[name] == "counter", name
     for name in (
@@ -134,6 +136,7 @@ def test_values_are_the_status_fields() -> None:
     assert value(fams, "gossip_exchanges", "gossip_exchanges_total", outcome="declined") == 2
     assert value(fams, "gossip_received_bytes", "gossip_received_bytes_total") == 4000
     assert value(fams, "gossip_rate_limited_calls", "gossip_rate_limited_calls_total", action="refused") == 7
+    assert value(fams, "gossip_control_calls", "gossip_control_calls_total", method="Store/Holdings") == 9
     assert value(fams, "gossip_members", state="alive") == 2
     assert value(fams, "gossip_members", state="dead") == 1
     assert value(fams, "gossip_members", state="suspect") == 0

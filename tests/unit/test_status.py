@@ -87,14 +87,16 @@ def test_status_survives_the_wire_with_every_new_field_and_json_has_no_nan() -> 
         exchanged_with={"n1": 5},
         calls_refused=4,
         calls_delayed=6,
+        control_calls={"Gossip/Sync": 3, "unknown": 1},
         sample=(0.5, -1.0, 2.0),
     )
     back = serde.status_from_bytes(serde.status_to_bytes(s))
     assert back.eval_loss is None and math.isnan(back.train_loss or 0.0)
     j, k = back.to_json(), s.to_json()
     assert j == k and j["train_loss"] is None and j["exchanged_with"] == {"n1": 5}
+    assert j["control_calls"] == {"Gossip/Sync": 3, "unknown": 1}
     assert j["exchange_seconds_bounds"] == list(EXCHANGE_SECONDS_BOUNDS) and j["sample"] == [0.5, -1.0, 2.0]
     # An older node's reply (none of the new fields) reads as "not reported", not as zeros that lie.
     old = serde.status_from_bytes(pb.StatusReply(node_id="n9", step=3).SerializeToString())
     assert old.train_loss is old.eval_accuracy is old.last_delta_norm is None
-    assert old.exchanged_with == {} and old.sample == () and old.step == 3
+    assert old.exchanged_with == {} == old.control_calls and old.sample == () and old.step == 3
