@@ -195,6 +195,10 @@ def status_text(s: dict[str, Any]) -> str:
             f" published {st['published']}, repaired {st['repaired']}, corrupt dropped {st['corrupt_dropped']}",
             f"under-replicated  {len(under)}" + (f": {', '.join(under[:8])}" if under else ""),
         ]
+        awaiting = st.get("awaiting") or []
+        if awaiting or st.get("finished"):
+            due = ", ".join(f"v{a['version']} from {a['publisher']}" for a in awaiting) or "-"
+            lines.append(f"awaiting    {due}  (finished {st.get('finished', 0)} for silent publishers)")
         for snap in st["snapshots"]:
             held = snap["shards_held"]
             lines.append(f"  {snap['model_id']} v{snap['version']}: {len(held)} shards held {held[:16]}")

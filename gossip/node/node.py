@@ -122,6 +122,8 @@ class Node:
         # What snapshots carry next to the parameters (the trainer's optimizer state and
         # model buffers, as named tensors), read on the training thread at publish time.
         self.state_source: Callable[[], list[tuple[str, torch.Tensor]]] | None = None
+        # A silent publisher's version is finished here only once this node's training is over.
+        self.store.snapshot_source = lambda: None if self.slot.training else self._snapshot()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -319,26 +321,28 @@ class Node:
         self._wake_rest()
 
     def _maybe_publish(self, final: bool) -> None:
-        """Hand a snapshot to the store when this node publishes the version due now.
-
-        Copied here, between two optimizer steps, so the snapshot is one step's
-        model and not a mix of two; into the buffer of an earlier snapshot the store
-        is done with, when there is one (warm pages: a fraction of a fresh clone's cost).
-        """
+        """Hand a snapshot to the store when this node publishes the version due now (copied
+        here, between two optimizer steps, so it is one step's model and not a mix of two)."""
         version = self.store.publish_due(self.slot.step, final=final)
         if version is None or self._loop is None or self.phase != "running":
             return
-        # Only the training thread (this one) changes the optimizer state: no lock needed.
+        snap, step, state = self._snapshot()
+        self._loop.call_soon_threadsafe(self.store.start_publish, snap, version, step, state)
+
+    def _snapshot(self) -> tuple[FlatParams, int, FlatParams | None]:
+        """The model, its step and the optimizer state, copied together: on the training thread
+        between two steps (the only thread that changes the state), or once training is over.
+        Into the buffer of an earlier snapshot the store is done with, when there is one (warm
+        pages: a fraction of a fresh clone's cost)."""
         named = self.state_source() if self.state_source is not None else []
         state = FlatParams.copy_of(named) if named else None
         with self.slot.lock:
-            snap, self.store.spare = self.store.spare, None  # a buffer of an earlier snapshot
+            snap, self.store.spare = self.store.spare, None
             if snap is None:
                 snap = self.flat.clone()
             else:
                 snap.copy_(self.flat)
-            step = self.slot.step
-        self._loop.call_soon_threadsafe(self.store.start_publish, snap, version, step, state)
+            return snap, self.slot.step, state
 
     async def wait_for_members(self, count: int, timeout: float) -> bool:
         """Wait until ``count`` nodes (this one included) are alive; False on timeout."""

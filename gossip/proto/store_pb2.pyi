@@ -160,8 +160,16 @@ class StoreStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class AwaitedVersion(_message.Message):
+    __slots__ = ("version", "publisher")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    publisher: str
+    def __init__(self, version: _Optional[int] = ..., publisher: _Optional[str] = ...) -> None: ...
+
 class StoreStatusReply(_message.Message):
-    __slots__ = ("replication", "vnodes", "ring_share", "ring_members", "versions", "shards_held", "bytes_held", "under_replicated", "published", "repaired", "corrupt_dropped", "model_id", "publish_every", "shards_pending")
+    __slots__ = ("replication", "vnodes", "ring_share", "ring_members", "versions", "shards_held", "bytes_held", "under_replicated", "published", "repaired", "corrupt_dropped", "model_id", "publish_every", "shards_pending", "awaiting", "finished")
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     VNODES_FIELD_NUMBER: _ClassVar[int]
     RING_SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +184,8 @@ class StoreStatusReply(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLISH_EVERY_FIELD_NUMBER: _ClassVar[int]
     SHARDS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     replication: int
     vnodes: int
     ring_share: float
@@ -190,4 +200,6 @@ class StoreStatusReply(_message.Message):
     model_id: str
     publish_every: int
     shards_pending: int
-    def __init__(self, replication: _Optional[int] = ..., vnodes: _Optional[int] = ..., ring_share: _Optional[float] = ..., ring_members: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionHoldings, _Mapping]]] = ..., shards_held: _Optional[int] = ..., bytes_held: _Optional[int] = ..., under_replicated: _Optional[_Iterable[str]] = ..., published: _Optional[int] = ..., repaired: _Optional[int] = ..., corrupt_dropped: _Optional[int] = ..., model_id: _Optional[str] = ..., publish_every: _Optional[int] = ..., shards_pending: _Optional[int] = ...) -> None: ...
+    awaiting: _containers.RepeatedCompositeFieldContainer[AwaitedVersion]
+    finished: int
+    def __init__(self, replication: _Optional[int] = ..., vnodes: _Optional[int] = ..., ring_share: _Optional[float] = ..., ring_members: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionHoldings, _Mapping]]] = ..., shards_held: _Optional[int] = ..., bytes_held: _Optional[int] = ..., under_replicated: _Optional[_Iterable[str]] = ..., published: _Optional[int] = ..., repaired: _Optional[int] = ..., corrupt_dropped: _Optional[int] = ..., model_id: _Optional[str] = ..., publish_every: _Optional[int] = ..., shards_pending: _Optional[int] = ..., awaiting: _Optional[_Iterable[_Union[AwaitedVersion, _Mapping]]] = ..., finished: _Optional[int] = ...) -> None: ...

@@ -88,6 +88,7 @@ class Repair:
         self.reserved = reserved  # bytes of shards being received
         self.push = push
         self.under_replicated: list[str] = []
+        self.after_round: Callable[[], None] = lambda: None  # what the store does after each round
         self._wake = asyncio.Event()
         self._rng = random.Random()
 
@@ -107,6 +108,7 @@ class Repair:
                 waiter.cancel()
             self._wake.clear()
             await self.round()
+            self.after_round()
 
     async def round(self) -> None:
         """One round of scrub, anti-entropy, pulls and handoff (see the module docstring)."""

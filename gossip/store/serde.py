@@ -281,6 +281,8 @@ def info_to_bytes(i: StoreInfo) -> bytes:
             model_id=i.model_id,
             publish_every=i.publish_every,
             shards_pending=i.shards_pending,
+            awaiting=[spb.AwaitedVersion(version=v, publisher=p) for v, p in i.awaiting],
+            finished=i.finished,
         )
     )
 
@@ -303,4 +305,6 @@ def info_from_bytes(data: bytes) -> StoreInfo:
         published=s.published,
         repaired=s.repaired,
         corrupt_dropped=s.corrupt_dropped,
+        awaiting=[(a.version, a.publisher[:MAX_ID_CHARS]) for a in s.awaiting[:MAX_HOLDINGS]],
+        finished=s.finished,
     )

@@ -39,6 +39,7 @@ from gossip.store.shards import (
     StoreStats,
     describe,
 )
+from gossip.store.succession import Awaited
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, Channels, transfer_timeout
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ class StoreService:
         # A snapshot buffer the store is done with: the node copies its next snapshot into
         # it instead of allocating (and page-faulting) a new one on the training thread.
         self.spare: FlatParams | None = None
+        # Versions due from another publisher, and how to take this node's own snapshot
+        # (model, step, optimizer state; None while it trains) to finish one whose publisher
+        # went silent (gossip.store.succession).
+        self.awaited = Awaited(config.keep_versions)
+        self.snapshot_source: Callable[[], tuple[FlatParams, int, FlatParams | None] | None] | None = None
         self._spawn: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.ensure_future
         self.repair = Repair(
             node_id,
@@ -114,6 +120,7 @@ class StoreService:
             reserved=lambda: self.reserved,
             push=self.push_shard,
         )
+        self.repair.after_round = self.finish_abandoned
 
     # --- lifecycle and view ----------------------------------------------------------
 
@@ -162,7 +169,34 @@ class StoreService:
             return None
         else:
             version = step // every
-        return version if self.placement.publisher(self.model_id, version) == self.node_id else None
+        publisher = self.placement.publisher(self.model_id, version)
+        if publisher is not None and publisher != self.node_id:
+            self.awaited.expect(version, publisher)
+        return version if publisher == self.node_id else None
+
+    def finish_abandoned(self) -> None:
+        """Publish the newest awaited version whose publisher went silent, when this node owns it
+        now and has finished training (event loop thread; see gossip.store.succession)."""
+        kept = self.store.kept(self.model_id)
+        due = self.awaited.settle(
+            lambda v: self.store.manifest(self.model_id, v) is not None,
+            kept[0].version if kept else None,
+            lambda v: self.placement.publisher(self.model_id, v),
+            self.node_id,
+        )
+        if due is None or self.snapshot_source is None or self.publishing:
+            return
+        taken = self.snapshot_source()
+        if taken is None:
+            return  # still training: the next version supersedes the missing one
+        version, silent = due
+        flat, step, state = taken
+        self.awaited.taken(version)
+        self.stats.finished += 1
+        log.warning(
+            "publishing v%d (step %d) in place of %s, which went silent before it did", version, step, silent
+        )
+        self.start_publish(flat, version, step, state)
 
     def start_publish(
         self, flat: FlatParams, version: int, step: int, state: FlatParams | None = None
@@ -403,4 +437,6 @@ class StoreService:
             published=self.stats.published,
             repaired=self.stats.repaired,
             corrupt_dropped=self.store.corrupt_dropped,
+            awaiting=self.awaited.pending(),
+            finished=self.stats.finished,
         )

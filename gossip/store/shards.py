@@ -85,6 +85,8 @@ class StoreInfo:
     published: int
     repaired: int
     corrupt_dropped: int
+    awaiting: list[tuple[int, str]] = field(default_factory=list)  # (version, publisher) due, not yet held
+    finished: int = 0  # versions published in place of a publisher that went silent
 
     def to_json(self) -> dict[str, Any]:
         """The ``store`` part of ``gossip status --json``."""
@@ -114,6 +116,8 @@ class StoreInfo:
             "published": self.published,
             "repaired": self.repaired,
             "corrupt_dropped": self.corrupt_dropped,
+            "awaiting": [{"version": v, "publisher": p} for v, p in self.awaiting],
+            "finished": self.finished,
         }
 
 
@@ -124,6 +128,7 @@ class StoreStats:
     repaired: int = 0  # shards pulled to restore a copy this node owns
     handed_off: int = 0  # copies dropped once every new owner held them
     bad_replicas_seen: int = 0  # peers' copies that did not hash to their digest
+    finished: int = 0  # versions published here in place of a publisher that went silent
 
 
 @dataclass
