@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from gossip.cluster.zygote import ForkedProcess, Zygote
 from gossip.config import GossipConfig, SimulateConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class Cluster:
     def __init__(self, sim: SimulateConfig, train: TrainConfig, gossip: GossipConfig, out: Path) -> None:
         self.sim, self.train, self.gossip, self.out = sim, train, gossip, out
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: dict[int, subprocess.Popen[bytes] | ForkedProcess] = {}
+        # Nodes are forked from one process that has imported torch once (gossip.cluster.zygote);
+        # GOSSIP_FORK_NODES=0 starts each as a process of its own, imports and all.
+        self.zygote = Zygote() if os.environ.get("GOSSIP_FORK_NODES", "1") != "0" else None
         self.logs: dict[int, Any] = {}
         self.killed: list[int] = []
         # Per rank, per incarnation (0 = the first process, then one per restart):
@@ -159,6 +163,10 @@ class Cluster:
         fh.write(header.encode())
         fh.flush()
         self.logs[rank] = fh
+        if self.zygote is not None:
+            assert cmd[1:3] == ["-m", "gossip"], cmd
+            self.procs[rank] = self.zygote.spawn(cmd[3:], fh.name, env)
+            return
         self.procs[rank] = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
@@ -282,6 +290,8 @@ class Cluster:
                 p.wait()
         for fh in self.logs.values():
             fh.close()
+        if self.zygote is not None:
+            self.zygote.close()
         log.info("nodes stopped in %.1f s", time.monotonic() - t0)
 
     def kill(self, ranks: list[int]) -> None:

@@ -79,6 +79,14 @@ _ARMED = parse(os.environ.get(ENV, ""))
 _hits: dict[str, int] = {}
 
 
+def rearm() -> None:
+    """Read ``GOSSIP_FAILPOINTS`` again: a node forked from a process that imported this
+    module (gossip.cluster.zygote) with another environment arms its own points."""
+    global _ARMED
+    _ARMED = parse(os.environ.get(ENV, ""))
+    _hits.clear()
+
+
 def armed() -> dict[str, int]:
     """The armed points and the hit each kills at (empty in a normal run)."""
     return dict(_ARMED)

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from gossip.cluster.zygote import ForkedProcess, Zygote
 from gossip.observe.status import fetch_status
 
 START_TIMEOUT = 120.0  # imports and the dataset on a loaded 2-core machine
@@ -30,7 +31,7 @@ STATUS_TIMEOUT = 10.0
 @dataclass
 class NodeProc:
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | ForkedProcess
     workdir: Path
     logfile: IO[bytes]
     address: str = ""
@@ -72,9 +73,13 @@ class NodeProc:
 
 
 class Launcher:
+    """Starts ``gossip node`` processes as ``gossip simulate`` does: forked from a zygote that
+    imported torch once (gossip.cluster.zygote), each a process of its own with its own pid."""
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[NodeProc] = []
+        self.zygote = Zygote()
 
     def start(
         self, name: str, *args: str, peers: str | None = None, env: Mapping[str, str] | None = None
@@ -89,9 +94,7 @@ class Launcher:
         logfile = (self.workdir / f"{name}.log").open("wb")
         full_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         full_env.update(env or {})
-        popen = subprocess.Popen(
-            cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env
-        )
+        popen = self.zygote.spawn(cmd[3:], logfile.name, full_env)
         proc = NodeProc(name, popen, self.workdir, logfile)
         self.procs.append(proc)
         return proc
@@ -113,6 +116,7 @@ class Launcher:
         for p in self.procs:
             p.popen.wait(30)
             p.logfile.close()
+        self.zygote.close()
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
