@@ -285,9 +285,11 @@ def test_sigkill_mid_exchange_leaves_the_survivor_sound(case: Case, survivors: S
         needles = (f"push from {v.name} ended before it was whole",)
     # A pairwise caller streams its payload before it reads the answer, so it may die
     # mid-stream in a call the survivor declined as busy (its slot still held by the last
-    # exchange until its next step). Only the two of them talk: the survivor declined one
-    # more call than the victim had read busy answers for exactly then; nothing was opened.
-    declined = case.strategy == "pairwise" and s.status()["exchanges_declined"] > fp["busy_replies"]
+    # exchange until its next step). Only the two of them talk in this case: the survivor
+    # declined one more call (since the case began: earlier victims of its group had their
+    # own) than the victim had read busy answers for exactly then; nothing was opened.
+    declined_now = s.status()["exchanges_declined"] - before["exchanges_declined"]
+    declined = case.strategy == "pairwise" and declined_now > fp["busy_replies"]
     if case.role == "callee" or (case.point not in TAKEN | NOT_OPENED and not declined):
         ended = wait_for_line(s, t_kill, needles, DEADLINE + SLACK + 10.0)
         assert ended - t_kill <= DEADLINE + SLACK, (ended - t_kill, s.tail())
