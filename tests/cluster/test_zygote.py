@@ -29,49 +29,41 @@ def wait_ready(path: Path, timeout: float = 60.0) -> str:
     return str(json.loads(path.read_text())["address"])
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_forked_nodes_are_processes_of_their_own_ended_and_reported_like_popen(tmp_path: Path) -> None:
     zygote = Zygote()
     try:
         env = dict(os.environ)
         a = zygote.spawn(node_argv(tmp_path, "a"), str(tmp_path / "a.log"), env)
         b = zygote.spawn(node_argv(tmp_path, "b"), str(tmp_path / "b.log"), env)
-        wait_ready(tmp_path / "a.ready")
-        wait_ready(tmp_path / "b.ready")
-
-        assert a.pid != b.pid and a.poll() is None and b.poll() is None
-        # Its own output, not the zygote's (its own environment: the failpoint test below).
-        assert (
-            os.readlink(f"/proc/{a.pid}/fd/2")
-            == os.readlink(f"/proc/{a.pid}/fd/1")
-            == str(tmp_path / "a.log")
-        )
-
-        a.kill()
-        assert a.wait(30) == -signal.SIGKILL
-        b.send_signal(signal.SIGTERM)  # a node leaves gracefully on SIGTERM, as when started on its own
-        assert b.wait(60) == 0
-        with pytest.raises(subprocess.TimeoutExpired):
-            zygote.spawn(node_argv(tmp_path, "c"), str(tmp_path / "c.log"), env).wait(0.2)
-    finally:
-        zygote.close()
-
-
-@pytest.mark.timeout(120)
-def test_bad_input_is_one_line_and_exit_2_and_closing_the_zygote_stops_its_nodes(tmp_path: Path) -> None:
-    zygote = Zygote()
-    try:
-        bad = zygote.spawn(["node", "--replication", "0"], str(tmp_path / "bad.log"), dict(os.environ))
+        running = zygote.spawn(node_argv(tmp_path, "r"), str(tmp_path / "r.log"), env)
+        # Bad input, as a process of its own says it: one line, exit 2; its own environment
+        # (a failpoint that does not exist) is read, not the zygote's.
+        bad = zygote.spawn(["node", "--replication", "0"], str(tmp_path / "bad.log"), env)
         failpoint = zygote.spawn(
-            node_argv(tmp_path, "f"), str(tmp_path / "f.log"), dict(os.environ, GOSSIP_FAILPOINTS="nope=kill")
+            node_argv(tmp_path, "f"), str(tmp_path / "f.log"), dict(env, GOSSIP_FAILPOINTS="nope=kill")
         )
-        running = zygote.spawn(node_argv(tmp_path, "r"), str(tmp_path / "r.log"), dict(os.environ))
         assert bad.wait(60) == 2 and failpoint.wait(60) == 2
         for name in ("bad", "f"):
             lines = (tmp_path / f"{name}.log").read_text().splitlines()
             assert len(lines) == 1 and lines[0].startswith("gossip node: "), lines
         assert "unknown failpoint 'nope'" in (tmp_path / "f.log").read_text()
-        wait_ready(tmp_path / "r.ready")
+        for name in ("a", "b", "r"):
+            wait_ready(tmp_path / f"{name}.ready")
+
+        assert len({a.pid, b.pid, running.pid}) == 3 and a.poll() is None and b.poll() is None
+        # Its own output, not the zygote's.
+        assert (
+            os.readlink(f"/proc/{a.pid}/fd/2")
+            == os.readlink(f"/proc/{a.pid}/fd/1")
+            == str(tmp_path / "a.log")
+        )
+        a.kill()
+        assert a.wait(30) == -signal.SIGKILL
+        b.send_signal(signal.SIGTERM)  # a node leaves gracefully on SIGTERM, as when started on its own
+        assert b.wait(60) == 0
+        with pytest.raises(subprocess.TimeoutExpired):
+            running.wait(0.2)
     finally:
         zygote.close()
     assert running.poll() == 0  # SIGTERM from the zygote once its launcher let go: a graceful leave
