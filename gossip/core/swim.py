@@ -8,8 +8,10 @@ variant follows SWIM (Das, Gupta, Motivala, DSN 2002) as memberlist runs it
 
 - **Failure detection by probes.** Each round a node probes one member, taking
   them in a shuffled round-robin order, so every member is probed by someone about
-  once a round and by each node within N rounds. An answer is a sign of life; a
-  probe that fails makes the member *suspect* (this node's claim, spread like any
+  once a round and by each node within N rounds. An answer is a sign of life. A
+  probe that fails is tried again through ``INDIRECT_PROBES`` other members (SWIM's
+  ping-req: a path between two nodes may fail while the member is fine); when none of
+  them reaches it either, the member is *suspect* (this node's claim, spread like any
   news). A suspect member is declared *dead* when it has not refuted the claim
   within the suspicion timeout.
 - **Refutation.** A node that hears a claim that it is suspect or dead answers it
@@ -53,6 +55,9 @@ SUSPICION_ROUNDS = 4
 FULL_SYNC_ROUNDS = 60
 FULL_SYNC_ROUNDS_PER_MEMBER = 2
 FIRST_FULL_SYNCS = 3
+# Members asked to probe a member that did not answer this node's own probe, before it is
+# suspected (SWIM's ping-req; memberlist's IndirectChecks is 3).
+INDIRECT_PROBES = 3
 
 _RANK = {"alive": 0, "suspect": 1, "dead": 2, "left": 3}
 
@@ -177,6 +182,13 @@ class Swim(Membership):
             self._order = [n for n, m in self.members.items() if m.state in ("alive", "suspect")]
             rng.shuffle(self._order)
         return None
+
+    def helpers(self, node_id: str, rng: random.Random, k: int = INDIRECT_PROBES) -> list[MemberRecord]:
+        """Up to ``k`` alive members other than ``node_id``, drawn at random: whom to ask to probe
+        it when it did not answer this node (a path between two nodes can fail while the
+        member is fine)."""
+        alive = [m for n, m in self.members.items() if n != node_id and m.state == "alive"]
+        return rng.sample(alive, min(k, len(alive)))
 
     def answered(self, node_id: str) -> None:
         """A direct sign of life from ``node_id`` (it answered a probe, or probed this node)."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gossip.config import NodeConfig
-from gossip.core.errors import PeerError
+from gossip.core.errors import PeerError, Refused
 from gossip.core.membership import MemberRecord, Membership
 from gossip.core.swim import Swim
 from gossip.transport import serde
@@ -63,6 +63,7 @@ class Members:
         self.channels = channels
         self.rng = rng
         self.on_join = on_join  # a member is new or came back (alive)
+        self.indirect_saves = 0  # failed probes another member's probe answered (swim)
 
     @property
     def me(self) -> MemberRecord:
@@ -194,11 +195,36 @@ class Members:
         except PeerError as exc:
             log.debug("member sync with %s failed: %s", address, exc.code)
             if self.swim is not None and node_id:
-                self.swim.probe_failed(node_id)
+                await self._probe_indirectly(node_id, address)
         except WireError as exc:
             log.warning("bad member table from %s: %s", address, exc)
         finally:
             syncing.discard(address)
+
+    async def _probe_indirectly(self, node_id: str, address: str) -> None:
+        """Ask a few other members to probe ``node_id``; suspect it only if none reaches it."""
+        assert self.swim is not None
+        request = serde.probe_to_bytes(node_id, address)
+
+        async def ask(helper: MemberRecord) -> bool:
+            try:
+                reply = await self.channels.unary(
+                    helper.address, GOSSIP + "Probe", request, self.config.rpc_timeout
+                )
+                return serde.probe_reply_from_bytes(reply)
+            except (PeerError, WireError):
+                return False
+
+        helpers = self.swim.helpers(node_id, self.rng)
+        reached = await asyncio.gather(*(ask(h) for h in helpers))
+        if any(reached):
+            log.debug(
+                "member %s answered %d of %d others, not this node", node_id, sum(reached), len(helpers)
+            )
+            self.swim.answered(node_id)
+            self.indirect_saves += 1
+        else:
+            self.swim.probe_failed(node_id)
 
     async def leave(self) -> None:
         """Tell every member not known dead that this life of the node is over."""
@@ -219,6 +245,23 @@ class Members:
         what we claim of the caller, unless it sent its whole table)."""
         sender, full = self.merge(request)
         return self.encoded(full, sender)
+
+    async def on_probe(self, request: bytes) -> bytes:
+        """Probe a member of this node's table for another node (swim's ping-req): the answer
+        says whether it answered. A node or an address this table does not hold is refused:
+        a peer cannot make this node dial anywhere."""
+        node_id, address = serde.probe_from_bytes(request)
+        m = self.table.members.get(node_id)
+        if m is None or m.address != address or m.state not in ("alive", "suspect"):
+            raise Refused("FAILED_PRECONDITION", f"{node_id!r:.80} at {address!r:.80} is not a member here")
+        try:
+            reply = await self.channels.unary(
+                address, GOSSIP + "Sync", self.encoded(False, node_id), self.config.rpc_timeout / 2
+            )
+            self.merge(reply)
+        except (PeerError, WireError):
+            return serde.probe_reply_to_bytes(False)
+        return serde.probe_reply_to_bytes(True)
 
     async def on_leave(self, request: bytes) -> bytes:
         node_id, incarnation = serde.leave_from_bytes(request)

@@ -41,6 +41,9 @@ def methods(
     async def leave(request: bytes) -> bytes:
         return await members().on_leave(request)
 
+    async def probe(request: bytes) -> bytes:
+        return await members().on_probe(request)
+
     async def status(request: bytes) -> bytes:
         return serde.status_to_bytes(status_now())
 
@@ -50,5 +53,6 @@ def methods(
         "Join": unary(sync),
         "Sync": unary(sync),
         "Leave": unary(leave),
+        "Probe": unary(probe),
         "Status": unary(status),
     }

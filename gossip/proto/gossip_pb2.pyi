@@ -231,3 +231,17 @@ class StatusReply(_message.Message):
     pipeline: str
     control_calls: _containers.ScalarMap[str, int]
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ..., training: _Optional[bool] = ..., resting: _Optional[bool] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., evals: _Optional[int] = ..., last_delta_norm: _Optional[float] = ..., exchange_seconds_bounds: _Optional[_Iterable[float]] = ..., exchange_seconds_buckets: _Optional[_Iterable[int]] = ..., exchange_seconds_sum: _Optional[float] = ..., exchanged_with: _Optional[_Mapping[str, int]] = ..., calls_refused: _Optional[int] = ..., calls_delayed: _Optional[int] = ..., sample: _Optional[_Iterable[float]] = ..., max_send_rate: _Optional[float] = ..., paced_bytes: _Optional[int] = ..., paced_wait_seconds: _Optional[float] = ..., pipeline: _Optional[str] = ..., control_calls: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("node_id", "address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("reached",)
+    REACHED_FIELD_NUMBER: _ClassVar[int]
+    reached: bool
+    def __init__(self, reached: _Optional[bool] = ...) -> None: ...

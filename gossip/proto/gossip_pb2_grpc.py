@@ -64,6 +64,11 @@ class GossipStub:
                 request_serializer=gossip_dot_proto_dot_gossip__pb2.Empty.SerializeToString,
                 response_deserializer=gossip_dot_proto_dot_gossip__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/gossip.proto.Gossip/Probe',
+                request_serializer=gossip_dot_proto_dot_gossip__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=gossip_dot_proto_dot_gossip__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class GossipServicer:
@@ -111,6 +116,12 @@ class GossipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GossipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +154,11 @@ def add_GossipServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=gossip_dot_proto_dot_gossip__pb2.Empty.FromString,
                     response_serializer=gossip_dot_proto_dot_gossip__pb2.StatusReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=gossip_dot_proto_dot_gossip__pb2.ProbeRequest.FromString,
+                    response_serializer=gossip_dot_proto_dot_gossip__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +323,33 @@ class Gossip:
             '/gossip.proto.Gossip/Status',
             gossip_dot_proto_dot_gossip__pb2.Empty.SerializeToString,
             gossip_dot_proto_dot_gossip__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gossip.proto.Gossip/Probe',
+            gossip_dot_proto_dot_gossip__pb2.ProbeRequest.SerializeToString,
+            gossip_dot_proto_dot_gossip__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

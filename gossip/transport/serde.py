@@ -127,6 +127,29 @@ def leave_from_bytes(data: bytes) -> tuple[str, int]:
 EMPTY = encode(pb.Empty())
 
 
+def probe_to_bytes(node_id: str, address: str) -> bytes:
+    return encode(pb.ProbeRequest(node_id=node_id, address=address))
+
+
+def probe_from_bytes(data: bytes) -> tuple[str, str]:
+    """(node id, address) of the member to probe; WireError unless both could be a member's."""
+    msg = parse(pb.ProbeRequest(), data)
+    assert isinstance(msg, pb.ProbeRequest)
+    if not 0 < len(msg.node_id) <= MAX_ID_CHARS or not dialable(msg.address):
+        raise WireError("a probe request names a node id and a HOST:PORT address")
+    return msg.node_id, msg.address
+
+
+def probe_reply_to_bytes(reached: bool) -> bytes:
+    return encode(pb.ProbeReply(reached=reached))
+
+
+def probe_reply_from_bytes(data: bytes) -> bool:
+    msg = parse(pb.ProbeReply(), data)
+    assert isinstance(msg, pb.ProbeReply)
+    return msg.reached
+
+
 def push_ack_to_bytes(accepted: bool) -> bytes:
     return encode(pb.PushAck(accepted=accepted))
 

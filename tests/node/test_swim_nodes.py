@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import pytest
 import torch
 
 from gossip.config import NodeConfig, StoreConfig
+from gossip.core.errors import PeerError
 from gossip.core.membership import MembershipConfig
 from gossip.core.params import FlatParams, Layout
 from gossip.node.node import Node
 from gossip.transport import serde
+from gossip.transport.channels import GOSSIP
 from tests.support.inproc import wait_until
 
 SWIM = MembershipConfig(interval=0.1, suspect_after=0.5, dead_after=1.5, member_protocol="swim")
@@ -103,5 +106,60 @@ def test_a_suspicion_travels_to_the_member_which_refutes_it_over_the_wire() -> N
 
             await wait_until(lambda: b.me.heartbeat >= 1, 20, "s2 to hear the claim and refute it")
             await wait_until(lambda: states(nodes, "s2") == {"alive"}, 20, "the refutation everywhere")
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_member_one_node_cannot_reach_is_probed_through_others_and_not_suspected() -> None:
+    async def main() -> None:
+        async with cluster(4) as nodes:
+            for node in nodes:
+                assert await node.wait_for_members(4, 30.0)
+            a, c = nodes[0], nodes[2]
+            assert a.members is not None and a.members.swim is not None
+            # The path from a to c fails (a link down one way, a firewall): a's own calls to c
+            # are refused before they leave; everyone else reaches c, and c reaches a.
+            direct = a.members.channels.unary
+
+            async def unary(address: str, method: str, request: bytes, timeout: float) -> bytes:
+                if address == c.address:
+                    raise PeerError(address, "UNAVAILABLE", "the path from a to c is down")
+                return await direct(address, method, request, timeout)
+
+            a.members.channels.unary = unary  # type: ignore[method-assign]
+            await wait_until(
+                lambda: a.members is not None and a.members.indirect_saves >= 3, 30, "probes of c"
+            )
+            # Probed through the others each time a's own probe failed: never suspected.
+            assert states(nodes, c.node_id) == {"alive"} and c.members is not None
+            assert c.members.me.heartbeat == 0  # nothing to refute: no claim was ever made
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_probe_request_reaches_only_members_and_says_whether_they_answered() -> None:
+    async def main() -> None:
+        async with cluster(3) as nodes:
+            for node in nodes:
+                assert await node.wait_for_members(3, 30.0)
+            helper, target = nodes[1], nodes[2]
+
+            async def probe(node_id: str, address: str) -> bool:
+                reply = await nodes[0].channels.unary(
+                    helper.address, GOSSIP + "Probe", serde.probe_to_bytes(node_id, address), 5.0
+                )
+                return serde.probe_reply_from_bytes(reply)
+
+            assert await probe(target.node_id, target.address) is True
+            # Not a member here, or not at that address: refused, and nothing is dialled.
+            for node_id, address in (("x9", target.address), (target.node_id, "127.0.0.1:1")):
+                with pytest.raises(PeerError) as err:
+                    await probe(node_id, address)
+                assert err.value.code == "FAILED_PRECONDITION"
+            with pytest.raises(PeerError) as err:
+                await probe("", "nowhere")
+            assert err.value.code == "INVALID_ARGUMENT"
+            await target.stop(leave=False)
+            assert await probe(target.node_id, target.address) is False
 
     asyncio.run(asyncio.wait_for(main(), 90))

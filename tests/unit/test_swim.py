@@ -14,7 +14,7 @@ import random
 import pytest
 
 from gossip.core.membership import MemberRecord, MembershipConfig
-from gossip.core.swim import MAX_NEWS, RETRANSMIT, Swim
+from gossip.core.swim import INDIRECT_PROBES, MAX_NEWS, RETRANSMIT, Swim
 
 CONFIG = MembershipConfig(interval=0.5, suspect_after=4.0, dead_after=10.0, member_protocol="swim")
 
@@ -129,6 +129,24 @@ def test_the_probe_order_takes_every_member_not_known_dead_once_per_pass() -> No
         assert sorted(m.node_id for m in one_pass if m is not None) == [
             f"n{i}" for i in (1, 2, 3, 4, 6, 7, 8)
         ]
+
+
+def test_indirect_probes_go_through_up_to_three_alive_members_other_than_the_target() -> None:
+    clock = Clock()
+    a = table(0, clock)
+    a.merge([rec(i) for i in range(1, 7)])
+    a.probe_failed("n2")  # suspect: not asked to help
+    a.merge([rec(5, 0, "dead")])
+    rng = random.Random(1)
+
+    for _ in range(20):
+        helpers = [m.node_id for m in a.helpers("n3", rng)]
+        assert len(helpers) == INDIRECT_PROBES == len(set(helpers))
+        assert set(helpers) <= {"n1", "n4", "n6"}
+    b = table(0, clock)
+    b.merge([rec(1), rec(2)])
+    assert [m.node_id for m in b.helpers("n1", rng)] == ["n2"]  # fewer members, fewer helpers
+    assert table(0, clock).helpers("n1", rng) == []
 
 
 def test_a_paused_node_discounts_the_suspicions_it_could_not_hear_refuted() -> None:
