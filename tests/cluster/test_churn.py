@@ -29,9 +29,11 @@ EPOCHS = 8
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """One short run under heavy churn (40 arrivals/s, one node down at a time), shared below."""
+    """One short run under heavy churn (40 arrivals/s, one node down at a time), shared below, with
+    swim membership: restarted nodes (new incarnations) rejoin through probes and news."""
     out = tmp_path_factory.mktemp("churn") / "run"
     args = ["--nodes", str(NODES), "--epochs", str(EPOCHS), "--churn", "600", "--churn-downtime", "0.5"]
+    args += ["--member-protocol", "swim"]  # heartbeat rejoins: test_faults and the lab
     return run_simulate(out, *args, timeout=200), out
 
 
