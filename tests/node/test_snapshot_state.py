@@ -47,6 +47,24 @@ def one_step(trainer: LocalTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
     trainer.optimizer.step()
 
 
+async def publish_version_1(node: Node, trainer: LocalTrainer) -> dict[str, Any]:
+    """Train 3 steps with the trainer's state in the node's snapshots; what version 1 was cut from."""
+    node.state_source = trainer.snapshot_state
+    at_publish: dict[str, Any] = {}
+
+    def train() -> None:
+        for _ in range(3):
+            trainer.step()
+            if trainer.step_count == 3:
+                at_publish["model"] = copy.deepcopy(trainer.model)
+                at_publish["momentum"] = [b.clone() for b in trainer.optimizer.buffers if b is not None]
+            node.step()
+
+    await asyncio.to_thread(train)
+    await wait_until(lambda: node.store.store.manifest("m", 1) is not None, 20, "version 1")
+    return at_publish
+
+
 def run(coro: Any, timeout: float = 60.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -58,21 +76,7 @@ def test_a_node_started_from_a_snapshot_resumes_the_publishers_momentum_and_buff
         trainer = LocalTrainer(a, x, y, TRAIN, seed=0)
         cfg = NodeConfig(node_id="n0", membership=SLOW, store=STORE)
         async with Node.around(a, cfg, seed=0) as node:
-            node.state_source = trainer.snapshot_state
-            at_publish: dict[str, Any] = {}
-
-            def train() -> None:
-                for _ in range(3):
-                    trainer.step()
-                    if trainer.step_count == 3:  # what version 1 is cut from
-                        at_publish["model"] = copy.deepcopy(a)
-                        at_publish["momentum"] = [
-                            b.clone() for b in trainer.optimizer.buffers if b is not None
-                        ]
-                    node.step()
-
-            await asyncio.to_thread(train)
-            await wait_until(lambda: node.store.store.manifest("m", 1) is not None, 20, "version 1")
+            at_publish = await publish_version_1(node, trainer)
             rebuilt = await fetch_snapshot(node.address, "m", version=1)
             state = rebuilt.optimizer_state()
             names = {n for n, p in a.named_parameters()}
@@ -117,15 +121,7 @@ def test_state_the_model_cannot_hold_is_refused_and_the_model_is_left_as_it_was(
         trainer = LocalTrainer(a, x, y, TRAIN, seed=0)
         cfg = NodeConfig(node_id="n0", membership=SLOW, store=STORE)
         async with Node.around(a, cfg, seed=0) as node:
-            node.state_source = trainer.snapshot_state
-
-            def train() -> None:
-                for _ in range(3):
-                    trainer.step()
-                    node.step()
-
-            await asyncio.to_thread(train)
-            await wait_until(lambda: node.store.store.manifest("m", 1) is not None, 20, "version 1")
+            await publish_version_1(node, trainer)
             # The same parameters, but no running statistics to put the snapshot's into.
             c = model(2, track=False)
             before = copy.deepcopy(c.state_dict())
