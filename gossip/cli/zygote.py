@@ -21,13 +21,19 @@ from gossip.cluster.zygote import STOP_GRACE
 _POLL_SECONDS = 0.05  # the zygote's wait between looks at its children and its pipe
 
 
-def _child(argv: list[str], log: str, env: Mapping[str, str], cwd: str) -> None:
+def _child(argv: list[str], log: str, env: Mapping[str, str], cwd: str, zygote: int) -> None:
     """In the forked child: become ``gossip node argv`` writing to ``log``; never returns."""
     code = 1
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        # What a fresh interpreter has: Ctrl-C a KeyboardInterrupt, a reset socket an
+        # EPIPE error rather than a death, SIGTERM and SIGCHLD their defaults.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         _term_with_parent()
+        if os.getppid() != zygote:  # it died before the line above: nobody would report this node
+            os._exit(1)
         os.chdir(cwd)
         fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(fd, 1)
@@ -39,6 +45,8 @@ def _child(argv: list[str], log: str, env: Mapping[str, str], cwd: str) -> None:
         os.environ.clear()
         os.environ.update(env)
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        if env.get("PYTHONUNBUFFERED"):  # read at interpreter start-up, which a fork skips
+            sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         import random
 
         import numpy as np
@@ -58,7 +66,7 @@ def _child(argv: list[str], log: str, env: Mapping[str, str], cwd: str) -> None:
             print_error(argv[0] if argv else "node", str(exc))
             code = 2
         except SystemExit as exc:  # argparse's usage errors
-            code = exc.code if isinstance(exc.code, int) else 2
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     except BaseException:
         import traceback
 
@@ -84,11 +92,16 @@ def _term_with_parent() -> None:
 
 def _serve() -> int:
     # What every node imports, loaded once here.
+    import gc
+
     import gossip.cli.commands
     import gossip.cli.main
     import gossip.cluster.runner  # noqa: F401
 
+    gc.collect()
+    gc.freeze()  # the imports' objects: no collection in a child touches (and copies) their pages
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the nodes and the launcher
+    zygote = os.getpid()
     children: set[int] = set()
     out = sys.stdout
     stdin = sys.stdin.buffer
@@ -127,11 +140,16 @@ def _serve() -> int:
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            req = json.loads(line)
-            out.flush()
-            pid = os.fork()
+            try:  # one bad request or failed fork must not end the nodes already running
+                req = json.loads(line)
+                argv, log, env, cwd = list(req["argv"]), str(req["log"]), dict(req["env"]), str(req["cwd"])
+                out.flush()
+                pid = os.fork()
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                report({"error": f"{type(exc).__name__}: {exc}"})
+                continue
             if pid == 0:
-                _child(list(req["argv"]), str(req["log"]), dict(req["env"]), str(req["cwd"]))
+                _child(argv, log, env, cwd, zygote)
             children.add(pid)
             report({"pid": pid})
     return 0

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from gossip.config import ConfigError, TrainConfig
-from gossip.core.layout import Layout
+from gossip.core.layout import Layout, LayoutError
 from gossip.observe.status import fetch_status
 from gossip.store.files import save
-from gossip.store.reconstruct import SnapshotUnavailable, fetch_snapshot
+from gossip.store.reconstruct import SnapshotUnavailable, check_state, fetch_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,11 @@ def rebuild_from(
         )
         if Layout.of_model(model).fingerprint() != m.fingerprint:
             return {**result, "rebuild_error": f"snapshot {m.key} is not a {train.model} model"}
-        # strict=False: a snapshot holds the trainable parameters, not buffers.
+        try:
+            check_state(rebuilt, model)
+        except LayoutError as exc:
+            return {**result, "rebuild_error": str(exc)}
+        # strict=False: a snapshot holds the trainable parameters and float buffers, not every buffer.
         model.load_state_dict(rebuilt.state_dict(), strict=False)
         with torch.no_grad():
             _, acc = test(model, ds.x_test, ds.y_test)

@@ -57,7 +57,8 @@ class Zygote:
     def __init__(self, start_timeout: float = 120.0) -> None:
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
-        self._pids: queue.Queue[int] = queue.Queue()
+        self._pids: queue.Queue[int | str] = queue.Queue()  # a pid, or why no child was forked
+        self._spawning = threading.Lock()
         self._codes: dict[int, int] = {}
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
@@ -77,27 +78,36 @@ class Zygote:
         return self._proc
 
     def _read(self, pipe: IO[bytes]) -> None:
-        for line in pipe:
-            msg = json.loads(line)
-            if "pid" in msg:
-                self._pids.put(int(msg["pid"]))
-            elif "exit" in msg:
-                with self._lock:
-                    self._codes[int(msg["exit"])] = int(msg["code"])
-        self.gone = True
-        self._pids.put(-1)  # the zygote is gone: wake a spawn waiting for a pid
+        try:
+            for line in pipe:
+                msg = json.loads(line)
+                if "pid" in msg:
+                    with self._lock:  # a new child may reuse the pid of one that ended
+                        self._codes.pop(int(msg["pid"]), None)
+                    self._pids.put(int(msg["pid"]))
+                elif "error" in msg:
+                    self._pids.put(str(msg["error"]))
+                elif "exit" in msg:
+                    with self._lock:
+                        self._codes[int(msg["exit"])] = int(msg["code"])
+        finally:
+            self.gone = True
+            self._pids.put(-1)  # the zygote is gone: wake a spawn waiting for a pid
 
     def spawn(self, argv: Sequence[str], log: str, env: Mapping[str, str]) -> ForkedProcess:
         """Fork ``gossip node`` with ``argv`` (after ``gossip``), its output appended to ``log``."""
-        proc = self._start()
-        assert proc.stdin is not None
-        try:
-            req = {"argv": list(argv), "log": log, "env": dict(env), "cwd": os.getcwd()}
-            proc.stdin.write((json.dumps(req) + "\n").encode())
-            proc.stdin.flush()
-            pid = self._pids.get(timeout=self.start_timeout)
-        except (OSError, queue.Empty) as exc:
-            raise ZygoteError(f"the node launcher did not answer: {exc}") from None
+        with self._spawning:  # answers come in the order of the requests
+            proc = self._start()
+            assert proc.stdin is not None
+            try:
+                req = {"argv": list(argv), "log": log, "env": dict(env), "cwd": os.getcwd()}
+                proc.stdin.write((json.dumps(req) + "\n").encode())
+                proc.stdin.flush()
+                pid = self._pids.get(timeout=self.start_timeout)
+            except (OSError, queue.Empty) as exc:
+                raise ZygoteError(f"the node launcher did not answer: {exc}") from None
+        if isinstance(pid, str):
+            raise ZygoteError(f"the node launcher could not start the node: {pid}")
         if pid < 0:
             raise ZygoteError(f"the node launcher exited with code {proc.poll()}")
         return ForkedProcess(pid, self)
@@ -129,6 +139,8 @@ class Zygote:
             proc.wait()
         if self._reader is not None:
             self._reader.join(timeout)
+        self._pids = queue.Queue()  # a later spawn starts a new zygote
+        self.gone = False
 
 
 class ForkedProcess:
@@ -156,7 +168,7 @@ class ForkedProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):  # ended; the zygote reports it
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # ended; the zygote reports it
                 os.kill(self.pid, sig)
 
     def terminate(self) -> None:

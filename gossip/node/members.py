@@ -258,10 +258,10 @@ class Members:
             reply = await self.channels.unary(
                 address, GOSSIP + "Sync", self.encoded(False, node_id), self.config.rpc_timeout / 2
             )
-            self.merge(reply)
+            sender, _ = self.merge(reply)
         except (PeerError, WireError):
             return serde.probe_reply_to_bytes(False)
-        return serde.probe_reply_to_bytes(True)
+        return serde.probe_reply_to_bytes(sender == node_id)  # not another process at that address
 
     async def on_leave(self, request: bytes) -> bytes:
         node_id, incarnation = serde.leave_from_bytes(request)

@@ -23,7 +23,7 @@ from functools import cached_property
 
 from gossip.config import MAX_SHARD_BYTES, MAX_STORE_ID_CHARS
 from gossip.core.errors import Refused
-from gossip.core.layout import STATE_PREFIXES, Layout, LayoutError
+from gossip.core.layout import STATE_BUFFER, STATE_PREFIXES, Layout, LayoutError
 from gossip.store import digests
 from gossip.store.digests import DIGEST_BYTES
 
@@ -174,6 +174,10 @@ class Manifest:
             raise StoreError("invalid", "manifest fingerprint does not match its layout")
         if state is not None and not all(e.name.startswith(STATE_PREFIXES) for e in state.entries):
             raise StoreError("invalid", f"state layout names must start with {' or '.join(STATE_PREFIXES)}")
+        if state is not None:
+            params = {e.name for e in layout.entries}
+            if any(e.name.removeprefix(STATE_BUFFER) in params for e in state.entries):
+                raise StoreError("invalid", "a buffer of the state layout has a parameter's name")
         nbytes = layout.nbytes + (state.nbytes if state is not None else 0)
         if nbytes != self.total_bytes:
             raise StoreError("invalid", f"layouts hold {nbytes} bytes, manifest says {self.total_bytes}")

@@ -110,7 +110,10 @@ class Rebuilt:
         m = self.manifest
         out = FlatParams.from_bytes(m.layout, self.data[: m.params_bytes]).state_dict()
         state = self.optimizer_state()
-        out.update((n.removeprefix(STATE_BUFFER), t) for n, t in state.items() if n.startswith(STATE_BUFFER))
+        # Copies: a view would take the whole state buffer, momentum included, into a torch.save.
+        out.update(
+            (n.removeprefix(STATE_BUFFER), t.clone()) for n, t in state.items() if n.startswith(STATE_BUFFER)
+        )
         return out
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
@@ -311,7 +314,7 @@ async def load_into(
             continue
         if rebuilt.manifest.fingerprint != Layout.of_model(model).fingerprint():
             raise LayoutError(f"snapshot {rebuilt.manifest.key} has another parameter layout than this model")
-        _check_state(rebuilt, model)
+        check_state(rebuilt, model)
         state = rebuilt.state_dict()
         buffers = dict(model.named_buffers())
         with torch.no_grad():
@@ -325,7 +328,7 @@ async def load_into(
     raise ConnectionError("; ".join(errors) or "no peer to ask")
 
 
-def _check_state(rebuilt: Rebuilt, model: torch.nn.Module) -> None:
+def check_state(rebuilt: Rebuilt, model: torch.nn.Module) -> None:
     """Every tensor of the snapshot's state must be one of ``model``'s, of the same shape and dtype."""
     from gossip.core.layout import LayoutError
 

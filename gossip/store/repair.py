@@ -108,7 +108,10 @@ class Repair:
                 waiter.cancel()
             self._wake.clear()
             await self.round()
-            self.after_round()
+            try:
+                self.after_round()
+            except Exception:  # the repair loop must outlive any one round's follow-up
+                log.exception("after a repair round")
 
     async def round(self) -> None:
         """One round of scrub, anti-entropy, pulls and handoff (see the module docstring)."""

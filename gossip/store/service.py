@@ -59,6 +59,7 @@ class _Job:
     version: int
     step: int
     state: FlatParams | None
+    finishing: bool = False  # in place of a silent publisher (gossip.store.succession)
 
 
 def snapshot_bytes(flat: FlatParams, state: FlatParams | None) -> memoryview:
@@ -186,20 +187,26 @@ class StoreService:
         )
         if due is None or self.snapshot_source is None or self.publishing:
             return
+        version, silent = due
+        if any(m[0] == silent for m in self.placement.view()):
+            return  # the owner changed because a member joined: the publisher is still there
         taken = self.snapshot_source()
         if taken is None:
             return  # still training: the next version supersedes the missing one
-        version, silent = due
         flat, step, state = taken
         self.awaited.taken(version)
-        self.stats.finished += 1
         log.warning(
             "publishing v%d (step %d) in place of %s, which went silent before it did", version, step, silent
         )
-        self.start_publish(flat, version, step, state)
+        self.start_publish(flat, version, step, state, finishing=True)
 
     def start_publish(
-        self, flat: FlatParams, version: int, step: int, state: FlatParams | None = None
+        self,
+        flat: FlatParams,
+        version: int,
+        step: int,
+        state: FlatParams | None = None,
+        finishing: bool = False,
     ) -> None:
         """Publish a snapshot copy (and the optimizer ``state`` copied with it) in the
         background (event loop thread).
@@ -211,16 +218,17 @@ class StoreService:
             if self._queued is not None:
                 log.info("skipping v%d: v%d is newer", self._queued.version, version)
                 self.spare = self._queued.flat
-            self._queued = _Job(flat, version, step, state)
+            self._queued = _Job(flat, version, step, state, finishing)
             return
         self.publishing = True
 
         async def run() -> None:
-            job: _Job | None = _Job(flat, version, step, state)
+            job: _Job | None = _Job(flat, version, step, state, finishing)
             try:
                 while job is not None:
                     try:
                         await self.publish(job.flat, job.version, job.step, state=job.state)
+                        self.stats.finished += job.finishing  # for a silent publisher, and placed
                     except PublishError as exc:
                         self.stats.publish_failed += 1
                         log.warning("snapshot v%d not published: %s", job.version, exc)

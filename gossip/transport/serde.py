@@ -266,7 +266,8 @@ def status_from_bytes(data: bytes) -> NodeStatus:
         exchanged_with=dict(s.exchanged_with),
         calls_refused=s.calls_refused,
         calls_delayed=s.calls_delayed,
-        control_calls=dict(s.control_calls),
+        # At most 64 names of 64 printable characters: what a peer says is printed as it is.
+        control_calls={k[:64]: v for k, v in list(s.control_calls.items())[:64] if k.isprintable()},
         sample=tuple(s.sample),
         max_send_rate=s.max_send_rate,
         paced_bytes=s.paced_bytes,

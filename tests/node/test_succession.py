@@ -52,8 +52,8 @@ def test_the_next_owner_publishes_a_version_its_silent_publisher_never_did() -> 
             )
             m = others[0].store.store.manifest("m", 1)
             assert m is not None and (m.publisher, m.step) == (heir_id, 5)
+            await wait_until(lambda: sum(n.store.stats.finished for n in others) == 1, 10, "the count")
             assert [n.store.stats.finished for n in others if n.node_id == heir_id] == [1]
-            assert sum(n.store.stats.finished for n in others) == 1
             await wait_until(lambda: all(not n.store.info().awaiting for n in others), 10, "nothing awaited")
             rebuilt = await fetch_snapshot(others[0].address, "m")
             assert rebuilt.manifest.version == 1

@@ -279,6 +279,15 @@ def test_a_manifest_without_state_keeps_the_identity_it_had() -> None:
             "bytes",
         ),
         ({"state_layout_json": "x" * ((2 << 20) + 1)}, "exceeds"),
+        (
+            {
+                "state_layout_json": json.dumps(
+                    [{"name": "buffer/w", "dtype": "float32", "shape": [5000], "offset": 0}]
+                ),
+                "total_bytes": 40_040,
+            },
+            "a parameter's name",
+        ),
     ],
 )
 def test_a_manifest_with_bad_state_is_refused_with_a_reason(change: dict[str, object], words: str) -> None:
