@@ -214,16 +214,17 @@ class StoreService:
         One publish at a time; while one runs, the newest snapshot due waits and
         an older waiting one is skipped (the store keeps the newest versions anyway).
         """
+        due = _Job(flat, version, step, state, finishing)
         if self.publishing:
             if self._queued is not None:
                 log.info("skipping v%d: v%d is newer", self._queued.version, version)
                 self.spare = self._queued.flat
-            self._queued = _Job(flat, version, step, state, finishing)
+            self._queued = due
             return
         self.publishing = True
 
         async def run() -> None:
-            job: _Job | None = _Job(flat, version, step, state, finishing)
+            job: _Job | None = due
             try:
                 while job is not None:
                     try:

@@ -120,6 +120,8 @@ class LocalTrainer:
         self.y = y
         self.cfg = cfg
         self.optimizer = MomentumSGD(list(model.parameters()), cfg.lr, cfg.momentum, cfg.weight_decay)
+        # The optimizer's parameters by name, in its order: how snapshots name momentum buffers.
+        self._param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         # Its own generator: the shuffle order depends on this seed only, not on
         # whatever else in the process draws from the global RNG.
         self._generator = torch.Generator().manual_seed(seed)
@@ -139,10 +141,9 @@ class LocalTrainer:
     def snapshot_state(self) -> list[tuple[str, Tensor]]:
         """What a snapshot carries next to the parameters: each momentum buffer the steps so far
         made, and the model's floating-point buffers (views, not copies)."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         out = [
             (STATE_MOMENTUM + n, b)
-            for n, b in zip(names, self.optimizer.buffers, strict=True)
+            for n, b in zip(self._param_names, self.optimizer.buffers, strict=True)
             if b is not None
         ]
         out += [(STATE_BUFFER + n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
@@ -153,9 +154,8 @@ class LocalTrainer:
         shapes already checked); returns how many were taken. Without momentum, none is."""
         if not self.optimizer.momentum:
             return 0
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         taken = 0
-        for i, n in enumerate(names):
+        for i, n in enumerate(self._param_names):
             buf = state.get(STATE_MOMENTUM + n)
             if buf is not None:
                 self.optimizer.set_buffer(i, buf)
