@@ -4,12 +4,17 @@ Row i of ``Simulator.params`` (n, d) is node i's flat model. One round is
 
     mixed = mix(params)                      # the strategy, on the round's snapshot
     outer step (if any): mixed <- anchor - lr * nesterov(anchor - mixed), anchor <- mixed
-    repeat local_steps: mixed -= lr * d_i    # d_i from node i's own minibatch
+    mixed -= lr * d_i(params)                # the first step: its gradient at the snapshot
     params = mixed
+    repeat local_steps - 1: params -= lr * d_i(params)
 
-so with one local step, synchronous mixing is D-PSGD, x <- W x - lr g(x), and
-every strategy has the delta semantics of the real nodes (an exchange moves a
-node by mixed(snapshot) - snapshot, on top of what training did meanwhile).
+where d_i is from node i's own minibatch. This is the order of a real node: its
+exchange runs beside the training step after its snapshot, and the result is
+applied between that step and the next, so that one step's gradient is taken at
+the snapshot and the other local_steps - 1 at the averaged model. With one local
+step, synchronous mixing is D-PSGD, x <- W x - lr g(x), and every strategy has
+the delta semantics of the real nodes (an exchange moves a node by
+mixed(snapshot) - snapshot, on top of what training did meanwhile).
 Per-node gradients come from ``torch.func`` (functional_call + grad + vmap)
 over all rows at once; momentum follows :class:`gossip.train.trainer.MomentumSGD`
 (buffers stay local, never mixed), and each node walks its own partition in
@@ -311,8 +316,11 @@ class Simulator:
         total = self.cfg.rounds * self.cfg.local_steps
         return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * self.steps / total))
 
-    def _local_step(self, target: Tensor, also_params: bool, active: Tensor | None) -> Tensor:
-        """One SGD step of every active node, at ``params``, added to ``target``; returns the losses."""
+    def _local_step(self, target: Tensor, active: Tensor | None) -> Tensor:
+        """One SGD step of every active node, at ``params``, added to ``target``; returns the losses.
+
+        ``target`` is the round's mixed models or ``params`` itself (each block of a
+        step's update is formed before it is added)."""
         cfg = self.cfg
         sample, valid = self.batches.next()
         xb, yb = self.dataset.x_train[sample], self.dataset.y_train[sample]
@@ -339,8 +347,6 @@ class Simulator:
             elif mask is not None:
                 d = d * mask
             target[:, cols].add_(d, alpha=-lr)
-            if also_params:
-                self.params[:, cols].add_(d, alpha=-lr)
         self.steps += 1
         return losses if active is None else losses[active]
 
@@ -355,13 +361,15 @@ class Simulator:
             self.bytes_sent += messages * bytes_per_message(self.dim)
         if self._outer is not None:
             self._outer_step(mixed, active)
-        h = self.cfg.local_steps
-        for s in range(h):
-            losses = self._local_step(mixed, s < h - 1, active)
+        for s in range(self.cfg.local_steps):
+            # The first step runs while the exchange is in flight: its gradient is at the
+            # snapshot, added to the mixed models; the rest start from the mixed models.
+            losses = self._local_step(mixed if s == 0 else self.params, active)
+            if s == 0:
+                self.params = mixed
             if losses.numel():
                 self._loss_sum += float(losses.mean())
                 self._loss_rounds += 1
-        self.params = mixed
         self.round += 1
 
     def _outer_step(self, mixed: Tensor, active: Tensor | None) -> None:
