@@ -88,7 +88,7 @@ class Repair:
         self.reserved = reserved  # bytes of shards being received
         self.push = push
         self.under_replicated: list[str] = []
-        self.after_round: Callable[[], None] = lambda: None  # what the store does after each round
+        self.after_round: Callable[[], Awaitable[None]] | None = None  # what the store does after each round
         self._wake = asyncio.Event()
         self._rng = random.Random()
 
@@ -109,7 +109,8 @@ class Repair:
             self._wake.clear()
             await self.round()
             try:
-                self.after_round()
+                if self.after_round is not None:
+                    await self.after_round()
             except Exception:  # the repair loop must outlive any one round's follow-up
                 log.exception("after a repair round")
 

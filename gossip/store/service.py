@@ -175,9 +175,10 @@ class StoreService:
             self.awaited.expect(version, publisher)
         return version if publisher == self.node_id else None
 
-    def finish_abandoned(self) -> None:
+    async def finish_abandoned(self) -> None:
         """Publish the newest awaited version whose publisher went silent, when this node owns it
-        now and has finished training (event loop thread; see gossip.store.succession)."""
+        now and has finished training (event loop; see gossip.store.succession). The model is
+        copied on a worker thread, not on the event loop."""
         kept = self.store.kept(self.model_id)
         due = self.awaited.settle(
             lambda v: self.store.manifest(self.model_id, v) is not None,
@@ -190,9 +191,11 @@ class StoreService:
         version, silent = due
         if any(m[0] == silent for m in self.placement.view()):
             return  # the owner changed because a member joined: the publisher is still there
-        taken = self.snapshot_source()
+        taken = await asyncio.to_thread(self.snapshot_source)
         if taken is None:
             return  # still training: the next version supersedes the missing one
+        if self.store.manifest(self.model_id, version) is not None:
+            return  # it arrived while the model was copied
         flat, step, state = taken
         self.awaited.taken(version)
         log.warning(
