@@ -65,12 +65,15 @@ STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
 def _setup_process(mallopt: bool) -> None:
     import torch
 
-    from gossip.config import GossipConfig
+    from gossip.config import GossipConfig, chunk_bytes_for, parse_rate
 
     global GOSSIP, RATE
-    chunk = int(os.environ.get("GOSSIP_CHUNK_BYTES", GossipConfig().chunk_bytes))
-    GOSSIP = GossipConfig(chunk_bytes=chunk, idle_pause=0.0)
     RATE = os.environ.get("GOSSIP_MAX_SEND_RATE", "")
+    # The nodes' chunk size, automatic as a node's (from RATE) unless set; the bare stream uses it too.
+    chunk = chunk_bytes_for(
+        int(os.environ.get("GOSSIP_CHUNK_BYTES", "0")), parse_rate(RATE) if RATE else None
+    )
+    GOSSIP = GossipConfig(chunk_bytes=chunk, idle_pause=0.0)
 
     import gossip.node.node  # noqa: F401  (everything a node imports, before the heap is frozen)
     from gossip.cluster.sysutil import freeze_heap, tune_malloc

@@ -38,7 +38,7 @@ MiB = 1 << 20
 def _party(name: str, value: float, numel: int, frame_bytes: int) -> Any:
     import torch
 
-    from gossip.config import GossipConfig
+    from gossip.config import GossipConfig, chunk_bytes_for
     from gossip.core.params import FlatParams, Layout
     from gossip.core.pipeline import Pipeline
     from gossip.node.protocol import Party
@@ -47,7 +47,14 @@ def _party(name: str, value: float, numel: int, frame_bytes: int) -> Any:
     flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(numel))]))
     flat.segments["float32"].fill_(value)
     slot = ExchangeSlot(flat, max_lag=1, frame_bytes=frame_bytes)
-    return Party(name, flat, slot, Pipeline(flat.layout, "raw"), GossipConfig(), lambda: True)
+    return Party(
+        name,
+        flat,
+        slot,
+        Pipeline(flat.layout, "raw"),
+        GossipConfig(chunk_bytes=chunk_bytes_for(0, None)),
+        lambda: True,
+    )
 
 
 async def _exchange(a: Any, b: Any) -> float:
@@ -80,10 +87,10 @@ def _correct(*parties: Any) -> bool:
 
 
 async def _run(mib: int, repeats: int, warmup: int) -> dict[str, Any]:
-    from gossip.config import GossipConfig
+    from gossip.config import chunk_bytes_for
 
     numel = mib * MiB // 4
-    chunk = GossipConfig().chunk_bytes
+    chunk = chunk_bytes_for(0, None)  # a node's chunk size without a send limit
     pairs = {
         "frames": (_party("a", 1.0, numel, chunk), _party("b", 3.0, numel, chunk)),
         "copy": (_party("a", 1.0, numel, 0), _party("b", 3.0, numel, 0)),

@@ -80,7 +80,10 @@ KNOBS: dict[str, tuple[str, str]] = {
     ),
     "max_lag": ("gossip", "steps a node may run ahead of its own exchange in flight before waiting for it"),
     "codec": ("gossip", "raw, fp16 or bf16 on the wire"),
-    "chunk_bytes": ("gossip", "stream chunk size in bytes"),
+    "chunk_bytes": (
+        "gossip",
+        "stream chunk size in bytes (0: auto, 4 MiB, or under --max-send-rate what that rate sends in 0.2 s)",
+    ),
     "exchange_timeout": ("gossip", "base deadline of one exchange in seconds"),
     "idle_pause": ("gossip", "after training: seconds between averaging-only exchanges at first (0: none)"),
     "rest_pause": ("gossip", "after training: the longest pause once exchanges no longer move the model"),

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gossip.config import ConfigError, NodeConfig
+from gossip.config import ConfigError, NodeConfig, chunk_bytes_for
 from gossip.core.choco import Choco, seed_of
 from gossip.core.membership import MemberRecord
 from gossip.core.outer import Outer
@@ -57,6 +57,9 @@ class Node:
     def __init__(self, flat: FlatParams, config: NodeConfig | None = None, seed: int | None = None) -> None:
         config = config or NodeConfig()
         config.validate()
+        if not config.gossip.chunk_bytes:  # automatic: resolved once, here
+            chunk = chunk_bytes_for(0, config.send_rate)
+            config = replace(config, gossip=replace(config.gossip, chunk_bytes=chunk))
         g = config.gossip
         self.flat = flat
         self.node_id = config.node_id or uuid.uuid4().hex[:12]

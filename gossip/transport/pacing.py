@@ -4,8 +4,8 @@
 and makes slow-link runs reproducible on one machine. Each frame (a chunk of an
 exchange, a push or a shard transfer, a control request or answer) waits for its
 turn on a virtual link of the given rate, then goes out whole: over any window of
-T seconds a node sends at most ``rate * T`` bytes plus one frame (a chunk is at most
-4 MiB; lower ``--chunk-bytes`` for smoother pacing).
+T seconds a node sends at most ``rate * T`` bytes plus one frame (a chunk: by default
+what the rate sends in 0.2 s, :func:`gossip.config.chunk_bytes_for`).
 """
 
 from __future__ import annotations

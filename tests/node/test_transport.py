@@ -327,3 +327,44 @@ def test_paced_nodes_exchange_at_their_send_rate_and_exactly() -> None:
 
     elapsed = run(main())
     assert elapsed >= 15 * (1 << 16) / rate * 0.99, elapsed  # a rate limit only ever slows
+
+
+def test_a_send_limit_picks_chunks_the_limit_sends_in_a_fifth_of_a_second() -> None:
+    """Automatic chunks under --max-send-rate 16mbit (2 MB/s): 256 KiB frames, not 4 MiB."""
+    n = 1 << 18  # 1 MiB of float32
+    sizes: list[int] = []
+
+    async def main() -> None:
+        b = await Node.create(_vector([3.0] * n), NodeConfig(node_id="b", max_send_rate="16mbit"))
+        a = await Node.create(
+            _vector([1.0] * n), NodeConfig(node_id="a", peers=(b.address,), max_send_rate="16mbit")
+        )
+        try:
+            assert a.config.gossip.chunk_bytes == b.config.gossip.chunk_bytes == 256 << 10
+            assert await a.wait_for_members(2, CALL_TIMEOUT)
+            peer = next(m for m in a.neighbours() if m.node_id == "b")
+            assert a.pacer is not None
+            take = a.pacer.take
+
+            async def spy(nbytes: int) -> None:
+                sizes.append(nbytes)
+                await take(nbytes)
+
+            a.pacer.take = spy  # type: ignore[method-assign]
+
+            def connect(address: str) -> Any:
+                return a.channels.stream(address, GOSSIP + "Exchange", a.party.deadline)
+
+            assert a.slot.claim_own(running=True)
+            try:
+                assert await pairwise.call(a.party, peer, connect) == "ok"
+            finally:
+                a.slot.own_finished()
+            assert torch.equal(a.flat.segments["float32"], torch.full((n,), 2.0))
+        finally:
+            await a.stop(leave=False)
+            await b.stop(leave=False)
+
+    run(main())
+    assert sum(s >= 256 << 10 for s in sizes) == 4, sizes  # the 1 MiB payload in four frames
+    assert max(sizes) <= (256 << 10) + 64, sizes

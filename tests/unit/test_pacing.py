@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gossip.config import ConfigError, NodeConfig, SimulateConfig
+from gossip.config import ConfigError, GossipConfig, NodeConfig, SimulateConfig, chunk_bytes_for
 from gossip.core.addresses import parse_rate
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, transfer_timeout
 from gossip.transport.pacing import SendPacer
@@ -41,6 +41,17 @@ def test_configs_check_the_rate() -> None:
         NodeConfig(max_send_rate="16").validate()
     with pytest.raises(ConfigError):
         SimulateConfig(max_send_rate="quick").validate()
+
+
+def test_without_a_send_limit_chunks_are_4_mib_and_a_set_size_is_kept() -> None:
+    assert chunk_bytes_for(0, None) == 4 << 20
+    assert chunk_bytes_for(0, parse_rate("50mbit")) == 1 << 20
+    assert chunk_bytes_for(0, parse_rate("100mbit")) == 2 << 20
+    assert chunk_bytes_for(0, parse_rate("1gbit")) == 4 << 20
+    assert chunk_bytes_for(0, parse_rate("1mbit")) == 64 << 10
+    assert chunk_bytes_for(8192, parse_rate("1gbit")) == 8192
+    with pytest.raises(ConfigError, match="0 \\(auto\\) or between"):
+        GossipConfig(chunk_bytes=100).validate()
 
 
 class FakeClock:
