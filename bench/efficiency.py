@@ -1,7 +1,7 @@
 """Bytes to target on the vectorised simulator: local steps, outer optimizer, compression.
 
     python bench/efficiency.py [--tasks digits,text] [--steps 150] [--nodes 32] [--strategy sync]
-        [--grid "H=1,10,50 outer=none,nesterov:0.7:0.9 compress=none,int8,topk:0.01+int8,sign gamma=0"]
+        [--grid "H=1,10,50 outer=none,nesterov:0.7:0.9 compress=none,int8,topk:0.01+int8,sign gamma=0,1"]
         [--seed 0] [--eval-steps K] [--batch B] [--context C] [--eval-samples N]
 
 Two tasks, each on ``--nodes`` simulated nodes (32) on the static exponential graph,
@@ -70,7 +70,8 @@ GRID = {
     "H": ["1", "10", "50"],
     "outer": ["none", "nesterov:0.7:0.9"],
     "compress": ["none", "int8", "topk:0.01+int8", "sign"],
-    "gamma": ["0"],
+    # The compressors' default steps (fitted to pure consensus) and 1, which training liked.
+    "gamma": ["0", "1"],
 }
 REFERENCE = (1, "none", "none", 0.0)
 

@@ -393,7 +393,7 @@ class SimulateConfig:
     # others see a crash and a reboot (failed exchanges), not a departure.
     churn_downtime: float = 2.0
     max_send_rate: str = ""  # every node's --max-send-rate (empty: no limit)
-    member_protocol: str = "heartbeat"  # every node's --member-protocol
+    member_protocol: str = "swim"  # every node's --member-protocol
     # Node i serves Prometheus metrics on HOST:PORT+i (port 0: each a free port); empty = off.
     prometheus: str = ""
 

@@ -94,13 +94,16 @@ KNOBS: dict[str, tuple[str, str]] = {
     "rank": ("node", "this node's rank in the topology (default: none, for topology random)"),
     "world_size": ("node", "number of ranks; with --rank the node trains on slice RANK of N of the data"),
     "join_timeout": ("node", "seconds to keep trying the seeds"),
-    "suspect_after": ("node", "seconds of silence before a member is suspect (not picked)"),
+    "suspect_after": (
+        "node",
+        "seconds of silence before a member is suspect (not picked); swim: the most a probe may take",
+    ),
     "dead_after": ("node", "seconds of silence before a member is declared dead (raise both on slow links)"),
     "member_protocol": (
         "link",
-        "heartbeat (whole member tables swapped, silence judged: simple, for tens of nodes) or swim "
-        "(probes and piggybacked news, traffic per node flat in the cluster size: for hundreds; a "
-        "suspect is dead after dead_after - suspect_after s without refuting; every node the same)",
+        "swim (the default: probes and piggybacked news, traffic per node flat in the cluster size; a "
+        "suspect is dead after dead_after - suspect_after s without refuting) or heartbeat (whole member "
+        "tables swapped, silence judged: nodes from before 2026-12-02); every node of a cluster the same",
     ),
     "tls_cert": ("node", "PEM certificate to serve TLS with and to present to peers (with --tls-key)"),
     "tls_key": ("node", "PEM private key of --tls-cert"),

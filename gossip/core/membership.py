@@ -64,7 +64,7 @@ class MembershipConfig:
     max_members: int = 1024
     # heartbeat: whole tables swapped, silence judged (this module); swim: probes and
     # piggybacked news, per-node traffic flat in N (gossip.core.swim).
-    member_protocol: str = "heartbeat"
+    member_protocol: str = "swim"
 
     def validate(self) -> None:
         """ValueError naming the field that is out of range."""

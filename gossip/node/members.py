@@ -69,6 +69,16 @@ class Members:
     def me(self) -> MemberRecord:
         return self.table.me
 
+    @property
+    def probe_timeout(self) -> float:
+        """How long a call that says whether a member is there may take: the whole RPC deadline
+        for heartbeat's table swaps (silence is judged by heartbeats, not by calls), and with swim
+        at most ``suspect_after``, so a member that holds calls without answering (stopped,
+        frozen) is suspected after that, not after the RPC deadline."""
+        if self.swim is None:
+            return self.config.rpc_timeout
+        return min(self.config.rpc_timeout, self.config.membership.suspect_after)
+
     def encoded(self, full: bool = True, to: str = "") -> bytes:
         """This node's table; with swim and not ``full``, its news and what it claims of ``to``."""
         if self.swim is None:
@@ -83,7 +93,9 @@ class Members:
         if self.swim is not None:
             self.swim.answered(sender.node_id)
         for node_id in self.table.merge([sender, *records]):
-            m = self.table.members[node_id]
+            m = self.table.members.get(node_id)
+            if m is None:
+                continue  # replaced in the same message (a later record at its address)
             if m.fingerprint and m.fingerprint != self.me.fingerprint:
                 log.warning(
                     "member %s (%s) runs a different model; it will not be picked", node_id, m.address
@@ -189,7 +201,7 @@ class Members:
         """Swap tables (swim: news) with ``address``, which stays in ``syncing`` until the call ended."""
         try:
             reply = await self.channels.unary(
-                address, GOSSIP + "Sync", self.encoded(full, node_id), self.config.rpc_timeout
+                address, GOSSIP + "Sync", self.encoded(full, node_id), self.probe_timeout
             )
             self.merge(reply)
         except PeerError as exc:
@@ -209,7 +221,7 @@ class Members:
         async def ask(helper: MemberRecord) -> bool:
             try:
                 reply = await self.channels.unary(
-                    helper.address, GOSSIP + "Probe", request, self.config.rpc_timeout
+                    helper.address, GOSSIP + "Probe", request, self.probe_timeout
                 )
                 return serde.probe_reply_from_bytes(reply)
             except (PeerError, WireError):
@@ -256,7 +268,7 @@ class Members:
             raise Refused("FAILED_PRECONDITION", f"{node_id!r:.80} at {address!r:.80} is not a member here")
         try:
             reply = await self.channels.unary(
-                address, GOSSIP + "Sync", self.encoded(False, node_id), self.config.rpc_timeout / 2
+                address, GOSSIP + "Sync", self.encoded(False, node_id), self.probe_timeout / 2
             )
             sender, _ = self.merge(reply)
         except (PeerError, WireError):

@@ -33,7 +33,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
     swim membership: restarted nodes (new incarnations) rejoin through probes and news."""
     out = tmp_path_factory.mktemp("churn") / "run"
     args = ["--nodes", str(NODES), "--epochs", str(EPOCHS), "--churn", "600", "--churn-downtime", "0.5"]
-    args += ["--member-protocol", "swim"]  # heartbeat rejoins: test_faults and the lab
+    args += ["--member-protocol", "swim"]  # the default; heartbeat's rejoins: test_faults
     return run_simulate(out, *args, timeout=200), out
 
 

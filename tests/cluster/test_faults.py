@@ -193,34 +193,48 @@ class HungPeer:
         return f"127.0.0.1:{port}"
 
 
-def test_peers_that_never_answer_stall_neither_the_heartbeat_nor_the_sweep() -> None:
-    # Every sync of the node goes to a peer that holds it until its 10 s deadline.
-    # Inline, each would stop the membership loop for those 10 s.
+@pytest.mark.parametrize("protocol", ["heartbeat", "swim"])
+def test_peers_that_never_answer_stall_neither_the_heartbeat_nor_the_sweep(protocol: str) -> None:
+    # Every sync (swim: probe) of the node goes to a peer that holds it until its 10 s
+    # deadline. Inline, each would stop the membership loop for those 10 s. With swim
+    # the node's own heartbeat does not move (it is its refutation counter), so the
+    # loop's rounds are counted by the sweeps instead.
     rpc_timeout = 10.0
+    membership = dataclasses.replace(FAST, member_protocol=protocol)
 
     async def main() -> tuple[float, float]:
         counts = {"taken": 0, "open": 0, "most_open": 0}
         peers = [HungPeer(counts), HungPeer(counts)]
         addresses = [await p.start() for p in peers]
-        node = await Node.create(flat4(), NodeConfig(node_id="n", membership=FAST, rpc_timeout=rpc_timeout))
+        node = await Node.create(
+            flat4(), NodeConfig(node_id="n", membership=membership, rpc_timeout=rpc_timeout)
+        )
         try:
             assert node.members is not None
             ms = node.members.table
             assert ms is not None
+            rounds = [0]
+            sweep = ms.sweep
+
+            def counted() -> list[str]:
+                rounds[0] += 1
+                return sweep()
+
+            ms.sweep = counted  # type: ignore[method-assign]
             t0 = time.monotonic()
             ms.merge(
                 [MemberRecord(f"hung{i}", a, incarnation=1, heartbeat=1) for i, a in enumerate(addresses)]
             )
-            beats = [(t0, ms.me.heartbeat)]
+            beats = [(t0, rounds[0])]
 
             def sample() -> bool:
-                if ms.me.heartbeat != beats[-1][1]:
-                    beats.append((time.monotonic(), ms.me.heartbeat))
+                if rounds[0] != beats[-1][1]:
+                    beats.append((time.monotonic(), rounds[0]))
                 return all(state_of(node, f"hung{i}") == "dead" for i in range(len(peers)))
 
             await wait_until(sample, FAST.dead_after + 5.0, "the silent peers to be declared dead")
             died_after = time.monotonic() - t0
-            beats.append((time.monotonic(), ms.me.heartbeat))
+            beats.append((time.monotonic(), rounds[0]))
             longest_gap = max(t - s for (s, _), (t, _) in itertools.pairwise(beats))
             assert counts["taken"] >= 1, "the node never called the silent peers"
             assert counts["most_open"] <= MAX_SYNCS_IN_FLIGHT
@@ -235,18 +249,24 @@ def test_peers_that_never_answer_stall_neither_the_heartbeat_nor_the_sweep() -> 
     assert longest_gap < 3.0 < rpc_timeout
 
 
-def test_two_members_that_declared_each_other_dead_find_each_other_again() -> None:
+@pytest.mark.parametrize("protocol", ["heartbeat", "swim"])
+def test_two_members_that_declared_each_other_dead_find_each_other_again(protocol: str) -> None:
     # A partition that healed: each side heard nothing from the other for long past
-    # dead_after, and neither has a seed to fall back to. Only probing the dead helps.
+    # dead_after (swim: suspected the other, which did not refute in time), and neither
+    # has a seed to fall back to. Only probing the dead helps.
+    membership = dataclasses.replace(FAST, member_protocol=protocol)
+
     async def main() -> None:
-        a = await Node.create(flat4(), NodeConfig(node_id="a", membership=FAST))
-        b = await Node.create(flat4(), NodeConfig(node_id="b", peers=(a.address,), membership=FAST))
+        a = await Node.create(flat4(), NodeConfig(node_id="a", membership=membership))
+        b = await Node.create(flat4(), NodeConfig(node_id="b", peers=(a.address,), membership=membership))
         try:
             await wait_until(lambda: state_of(a, "b") == state_of(b, "a") == "alive", 15.0, "the join")
             assert b.members is not None
             b.members.config = dataclasses.replace(b.members.config, peers=())  # b forgets its seed
-            for n in (a, b):
+            for n, other in ((a, "b"), (b, "a")):
                 assert n.members is not None
+                if n.members.swim is not None:
+                    n.members.swim.probe_failed(other)
                 n.members.table.clock = lambda: time.monotonic() + 100.0  # as if cut off for 100 s
                 n.members.table.sweep()  # at once for both, before any sync can come between
             assert state_of(a, "b") == state_of(b, "a") == "dead"

@@ -216,8 +216,7 @@ def _loopback_accuracy(tmp_path: Path, args: list[str]) -> list[float]:
 @pytest.mark.timeout(400)
 def test_four_hosts_on_degraded_links_train_into_the_loopback_band(lab: NetLab, tmp_path: Path) -> None:
     args = ["--topology", "exponential", "--epochs", "5", "--max-lag", "2", "--seed", "0"]
-    # Swim over lossy links with delay: probes, indirect probes and news (the cut-off test
-    # below runs the heartbeat protocol).
+    # Swim (the default) over lossy links with delay: probes, indirect probes and news.
     args += ["--wait-for", str(HOSTS), "--exit-when-done", "--member-protocol", "swim"]
     cluster = Cluster(lab, tmp_path)
     t0 = time.monotonic()

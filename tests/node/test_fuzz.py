@@ -952,8 +952,11 @@ def calling(request: pytest.FixtureRequest) -> Iterator[tuple[BackgroundNode, Ba
         node_id=f"fuzz-caller-{request.param}",
         # Picked again at once after each failed call.
         gossip=GossipConfig(compress=request.param, avoid_after_failure=0.001, busy_retries=1),
-        # The bad peer answers no Sync: it must not turn suspect however long the examples take.
-        membership=MembershipConfig(interval=0.2, suspect_after=3600.0, dead_after=7200.0),
+        # The bad peer answers no Sync or Probe: it must not turn suspect however long the
+        # examples take, which only the heartbeat rule allows (swim suspects a failed probe).
+        membership=MembershipConfig(
+            interval=0.2, suspect_after=3600.0, dead_after=7200.0, member_protocol="heartbeat"
+        ),
         # No snapshot from its steps: a publish into its own store would change its state.
         store=StoreConfig(publish_every=0),
         security=SecurityConfig(peer_call_rate=0.0),

@@ -518,10 +518,37 @@ TABLE_CASES: dict[str, pb.MemberTable] = {
 
 
 @pytest.mark.parametrize("method", ["Join", "Sync"])
+def test_with_swim_a_dead_claim_that_replaces_its_sender_is_taken_as_news(method: str) -> None:
+    """A stranger, then a dead claim about another id at the stranger's address: the claim
+    replaces the stranger in the same message, which is answered, not a server error."""
+
+    async def main() -> None:
+        async with cluster([receiver_values(), receiver_values()]) as (node, other):
+            assert node.members is not None and node.members.swim is not None
+            before = vec(node).clone()
+            async with grpc.aio.insecure_channel(node.address) as ch:
+                call = ch.unary_unary(
+                    SERVICE + method,
+                    request_serializer=pb.MemberTable.SerializeToString,
+                    response_deserializer=pb.MemberTable.FromString,
+                )
+                await call(TABLE_CASES["dead-state-on-the-wire"], timeout=CALL_TIMEOUT)
+            table = node.members.table.members
+            assert "intruder" not in table and table["x"].state == "dead"
+            assert table[other.node_id].state == "alive"
+            await assert_untouched_and_serving(node, before)
+
+    run(main())
+
+
+@pytest.mark.parametrize("method", ["Join", "Sync"])
 @pytest.mark.parametrize("case", list(TABLE_CASES))
 def test_invalid_member_table_is_rejected(method: str, case: str) -> None:
+    # A dead state is a claim swim spreads as news (the next test); the heartbeat rule refuses it.
+    membership = dataclasses.replace(SLOW, member_protocol="heartbeat") if case.startswith("dead") else SLOW
+
     async def main() -> None:
-        async with cluster([receiver_values(), receiver_values()]) as (node, _):
+        async with cluster([receiver_values(), receiver_values()], membership=membership) as (node, _):
             assert node.members is not None
             before = vec(node).clone()
             members_before = {k: (m.state, m.address) for k, m in node.members.table.members.items()}
