@@ -96,9 +96,14 @@ KNOBS: dict[str, tuple[str, str]] = {
     "join_timeout": ("node", "seconds to keep trying the seeds"),
     "suspect_after": (
         "node",
-        "seconds of silence before a member is suspect (not picked); swim: the most a probe may take",
+        "heartbeat: seconds of silence before a member is suspect (not picked); swim: the most a probe "
+        "may take below the 2 s call deadline (at least 1 s)",
     ),
-    "dead_after": ("node", "seconds of silence before a member is declared dead (raise both on slow links)"),
+    "dead_after": (
+        "node",
+        "heartbeat: seconds of silence before a member is declared dead; swim: dead_after - suspect_after "
+        "is the shortest suspicion before a death (raise both on slow links)",
+    ),
     "member_protocol": (
         "link",
         "swim (the default: probes and piggybacked news, traffic per node flat in the cluster size; a "

@@ -181,7 +181,8 @@ def status_text(s: dict[str, Any]) -> str:
     for m in s["members"]:
         lines.append(
             f"  {m['node_id']:<14} {m['address']:<22} {m['state']:<8} rank {m['rank']:>3}"
-            f"  heartbeat {m['heartbeat']:>6} ({m['seconds_since_heartbeat']:.1f} s ago)"
+            # heartbeat: the version's growth; swim: a direct answer (the version only refutes)
+            f"  version {m['heartbeat']:>6}, heard {m['seconds_since_heartbeat']:.1f} s ago"
         )
     st = s.get("store")
     if st is not None:

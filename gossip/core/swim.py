@@ -225,4 +225,5 @@ class Swim(Membership):
             elif m.state == "suspect" and now - m.meta.get("suspect_at", now) > timeout:
                 self._claim(m, "dead")
         died, self._deaths = self._deaths, []
-        return died
+        # Only those still in the table: a newer life at the same address may have replaced one.
+        return [n for n in died if n in self.members and self.members[n].state == "dead"]

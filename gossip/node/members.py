@@ -24,7 +24,7 @@ from gossip.core.errors import PeerError, Refused
 from gossip.core.membership import MemberRecord, Membership
 from gossip.core.swim import Swim
 from gossip.transport import serde
-from gossip.transport.channels import GOSSIP, Channels
+from gossip.transport.channels import GOSSIP, Channels, transfer_timeout
 from gossip.transport.frames import WireError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ MAX_SYNCS_IN_FLIGHT = 3
 # Chance per round that the sync goes to a member declared dead: a probe every
 # ~10 rounds (5 s) finds a paused or cut-off member again, at the cost of one call.
 PROBE_DEAD = 0.1
+# The shortest deadline a swim probe gets, however low --suspect-after is: a fresh
+# connection's handshake or one lost packet must not make a suspicion.
+PROBE_FLOOR = 1.0
 
 
 class JoinError(RuntimeError):
@@ -73,11 +76,11 @@ class Members:
     def probe_timeout(self) -> float:
         """How long a call that says whether a member is there may take: the whole RPC deadline
         for heartbeat's table swaps (silence is judged by heartbeats, not by calls), and with swim
-        at most ``suspect_after``, so a member that holds calls without answering (stopped,
-        frozen) is suspected after that, not after the RPC deadline."""
+        at most ``suspect_after`` (but at least PROBE_FLOOR), so a member that holds calls without
+        answering (stopped, frozen) is suspected after that, not after the RPC deadline."""
         if self.swim is None:
             return self.config.rpc_timeout
-        return min(self.config.rpc_timeout, self.config.membership.suspect_after)
+        return min(self.config.rpc_timeout, max(self.config.membership.suspect_after, PROBE_FLOOR))
 
     def encoded(self, full: bool = True, to: str = "") -> bytes:
         """This node's table; with swim and not ``full``, its news and what it claims of ``to``."""
@@ -200,9 +203,10 @@ class Members:
     async def _sync_with(self, node_id: str, address: str, syncing: set[str], full: bool) -> None:
         """Swap tables (swim: news) with ``address``, which stays in ``syncing`` until the call ended."""
         try:
-            reply = await self.channels.unary(
-                address, GOSSIP + "Sync", self.encoded(full, node_id), self.probe_timeout
-            )
+            request = self.encoded(full, node_id)
+            # The probe's deadline, stretched for a whole table (anti-entropy) both ways.
+            deadline = transfer_timeout(self.probe_timeout, 2 * len(request))
+            reply = await self.channels.unary(address, GOSSIP + "Sync", request, deadline)
             self.merge(reply)
         except PeerError as exc:
             log.debug("member sync with %s failed: %s", address, exc.code)

@@ -8,7 +8,8 @@ Row i of ``Simulator.params`` (n, d) is node i's flat model. One round is
     params = mixed
     repeat local_steps - 1: params -= lr * d_i(params)
 
-where d_i is from node i's own minibatch. This is the order of a real node: its
+where d_i is from node i's own minibatch. This is the order of a real node whose
+exchange is shorter than a step (or with ``--max-lag 1``, the default): its
 exchange runs beside the training step after its snapshot, and the result is
 applied between that step and the next, so that one step's gradient is taken at
 the snapshot and the other local_steps - 1 at the averaged model. With one local

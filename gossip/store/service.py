@@ -194,9 +194,14 @@ class StoreService:
         taken = await asyncio.to_thread(self.snapshot_source)
         if taken is None:
             return  # still training: the next version supersedes the missing one
-        if self.store.manifest(self.model_id, version) is not None:
-            return  # it arrived while the model was copied
         flat, step, state = taken
+        if (
+            self.store.manifest(self.model_id, version) is not None
+            or self.publishing
+            or any(m[0] == silent for m in self.placement.view())
+        ):
+            self.spare = flat  # it arrived, or things moved, while the model was copied
+            return
         self.awaited.taken(version)
         log.warning(
             "publishing v%d (step %d) in place of %s, which went silent before it did", version, step, silent

@@ -1,7 +1,7 @@
 """Load: eight training node processes on this machine, and floods from many connections.
 
-The eight real ``gossip node`` processes (default membership timing: suspect
-after 4 s, dead after 10 s) start and then train at once on however few cores
+The eight real ``gossip node`` processes (default membership: swim, a probe's
+deadline 2 s, dead after at least 6 s of suspicion) start and then train at once on however few cores
 the machine has, for 1.5 times the time to a death (almost four times the time
 to a suspicion); no member may ever be declared dead. Every process is
 killed by its PID when the test ends, pass or fail.

@@ -92,6 +92,17 @@ def test_a_suspect_that_does_not_refute_is_declared_dead_once_and_stays_dead_to_
     assert a.members["n1"].state == "alive"
 
 
+def test_a_death_heard_as_news_whose_member_a_new_life_replaced_is_not_reported_by_the_sweep() -> None:
+    clock = Clock()
+    a = table(0, clock)
+    a.merge([rec(1), rec(2)])
+    a.merge([rec(1, state="dead")])  # n1's death as news ...
+    newer = MemberRecord("n1-again", rec(1).address, 2, 0, "alive")
+    a.merge([newer])  # ... and a newer life at its address, under another id, before the sweep
+    assert "n1" not in a.members and a.members["n1-again"].state == "alive"
+    assert a.sweep() == []
+
+
 def test_at_one_version_a_stronger_claim_wins_and_a_weaker_one_does_not() -> None:
     clock = Clock()
     a = table(0, clock)
