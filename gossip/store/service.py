@@ -186,21 +186,22 @@ class StoreService:
             lambda v: self.placement.publisher(self.model_id, v),
             self.node_id,
         )
-        if due is None or self.snapshot_source is None or self.publishing:
+        if due is None or self.snapshot_source is None:
             return
         version, silent = due
-        if any(m[0] == silent for m in self.placement.view()):
-            return  # the owner changed because a member joined: the publisher is still there
+
+        def moot() -> bool:
+            # A publish runs, or the owner changed because a member joined: the publisher is still there.
+            return self.publishing or any(m[0] == silent for m in self.placement.view())
+
+        if moot():
+            return
         taken = await asyncio.to_thread(self.snapshot_source)
         if taken is None:
             return  # still training: the next version supersedes the missing one
         flat, step, state = taken
-        if (
-            self.store.manifest(self.model_id, version) is not None
-            or self.publishing
-            or any(m[0] == silent for m in self.placement.view())
-        ):
-            self.spare = flat  # it arrived, or things moved, while the model was copied
+        if moot() or self.store.manifest(self.model_id, version) is not None:
+            self.spare = flat  # things moved, or the version arrived, while the model was copied
             return
         self.awaited.taken(version)
         log.warning(
