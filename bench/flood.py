@@ -102,7 +102,7 @@ class _Flooder:
         kind = i % 4 if self.mixed else i % 2
         if kind == 1:
             self.sender.heartbeat += 1
-            await self.sync(serde.table_to_bytes(self.sender, []), timeout=CALL_TIMEOUT)
+            await self.sync(serde.table_to_bytes(self.sender, [], protocol="swim"), timeout=CALL_TIMEOUT)
         elif kind == 2:
             await self.raw_sync(os.urandom(64), timeout=CALL_TIMEOUT)
         elif kind == 3:

@@ -67,6 +67,8 @@ class Members:
         self.rng = rng
         self.on_join = on_join  # a member is new or came back (alive)
         self.indirect_saves = 0  # failed probes another member's probe answered (swim)
+        self.protocol = config.membership.member_protocol
+        self.mismatched: set[str] = set()  # addresses already warned of running another protocol
 
     @property
     def me(self) -> MemberRecord:
@@ -87,12 +89,15 @@ class Members:
         if self.swim is None:
             return serde.table_to_bytes(self.table.me, self.table.gossip_records())
         records = self.table.gossip_records() if full else [*self.swim.news(), *self.swim.claims_about(to)]
-        return serde.table_to_bytes(self.table.me, records, full=full, claims=True)
+        return serde.table_to_bytes(self.table.me, records, full=full, protocol="swim")
 
     def merge(self, data: bytes) -> tuple[str, bool]:
-        """Fold a peer's table in (WireError if it does not decode); its sender, and whether it
-        sent its whole table."""
-        sender, records, full = serde.table_message_from_bytes(data, claims=self.swim is not None)
+        """Fold a peer's table in; its sender, and whether it sent its whole table. WireError if
+        it does not decode, Refused (and nothing merged) if its sender runs another protocol."""
+        try:
+            sender, records, full = serde.table_message_from_bytes(data, self.protocol)
+        except serde.ProtocolMismatch as exc:
+            raise Refused("FAILED_PRECONDITION", str(exc)) from None
         if self.swim is not None:
             self.swim.answered(sender.node_id)
         for node_id in self.table.merge([sender, *records]):
@@ -107,6 +112,13 @@ class Members:
                 log.info("member %s (%s, rank %d) is alive", node_id, m.address, m.rank)
             self.on_join(m)
         return sender.node_id, full
+
+    def warn_mismatch(self, message: str) -> None:
+        """Log a member of another protocol once (a bounded set of them), not at every call."""
+        if message in self.mismatched or len(self.mismatched) >= 256:
+            return
+        self.mismatched.add(message)
+        log.warning("%s; it is not taken in", message)
 
     # --- joining ---------------------------------------------------------------------
 
@@ -125,7 +137,11 @@ class Members:
                     self.merge(reply)
                     log.info("joined through %s", seed)
                     return
+                except Refused as exc:  # the seed runs another membership protocol
+                    raise JoinError(f"seed {seed}: {exc.message}") from None
                 except PeerError as exc:
+                    if exc.code == "FAILED_PRECONDITION":  # the seed refused our protocol
+                        raise JoinError(f"seed {seed} refused this node: {exc.details}") from None
                     errors[seed] = exc.code
                 except WireError as exc:
                     errors[seed] = str(exc)
@@ -208,8 +224,16 @@ class Members:
             deadline = transfer_timeout(self.probe_timeout, 2 * len(request))
             reply = await self.channels.unary(address, GOSSIP + "Sync", request, deadline)
             self.merge(reply)
+        except Refused as exc:
+            # A reply from another protocol: no sign of life; with swim the member is
+            # suspected, then dead, so never picked.
+            self.warn_mismatch(exc.message)
+            if self.swim is not None and node_id:
+                self.swim.probe_failed(node_id)
         except PeerError as exc:
             log.debug("member sync with %s failed: %s", address, exc.code)
+            if exc.code == "FAILED_PRECONDITION":
+                self.warn_mismatch(f"{address} refused this node's table: {exc.details[:200]}")
             if self.swim is not None and node_id:
                 await self._probe_indirectly(node_id, address)
         except WireError as exc:
@@ -275,7 +299,7 @@ class Members:
                 address, GOSSIP + "Sync", self.encoded(False, node_id), self.probe_timeout / 2
             )
             sender, _ = self.merge(reply)
-        except (PeerError, WireError):
+        except (PeerError, WireError, Refused):
             return serde.probe_reply_to_bytes(False)
         return serde.probe_reply_to_bytes(sender == node_id)  # not another process at that address
 

@@ -84,29 +84,56 @@ def _member_from_pb(m: pb.Member, claims: bool = False) -> MemberRecord:
     )
 
 
+MEMBER_PROTOCOLS = ("heartbeat", "swim")
+
+
+class ProtocolMismatch(ValueError):
+    """A member table from a node that runs another ``--member-protocol``: well formed, but
+    its records mean something else here (heartbeat counters against swim's claims)."""
+
+    def __init__(self, sender: str, theirs: str, mine: str) -> None:
+        super().__init__(
+            f"{sender} runs --member-protocol {theirs}, this node {mine}: "
+            "every node of a cluster must run the same one"
+        )
+        self.theirs = theirs
+
+
 def table_to_bytes(
-    sender: MemberRecord, members: list[MemberRecord], full: bool = False, claims: bool = False
+    sender: MemberRecord, members: list[MemberRecord], full: bool = False, protocol: str = "heartbeat"
 ) -> bytes:
-    """A member table; with ``claims`` (swim) suspect and dead travel as they are."""
+    """A member table of a node running ``protocol``; with swim, suspect and dead travel as they are."""
+    claims = protocol == "swim"
     return encode(
         pb.MemberTable(
-            sender=_member_to_pb(sender), members=[_member_to_pb(m, claims) for m in members], full=full
+            sender=_member_to_pb(sender),
+            members=[_member_to_pb(m, claims) for m in members],
+            full=full,
+            protocol=protocol,
         )
     )
 
 
 def table_message_from_bytes(
-    data: bytes, claims: bool = False
+    data: bytes, protocol: str = "heartbeat"
 ) -> tuple[MemberRecord, list[MemberRecord], bool]:
-    """The sender, the records, and whether they are the sender's whole table (``full``); with
-    ``claims`` (swim) records may say suspect or dead, the sender itself never."""
+    """The sender, the records, and whether they are the sender's whole table (``full``), for a
+    node running ``protocol``: with swim records may say suspect or dead, the sender itself
+    never. ProtocolMismatch if the sender runs another protocol (no field: heartbeat, the only
+    one before the field), WireError if the table is malformed."""
     msg = parse(pb.MemberTable(), data)
     assert isinstance(msg, pb.MemberTable)
     if len(msg.members) > MAX_MEMBERS:
         raise WireError(f"member table of {len(msg.members)} entries exceeds {MAX_MEMBERS}")
     if not msg.HasField("sender"):
         raise WireError("member table without a sender")
-    return _member_from_pb(msg.sender), [_member_from_pb(m, claims) for m in msg.members], msg.full
+    sender = _member_from_pb(msg.sender)
+    theirs = msg.protocol or "heartbeat"
+    if theirs != protocol:
+        shown = theirs if theirs in MEMBER_PROTOCOLS else repr(theirs[:40])
+        raise ProtocolMismatch(f"member {sender.node_id} ({sender.address})", shown, protocol)
+    claims = protocol == "swim"
+    return sender, [_member_from_pb(m, claims) for m in msg.members], msg.full
 
 
 def table_from_bytes(data: bytes) -> tuple[MemberRecord, list[MemberRecord]]:

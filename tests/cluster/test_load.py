@@ -203,7 +203,7 @@ async def flood(address: str, seconds: float, per_connection: int) -> dict[str, 
                         await ch.unary_unary(GOSSIP + "Status")(b"", timeout=1.0)
                     elif kind == 1:
                         me.heartbeat += 1
-                        table = serde.table_to_bytes(me, [])
+                        table = serde.table_to_bytes(me, [], protocol="swim")
                         await ch.unary_unary(GOSSIP + "Sync")(table, timeout=1.0)
                     elif kind == 2:
                         await ch.unary_unary(GOSSIP + "Sync")(os.urandom(64), timeout=1.0)
@@ -247,11 +247,9 @@ def test_a_flood_from_many_connections_is_bounded_and_peers_are_still_answered()
             )
             legit.append(f"status {st.node_id}")  # a client that is not flooding
             assert b.members is not None
-            table = serde.table_to_bytes(b.members.me, [])
+            table = serde.table_to_bytes(b.members.me, [], protocol="swim")
             reply = await client.unary(a.address, GOSSIP + "Sync", table, CALL_TIMEOUT)  # a member's sync
-            legit.append(
-                f"sync {len(serde.table_message_from_bytes(reply, claims=True)[1])}"
-            )  # swim: with claims
+            legit.append(f"sync {len(serde.table_message_from_bytes(reply, 'swim')[1])}")  # swim: with claims
             assert b.gossip_now()  # an exchange (bulk: not metered)
             await asyncio.wait_for(b.slot.wait_own(), 30.0)
             legit.append(f"exchange {b.stats.exchanges_ok}")

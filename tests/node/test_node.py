@@ -503,6 +503,15 @@ def _member(**overrides: Any) -> pb.Member:
     return pb.Member(**fields)
 
 
+def table_case(case: str, protocol: str) -> pb.MemberTable:
+    """A bad member table in the words of a node that runs ``protocol`` (refused for what it
+    holds, not for its protocol: tests/node/test_swim_nodes.py has that)."""
+    msg = pb.MemberTable()
+    msg.CopyFrom(TABLE_CASES[case])
+    msg.protocol = protocol
+    return msg
+
+
 TABLE_CASES: dict[str, pb.MemberTable] = {
     "no-sender": pb.MemberTable(members=[_member()]),
     "empty-node-id": pb.MemberTable(sender=_member(node_id="")),
@@ -532,7 +541,7 @@ def test_with_swim_a_dead_claim_that_replaces_its_sender_is_taken_as_news(method
                     request_serializer=pb.MemberTable.SerializeToString,
                     response_deserializer=pb.MemberTable.FromString,
                 )
-                await call(TABLE_CASES["dead-state-on-the-wire"], timeout=CALL_TIMEOUT)
+                await call(table_case("dead-state-on-the-wire", "swim"), timeout=CALL_TIMEOUT)
             table = node.members.table.members
             assert "intruder" not in table and table["x"].state == "dead"
             assert table[other.node_id].state == "alive"
@@ -559,7 +568,7 @@ def test_invalid_member_table_is_rejected(method: str, case: str) -> None:
                     response_deserializer=pb.MemberTable.FromString,
                 )
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await call(TABLE_CASES[case], timeout=CALL_TIMEOUT)
+                    await call(table_case(case, membership.member_protocol), timeout=CALL_TIMEOUT)
 
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert {k: (m.state, m.address) for k, m in node.members.table.members.items()} == members_before

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from gossip.config import NodeConfig, StoreConfig
 from gossip.core.errors import PeerError
 from gossip.core.membership import MembershipConfig
 from gossip.core.params import FlatParams, Layout
-from gossip.node.node import Node
+from gossip.node.node import JoinError, Node
 from gossip.transport import serde
 from gossip.transport.channels import GOSSIP
 from tests.support.inproc import wait_until
@@ -86,8 +87,8 @@ def test_a_swim_probe_carries_news_not_the_table() -> None:
             for _ in range(100):  # the join news, sent out
                 members.swim.news()
 
-            probe = serde.table_message_from_bytes(members.encoded(full=False, to="s3"))
-            whole = serde.table_message_from_bytes(members.encoded())
+            probe = serde.table_message_from_bytes(members.encoded(full=False, to="s3"), "swim")
+            whole = serde.table_message_from_bytes(members.encoded(), "swim")
 
             assert probe[1] == [] and not probe[2]  # only its own record: nothing new
             assert len(whole[1]) == NODES and whole[2]  # the others and itself, marked whole
@@ -163,3 +164,47 @@ def test_a_probe_request_reaches_only_members_and_says_whether_they_answered() -
             assert await probe(target.node_id, target.address) is False
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+@pytest.mark.parametrize(("seed_runs", "joiner_runs"), [("swim", "heartbeat"), ("heartbeat", "swim")])
+def test_a_node_of_another_member_protocol_is_refused_at_join_with_the_reason(
+    seed_runs: str, joiner_runs: str
+) -> None:
+    """Every node of a cluster must run the same membership protocol: the seed refuses the
+    joiner's table and takes nothing in, and the joiner fails at once (not after the join
+    timeout) with a JoinError naming both. (A seed older than the check answers with a table
+    without a protocol, which the joiner reads as heartbeat's: tests/unit/test_wire.py.)"""
+
+    def config(i: int, protocol: str, seed: str | None) -> NodeConfig:
+        membership = replace(SWIM, member_protocol=protocol)
+        return NodeConfig(
+            node_id=f"{protocol}{i}",
+            peers=(seed,) if seed else (),
+            membership=membership,
+            store=StoreConfig(publish_every=0),
+            join_timeout=30.0,
+        )
+
+    async def main() -> None:
+        flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(100))]))
+        seed = await Node.create(flat, config(0, seed_runs, None), seed=0)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with pytest.raises(JoinError) as info:
+                late = await Node.create(flat.clone(), config(1, joiner_runs, seed.address), seed=1)
+                await late.stop(leave=False)
+            took = loop.time() - began
+
+            joiner = f"{joiner_runs}1"
+            assert str(info.value).startswith(f"seed {seed.address} refused this node: member {joiner} (")
+            assert str(info.value).endswith(
+                f"runs --member-protocol {joiner_runs}, this node {seed_runs}: "
+                "every node of a cluster must run the same one"
+            )
+            assert seed.members is not None and joiner not in seed.members.table.members
+            assert took < 10.0  # at once, not after the 30 s join timeout
+        finally:
+            await seed.stop(leave=False)
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -24,7 +24,13 @@ from gossip.transport.frames import (
     header_to_frame,
     iter_chunks,
 )
-from gossip.transport.serde import MAX_MEMBERS, table_from_bytes, table_message_from_bytes, table_to_bytes
+from gossip.transport.serde import (
+    MAX_MEMBERS,
+    ProtocolMismatch,
+    table_from_bytes,
+    table_message_from_bytes,
+    table_to_bytes,
+)
 
 CHUNK_SIZES = [0, 1, 127, 128, 16383, 16384, 1 << 20]
 
@@ -311,13 +317,45 @@ def test_member_encoding_sends_only_alive_or_left(local: str, travels: str) -> N
 def test_swim_claims_travel_as_they_are_and_only_where_claims_are_taken() -> None:
     me = MemberRecord("me", "127.0.0.1:1000", 1, 5)
     others = [MemberRecord(f"n{i}", f"127.0.0.1:{2000 + i}", 1, 0, state=s) for i, s in enumerate(STATES)]
-    data = table_to_bytes(me, others, full=True, claims=True)
+    data = table_to_bytes(me, others, full=True, protocol="swim")
 
-    sender, members, full = table_message_from_bytes(data, claims=True)
+    sender, members, full = table_message_from_bytes(data, "swim")
 
     assert (sender, members, full) == (me, others, True)
+    with pytest.raises(ProtocolMismatch, match="runs --member-protocol swim, this node heartbeat"):
+        table_from_bytes(data)  # a heartbeat node takes no swim table
+    claim = pb.MemberTable(
+        sender=pb.Member(node_id="me", address="127.0.0.1:1000", state=pb.STATE_ALIVE),
+        members=[pb.Member(node_id="n1", address="127.0.0.1:2001", state=pb.STATE_SUSPECT)],
+    )
     with pytest.raises(WireError, match="only alive or left may"):
-        table_from_bytes(data)  # a heartbeat node takes no claims
+        table_from_bytes(claim.SerializeToString())  # nor claims in a heartbeat one
+
+
+@pytest.mark.parametrize(
+    ("sent", "mine", "shown"),
+    [("", "swim", "heartbeat"), ("heartbeat", "swim", "heartbeat"), ("gossip-2030", "swim", "'gossip-2030'")],
+)
+def test_a_table_of_another_member_protocol_is_named_not_merged(sent: str, mine: str, shown: str) -> None:
+    msg = pb.MemberTable(
+        sender=pb.Member(node_id="old", address="10.0.0.1:7070", state=pb.STATE_ALIVE), protocol=sent
+    )
+
+    with pytest.raises(ProtocolMismatch) as info:
+        table_message_from_bytes(msg.SerializeToString(), mine)
+
+    assert str(info.value) == (
+        f"member old (10.0.0.1:7070) runs --member-protocol {shown}, this node {mine}: "
+        "every node of a cluster must run the same one"
+    )
+
+
+def test_a_table_without_a_protocol_is_from_a_heartbeat_node() -> None:
+    msg = pb.MemberTable(
+        sender=pb.Member(node_id="old", address="10.0.0.1:7070", state=pb.STATE_ALIVE)
+    )  # before the field
+
+    assert table_message_from_bytes(msg.SerializeToString(), "heartbeat")[0].node_id == "old"
 
 
 def test_table_round_trip() -> None:
