@@ -8,10 +8,11 @@ changed node's points cover: about R/N of the replica sets.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 from collections.abc import Iterable
+
+import numpy as np
 
 # 160 points per node, from measured balance (R=3, 40 seeds, max/mean replica load):
 # 8 nodes x 256 shards: 1.20 at V=32, 1.16 at V=64, 1.14 at V=160 (p95 1.21), 1.13 at
@@ -27,7 +28,7 @@ def key_hash(key: str | bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-@functools.lru_cache(maxsize=2048)
+@functools.lru_cache(maxsize=4096)
 def _node_points(node: str, vnodes: int) -> tuple[int, ...]:
     """The positions of ``node``'s virtual points. Cached: every member change rebuilds a
     node's rings, and hashing 160 points of every member each time cost most of a
@@ -35,26 +36,50 @@ def _node_points(node: str, vnodes: int) -> tuple[int, ...]:
     return tuple(key_hash(f"{node}#{i}") for i in range(vnodes))
 
 
+@functools.lru_cache(maxsize=4096)
+def _point_array(node: str, vnodes: int) -> np.ndarray:
+    return np.array(_node_points(node, vnodes), dtype=np.uint64)
+
+
+def _points_of(nodes: Iterable[str], first: int, vnodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The points of ``nodes`` (hashes) and their owners' indexes, counting from ``first``."""
+    arrays = [_point_array(node, vnodes) for node in nodes]
+    if not arrays:
+        return np.empty(0, np.uint64), np.empty(0, np.int32)
+    owners = np.repeat(np.arange(first, first + len(arrays), dtype=np.int32), [len(a) for a in arrays])
+    return np.concatenate(arrays), owners
+
+
 class Ring:
-    """An immutable ring over a set of node ids."""
+    """An immutable ring over a set of node ids.
+
+    The points live in two arrays sorted by (hash, node): the hashes, and the index of each
+    point's node in ``nodes`` (sorted ids). A member change rebuilds them in a few array
+    operations: many nodes in one process rebuild their rings on every join, leave and
+    suspicion of hundreds of members.
+    """
 
     def __init__(self, nodes: Iterable[str], vnodes: int = DEFAULT_VNODES) -> None:
         if vnodes < 1:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
         self.vnodes = vnodes
         self.nodes: tuple[str, ...] = tuple(sorted(set(nodes)))
-        hashes = [h for node in self.nodes for h in _node_points(node, vnodes)]
-        owners = [node for node in self.nodes for _ in range(vnodes)]
-        # Points in (hash, node) order: the sort is stable and the nodes come sorted.
-        order = sorted(range(len(hashes)), key=hashes.__getitem__)
-        self._hashes = [hashes[i] for i in order]
-        self._owners = [owners[i] for i in order]
+        hashes, owners = _points_of(self.nodes, 0, vnodes)
+        # A stable sort: points on the same hash keep their nodes' (sorted) order.
+        order = np.argsort(hashes, kind="stable")
+        self._hashes: np.ndarray = hashes[order]
+        self._owners: np.ndarray = owners[order]
+        self._walk: list[int] | None = None  # _owners as a list, made on the first look-up
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     def __contains__(self, node: object) -> bool:
         return node in self.nodes
+
+    def points(self) -> list[tuple[int, str]]:
+        """Every point as (hash, node), in ring order."""
+        return [(int(h), self.nodes[i]) for h, i in zip(self._hashes, self._owners, strict=True)]
 
     def with_node(self, node: str) -> Ring:
         return self.rebuilt((*self.nodes, node))
@@ -64,31 +89,33 @@ class Ring:
 
     def rebuilt(self, nodes: Iterable[str]) -> Ring:
         """The ring over ``nodes``, equal to ``Ring(nodes, self.vnodes)``, built from this one by
-        moving only the points of the nodes that came or went (a member change costs about
-        what its own points do, not the whole ring)."""
+        moving only the points of the nodes that came or went."""
         new = set(nodes)
         old = set(self.nodes)
         gone, came = old - new, new - old
         if not gone and not came:
             return self
-        if len(gone) + len(came) > max(8, len(new) // 8):
+        if len(came) > max(8, len(new) // 8):
             return Ring(new, self.vnodes)
         ring = object.__new__(Ring)
         ring.vnodes = self.vnodes
         ring.nodes = tuple(sorted(new))
-        if gone:
-            keep = [i for i, owner in enumerate(self._owners) if owner not in gone]
-            hashes = [self._hashes[i] for i in keep]
-            owners = [self._owners[i] for i in keep]
-        else:
-            hashes, owners = list(self._hashes), list(self._owners)
-        for node in came:
-            for h in _node_points(node, self.vnodes):
-                i = bisect.bisect_left(hashes, h)
-                while i < len(hashes) and hashes[i] == h and owners[i] < node:
-                    i += 1
-                hashes.insert(i, h)
-                owners.insert(i, node)
+        ring._walk = None
+        index = {node: i for i, node in enumerate(ring.nodes)}
+        renumber = np.array([index.get(node, -1) for node in self.nodes], dtype=np.int32)
+        owners = renumber[self._owners]
+        kept = owners >= 0
+        hashes, owners = self._hashes[kept], owners[kept]
+        if came:
+            add_h, add_o = _points_of(sorted(came), 0, self.vnodes)
+            add_o = np.array([index[n] for n in sorted(came)], dtype=np.int32)[add_o]
+            order = np.lexsort((add_o, add_h))
+            add_h, add_o = add_h[order], add_o[order]
+            at = np.searchsorted(hashes, add_h, side="left")
+            ends = np.searchsorted(hashes, add_h, side="right")
+            for k in np.flatnonzero(ends > at):  # on a hash already taken: after its smaller nodes
+                at[k] += int(np.count_nonzero(owners[at[k] : ends[k]] < add_o[k]))
+            hashes, owners = np.insert(hashes, at, add_h), np.insert(owners, at, add_o)
         ring._hashes, ring._owners = hashes, owners
         return ring
 
@@ -97,11 +124,14 @@ class Ring:
         if not self.nodes:
             return []
         want = min(replicas, len(self.nodes))
-        start = bisect.bisect_right(self._hashes, key_hash(key))
+        if self._walk is None:
+            self._walk = self._owners.tolist()
+        walk = self._walk
+        start = int(np.searchsorted(self._hashes, np.uint64(key_hash(key)), side="right"))
         out: list[str] = []
-        n = len(self._owners)
+        n = len(walk)
         for i in range(n):
-            node = self._owners[(start + i) % n]
+            node = self.nodes[walk[(start + i) % n]]
             if node not in out:
                 out.append(node)
                 if len(out) == want:
@@ -116,10 +146,8 @@ class Ring:
         """Fraction of the key space whose first owner is ``node``."""
         if node not in self.nodes:
             return 0.0
-        total = 1 << 64
-        owned = 0
-        for i, (h, n) in enumerate(zip(self._hashes, self._owners, strict=True)):
-            if n == node:
-                prev = self._hashes[i - 1] if i > 0 else self._hashes[-1] - total
-                owned += h - prev
-        return owned / total
+        mine = self._owners == self.nodes.index(node)
+        if len(self._hashes) == 1:
+            return 1.0
+        arcs = self._hashes - np.roll(self._hashes, 1)  # uint64: the first arc wraps around
+        return float(sum(int(a) for a in arcs[mine])) / float(1 << 64)
