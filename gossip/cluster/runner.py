@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gossip.cluster.sysutil import freeze_heap, tune_malloc, write_atomic
+from gossip.cluster.sysutil import freeze_heap, raise_open_files, tune_malloc, write_atomic
 from gossip.config import NodeConfig, RunOptions, TrainConfig
 from gossip.core.choco import MAX_PAIRS
 from gossip.core.layout import LayoutError
@@ -165,6 +165,7 @@ async def _run_node(
 ) -> int:
     torch.set_num_threads(max(1, opts.threads))
     tune_malloc()
+    raise_open_files()
     g = config.gossip
     if g.compress not in ("", "none") and g.topology == "random":
         log.warning(

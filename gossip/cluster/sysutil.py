@@ -47,6 +47,32 @@ def tune_malloc() -> bool:
     return ok
 
 
+def raise_open_files(cap: int = 1 << 20) -> int:
+    """Raise this process's soft limit on open files to its hard limit (at most ``cap``); the
+    soft limit now.
+
+    A node keeps a connection to every member it probes and one from every member that
+    probes it: two descriptors per member, so a node of a few hundred members passes the
+    1024 that many systems set as the soft limit, and then fails to accept or dial.
+    Servers raise it as a matter of course (Go's runtime does it at start); an unprivileged
+    process may raise it up to the hard limit. A no-op where the platform has no such limit.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.debug("open files: soft limit raised from %d to %d", soft, want)
+            soft = want
+        except (OSError, ValueError) as exc:
+            log.debug("open files: could not raise the soft limit of %d: %s", soft, exc)
+    return soft
+
+
 def freeze_heap() -> None:
     """Move every object alive now (torch, grpc, the dataset's Python objects) out of the collector's reach.
 
