@@ -67,6 +67,34 @@ START_BATCH = 16  # nodes a worker starts at once
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def scaled_membership(protocol: str, scale: float) -> Any:
+    """MembershipConfig() (the user's defaults) for ``protocol``, every period and timeout x ``scale``."""
+    from gossip.core.membership import MembershipConfig
+
+    d = MembershipConfig()
+    return MembershipConfig(
+        interval=d.interval * scale,
+        suspect_after=d.suspect_after * scale,
+        dead_after=d.dead_after * scale,
+        member_protocol=protocol,
+    )
+
+
+def scaled_store(scale: float) -> Any:
+    """StoreConfig() but for the bench's shards and model id, its periods x ``scale``."""
+    from gossip.config import StoreConfig
+
+    d = StoreConfig()
+    return StoreConfig(
+        shard_bytes=SHARD_BYTES,
+        model_id=MODEL_ID,
+        publish_every=0,
+        repair_interval=d.repair_interval * scale,
+        scrub_interval=d.scrub_interval * scale,
+        orphan_ttl=d.orphan_ttl * scale,
+    )
+
+
 # --- worker process ------------------------------------------------------------------------------
 
 
@@ -108,7 +136,9 @@ class Counter:
 def worker(conn: Connection, ppid: int) -> None:
     watch_parent(ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends us
-    logging.basicConfig(level=logging.ERROR)  # false deaths on a busy machine would flood the log
+    logging.basicConfig(
+        level=os.environ.get("CONTROL_PLANE_LOG", "ERROR")
+    )  # false deaths on a busy machine would flood the log
     asyncio.run(_serve(conn))
 
 
@@ -116,8 +146,7 @@ async def _serve(conn: Connection) -> None:
     import grpc.aio
     import torch
 
-    from gossip.config import GossipConfig, NodeConfig, StoreConfig
-    from gossip.core.membership import MembershipConfig
+    from gossip.config import GossipConfig, NodeConfig
     from gossip.core.params import FlatParams, Layout
     from gossip.node.node import Node
 
@@ -134,25 +163,26 @@ async def _serve(conn: Connection) -> None:
         f.segments["float32"].copy_(torch.arange(numel, dtype=torch.float32))
         return f
 
-    def config(node_id: str, seed: str | None, protocol: str) -> NodeConfig:
+    def config(node_id: str, seed: str | None, protocol: str, scale: float) -> NodeConfig:
         return NodeConfig(
             node_id=node_id,
             peers=(seed,) if seed else (),
             join_timeout=60.0,  # a few hundred nodes starting on 2 cores
+            rpc_timeout=NodeConfig().rpc_timeout * scale,
             gossip=GossipConfig(idle_pause=0.0),
-            membership=MembershipConfig(member_protocol=protocol),
-            store=StoreConfig(shard_bytes=SHARD_BYTES, model_id=MODEL_ID, publish_every=0),
+            membership=scaled_membership(protocol, scale),
+            store=scaled_store(scale),
         )
 
     nodes: list[Node] = []
     loop = asyncio.get_running_loop()
 
-    async def start(ids: list[str], seed: str | None, protocol: str) -> dict[str, str]:
+    async def start(ids: list[str], seed: str | None, protocol: str, scale: float) -> dict[str, str]:
         made: list[Node] = []
         for b in range(0, len(ids), START_BATCH):  # a batch at a time: the seed answers every join
             made += await asyncio.gather(
                 *(
-                    Node.create(flat(16), config(i, seed, protocol), seed=b + k)
+                    Node.create(flat(16), config(i, seed, protocol, scale), seed=b + k)
                     for k, i in enumerate(ids[b : b + START_BATCH])
                 )
             )
@@ -292,9 +322,10 @@ def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: 
     )
     # --- convergence
     start = time.monotonic()
-    seed = hosts[0].ask("start", [groups[0][0]], None, protocol)[groups[0][0]]
+    scale = args.time_scale
+    seed = hosts[0].ask("start", [groups[0][0]], None, protocol, scale)[groups[0][0]]
     for h, g in zip(hosts, groups, strict=True):
-        h.send("start", [i for i in g if i != groups[0][0]], seed, protocol)
+        h.send("start", [i for i in g if i != groups[0][0]], seed, protocol, scale)
     for h in hosts:
         h.recv()
     say(f"N={n}: all joined in {time.monotonic() - start:.1f} s", t0)
@@ -422,7 +453,16 @@ def main() -> None:
         help="seconds to wait for convergence, placement, and after the kill",
     )
     ap.add_argument("--time-limit", type=float, default=1500.0, help="hard limit on the whole run")
+    ap.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply every membership and store period and timeout (and the RPC deadline) by this: "
+        "K times fewer calls per node per second, so K times more nodes fit on a machine",
+    )
     args = ap.parse_args()
+    if args.time_scale < 1:
+        ap.error(f"--time-scale must be >= 1, got {args.time_scale}")
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -430,11 +470,10 @@ def main() -> None:
     if not protocols or not set(protocols) <= {"heartbeat", "swim"}:
         ap.error(f"--protocols: heartbeat and/or swim, got {args.protocols!r}")
     t0 = time.monotonic()
-    from gossip.config import StoreConfig
-    from gossip.core.membership import MembershipConfig
 
-    mc, sc = MembershipConfig(), StoreConfig()
+    mc, sc = scaled_membership("swim", args.time_scale), scaled_store(args.time_scale)
     config = {
+        "time_scale": args.time_scale,
         "sizes": sizes,
         "protocols": protocols,
         "processes": args.processes,

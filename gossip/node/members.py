@@ -127,7 +127,8 @@ class Members:
         deadline = time.monotonic() + self.config.join_timeout
         errors: dict[str, str] = {}
         while True:
-            for seed in self.config.peers:
+            # In a random order: nodes started together do not all queue at the first seed.
+            for seed in self.rng.sample(self.config.peers, len(self.config.peers)):
                 if seed == self.me.address:
                     continue
                 try:
