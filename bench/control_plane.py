@@ -1,7 +1,7 @@
 """The control plane: what it costs per node, and how fast it notices, at N nodes, per member protocol.
 
     python bench/control_plane.py [--sizes 16,64] [--protocols heartbeat,swim] [--processes 2]
-        [--window 20] [--time-limit 1500]
+        [--window 20] [--time-limit 1500] [--time-scale 1]
 
 For each N in ``--sizes`` and each member protocol in ``--protocols`` (heartbeat, the
 default, swaps whole tables; swim probes and piggybacks news: gossip.core.swim): N real nodes (``gossip.node.node.Node``, gRPC on
@@ -27,7 +27,12 @@ then says how many nodes at best saw all N); the run goes on to the next figure.
 ``cores_used``: CPU of the node processes over the window, in cores.
 
 Membership and store timings are the defaults a user gets (MembershipConfig() but
-for the protocol, StoreConfig() but for the shard size and the model id). Nodes do
+for the protocol, StoreConfig() but for the shard size and the model id), each period
+and timeout (and the RPC deadline) multiplied by ``--time-scale`` K: every node then
+makes K times fewer calls per second, so a machine holds K times more nodes before its
+cores, not the protocol, decide the figures. Calls and bytes per node per second
+compare between sizes run at the same K; times are in seconds at that K (divide by K
+for rounds of the default 0.5 s). Nodes do
 not train and ``idle_pause`` is 0, so no averaging runs: the traffic is the control
 plane alone. The last line is JSON: each figure keyed by N as a string for swim (or
 the one protocol run), every protocol's under ``by_protocol``, the config used, and

@@ -26,6 +26,9 @@ variant follows SWIM (Das, Gupta, Motivala, DSN 2002) as memberlist runs it
 - **Anti-entropy.** A newcomer's first probes, and every node's probe every
   ``max(60, 2 N)`` rounds (growing with N so the cost per node stays flat), carry
   the whole table and the answer does too, which heals any news that was dropped.
+  So does every 4th probe while more than ``BACKLOG_NEWS`` records wait to be sent
+  (hundreds of members started at once): news alone would take rounds in proportion
+  to N to carry N joins, 16 records a message.
 
 The records and merge rules are the heartbeat protocol's (versions never move
 backwards, tombstones, leaves, restarts), with one addition: at an equal version a
@@ -55,6 +58,11 @@ SUSPICION_ROUNDS = 4
 FULL_SYNC_ROUNDS = 60
 FULL_SYNC_ROUNDS_PER_MEMBER = 2
 FIRST_FULL_SYNCS = 3
+# While more news wait than BACKLOG_NEWS (many members joined at once), every
+# BACKLOG_SYNC_ROUNDS-th probe carries the whole table instead: a push-pull of whole tables
+# spreads N joins in O(log N) rounds, where MAX_NEWS records a message need O(N) rounds.
+BACKLOG_NEWS = 2 * MAX_NEWS
+BACKLOG_SYNC_ROUNDS = 4
 # Members asked to probe a member that did not answer this node's own probe, before it is
 # suspected (SWIM's ping-req; memberlist's IndirectChecks is 3).
 INDIRECT_PROBES = 3
@@ -113,7 +121,8 @@ class Swim(Membership):
         every = max(FULL_SYNC_ROUNDS, FULL_SYNC_ROUNDS_PER_MEMBER * len(self.members))
         # A newcomer's first probes carry the table it joined with: the members it meets learn
         # everyone at once, not one news record at a time.
-        return self._rounds <= FIRST_FULL_SYNCS or self._rounds % every == 0
+        backlog = len(self._sent) > BACKLOG_NEWS and self._rounds % BACKLOG_SYNC_ROUNDS == 0
+        return self._rounds <= FIRST_FULL_SYNCS or self._rounds % every == 0 or backlog
 
     def claims_about(self, node_id: str) -> list[MemberRecord]:
         """This node's record of ``node_id`` when it holds it suspect or dead: sent to that member

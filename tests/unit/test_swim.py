@@ -275,3 +275,29 @@ def test_a_wrongly_suspected_member_refutes_before_anyone_declares_it_dead() -> 
 
     assert c.state_of("n9") == {"alive"}
     assert c.nodes["n9"].me.heartbeat >= 1
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_members_started_together_all_know_each_other_within_a_log_n_number_of_rounds(n: int) -> None:
+    """A launcher starts nodes in batches, each joining through the same seed: the joins pile
+    up as news faster than MAX_NEWS records a message carry, and whole-table syncs while the
+    backlog lasts spread them in O(log N) rounds (news alone took 86 rounds at 256)."""
+    c = Cluster(1)
+    joined = 1
+    while joined < n:  # 8 nodes join per round, as bench/control_plane.py starts them
+        for _ in range(min(8, n - joined)):
+            t = table(joined, c.clock)
+            c.nodes[t.me.node_id] = t
+            c.nodes["n0"].merge([copy(t.me)])
+            t.merge([copy(r) for r in c.nodes["n0"].gossip_records()])
+            joined += 1
+        c.round()
+
+    rounds = 0
+    while any(len(t.members) < n - 1 for t in c.nodes.values()):
+        c.round()
+        rounds += 1
+        assert rounds < 200
+
+    assert rounds <= 2 * math.log2(n)  # 3 at 64, 7 at 256
+    assert c.largest <= 1 + MAX_NEWS + 1  # news messages stay bounded meanwhile
