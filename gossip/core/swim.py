@@ -112,6 +112,16 @@ class Swim(Membership):
                 self._forget(node_id)
         return out
 
+    def sent_whole_table(self) -> None:
+        """The whole table went out (anti-entropy): one more sending of every record queued as
+        news, which it carries. Without this, the whole-table syncs of a backlog would delay the
+        news they stand in for, and the backlog would outlast them."""
+        limit = RETRANSMIT * math.ceil(math.log2(len(self.members) + 2))
+        for node_id in list(self._sent):
+            self._sent[node_id] += 1
+            if self._sent[node_id] >= limit:
+                self._forget(node_id)
+
     def _forget(self, node_id: str) -> None:
         del self._sent[node_id], self._queued[node_id]
 

@@ -88,7 +88,11 @@ class Members:
         """This node's table; with swim and not ``full``, its news and what it claims of ``to``."""
         if self.swim is None:
             return serde.table_to_bytes(self.table.me, self.table.gossip_records())
-        records = self.table.gossip_records() if full else [*self.swim.news(), *self.swim.claims_about(to)]
+        if full:
+            self.swim.sent_whole_table()
+            records = self.table.gossip_records()
+        else:
+            records = [*self.swim.news(), *self.swim.claims_about(to)]
         return serde.table_to_bytes(self.table.me, records, full=full, protocol="swim")
 
     def merge(self, data: bytes) -> tuple[str, bool]:
