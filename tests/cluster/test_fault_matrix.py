@@ -63,6 +63,10 @@ PHASES: dict[tuple[str, str], list[str]] = {
 }
 # Phases at which the survivor (the callee) took the exchange: its half, or the push merged.
 TAKEN = {"pairwise.caller.after_commit", "push.caller.sent", "push.caller.acked"}
+# Of those, the phase where the victim has handed its last chunk to gRPC, not necessarily to
+# the socket: a kill that overtakes gRPC's write buffer leaves the survivor a short payload,
+# refused whole as mid-stream (seen once in CI). Its log says which of the two happened.
+MAYBE_TAKEN = {"push.caller.sent"}
 # Phases before the victim opened the call: the survivor never hears of that exchange.
 NOT_OPENED = {"pairwise.caller.before_send", "push.caller.before_send"}
 # Phases the victim (the callee) had already counted as served when it died.
@@ -220,10 +224,13 @@ def books(st: dict[str, Any]) -> dict[str, Any]:
     return {k: st[k] for k in ("exchanges_ok", "exchanges_served", "exchanges_failed", "weight")}
 
 
-def expected_books(case: Case, before: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
-    """The survivor's counters and weight after the kill, from its own before and the victim's last words."""
+def expected_books(
+    case: Case, before: dict[str, Any], fp: dict[str, Any], taken: bool | None = None
+) -> dict[str, Any]:
+    """The survivor's counters and weight after the kill, from its own before and the victim's
+    last words (``taken``: whether the survivor took the fatal exchange, if the phase leaves it open)."""
     want = books(before)
-    taken = case.point in TAKEN
+    taken = case.point in TAKEN if taken is None else taken
     if case.role == "caller":
         # Every exchange the victim completed, the survivor answered; plus the fatal one if taken.
         want["exchanges_served"] += fp["ok"] + taken
@@ -259,9 +266,14 @@ def test_sigkill_mid_exchange_leaves_the_survivor_sound(case: Case, survivors: S
     # Its books: exactly what the docs' crash semantics page says, once it applied what it took.
     want = expected_books(case, before, fp)
     seen: list[dict[str, Any]] = []
+    short = (f"push from {v.name} ended before it was whole",)
+    refused: list[bool] = [False]
 
     def settled() -> bool:
         seen.append(books(s.status()))
+        if case.point in MAYBE_TAKEN and line_time(s, t_kill, *short) is not None:
+            refused[0] = True
+            want.update(expected_books(case, before, fp, taken=False))
         same = all(seen[-1][k] == want[k] for k in want if k != "exchanges_failed")
         # A caller survivor counts its broken call as failed once its side of it ended,
         # which may be after the books above already read right: wait for that too.
@@ -293,7 +305,7 @@ def test_sigkill_mid_exchange_leaves_the_survivor_sound(case: Case, survivors: S
     if case.role == "callee" or (case.point not in TAKEN | NOT_OPENED and not declined):
         ended = wait_for_line(s, t_kill, needles, DEADLINE + SLACK + 10.0)
         assert ended - t_kill <= DEADLINE + SLACK, (ended - t_kill, s.tail())
-    else:
+    elif not refused[0]:
         assert line_time(s, 0.0, *needles) is None, s.tail()
 
     # It goes on training, with finite numbers, and takes nothing more from the dead.
