@@ -81,6 +81,7 @@ def scaled_membership(protocol: str, scale: float) -> Any:
         interval=d.interval * scale,
         suspect_after=d.suspect_after * scale,
         dead_after=d.dead_after * scale,
+        left_ttl=d.left_ttl * scale,
         member_protocol=protocol,
     )
 
@@ -142,7 +143,7 @@ def worker(conn: Connection, ppid: int) -> None:
     watch_parent(ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends us
     logging.basicConfig(
-        level=os.environ.get("CONTROL_PLANE_LOG", "ERROR")
+        level=os.environ.get("CONTROL_PLANE_LOG", "ERROR").upper()
     )  # false deaths on a busy machine would flood the log
     asyncio.run(_serve(conn))
 

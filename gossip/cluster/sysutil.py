@@ -63,13 +63,18 @@ def raise_open_files(cap: int = 1 << 20) -> int:
         return -1
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
-    if soft != resource.RLIM_INFINITY and soft < want:
+    # An infinite hard limit can still stop below ``cap`` (macOS: kern.maxfilesperproc, and
+    # OPEN_MAX 10240): try smaller steps before giving up.
+    for step in (want, 65536, 10240):
+        if soft == resource.RLIM_INFINITY or step <= soft or step > want:
+            continue
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            log.debug("open files: soft limit raised from %d to %d", soft, want)
-            soft = want
+            resource.setrlimit(resource.RLIMIT_NOFILE, (step, hard))
         except (OSError, ValueError) as exc:
-            log.debug("open files: could not raise the soft limit of %d: %s", soft, exc)
+            log.debug("open files: could not raise the soft limit of %d to %d: %s", soft, step, exc)
+            continue
+        log.debug("open files: soft limit raised from %d to %d", soft, step)
+        return step
     return soft
 
 

@@ -89,6 +89,8 @@ class Members:
         if self.swim is None:
             return serde.table_to_bytes(self.table.me, self.table.gossip_records())
         if full:
+            # Counted when built: a call that then fails, and the answer to a Join, count too.
+            # Harmless: a newcomer's first probes carry the whole table on.
             self.swim.sent_whole_table()
             records = self.table.gossip_records()
         else:

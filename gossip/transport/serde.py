@@ -119,8 +119,10 @@ def table_message_from_bytes(
 ) -> tuple[MemberRecord, list[MemberRecord], bool]:
     """The sender, the records, and whether they are the sender's whole table (``full``), for a
     node running ``protocol``: with swim records may say suspect or dead, the sender itself
-    never. ProtocolMismatch if the sender runs another protocol (no field: heartbeat, the only
-    one before the field), WireError if the table is malformed."""
+    never. ProtocolMismatch if the sender runs another protocol, WireError if the table is
+    malformed. No field reads as heartbeat: nodes older than the field ran it, but for those
+    built on 2026-12-02 between swim becoming the default and the field, which a swim node
+    refuses as heartbeat nodes (upgrade them with the rest)."""
     msg = parse(pb.MemberTable(), data)
     assert isinstance(msg, pb.MemberTable)
     if len(msg.members) > MAX_MEMBERS:
