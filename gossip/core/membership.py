@@ -51,6 +51,10 @@ def dialable(address: str) -> bool:
 _LIFE_OVER = 1 << 64
 
 
+# The values of --member-protocol (every node of a cluster runs the same one).
+MEMBER_PROTOCOLS = ("heartbeat", "swim")
+
+
 @dataclass(frozen=True)
 class MembershipConfig:
     interval: float = (
@@ -73,7 +77,7 @@ class MembershipConfig:
                 f"suspect_after must be above the {self.interval} s gossip interval and dead_after above "
                 f"suspect_after, got {self.suspect_after} and {self.dead_after}"
             )
-        if self.member_protocol not in ("heartbeat", "swim"):
+        if self.member_protocol not in MEMBER_PROTOCOLS:
             raise ValueError(f"member_protocol must be heartbeat or swim, got {self.member_protocol!r}")
 
 

@@ -29,24 +29,19 @@ def key_hash(key: str | bytes) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _node_points(node: str, vnodes: int) -> tuple[int, ...]:
+def _point_array(node: str, vnodes: int) -> np.ndarray:
     """The positions of ``node``'s virtual points. Cached: every member change rebuilds a
     node's rings, and hashing 160 points of every member each time cost most of a
     many-node process's CPU (a ring of 256 members took 167 ms to build, 46 ms cached)."""
-    return tuple(key_hash(f"{node}#{i}") for i in range(vnodes))
+    return np.array([key_hash(f"{node}#{i}") for i in range(vnodes)], dtype=np.uint64)
 
 
-@functools.lru_cache(maxsize=4096)
-def _point_array(node: str, vnodes: int) -> np.ndarray:
-    return np.array(_node_points(node, vnodes), dtype=np.uint64)
-
-
-def _points_of(nodes: Iterable[str], first: int, vnodes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The points of ``nodes`` (hashes) and their owners' indexes, counting from ``first``."""
+def _points_of(nodes: Iterable[str], vnodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The points of ``nodes`` (hashes) and the index in ``nodes`` of each point's node."""
     arrays = [_point_array(node, vnodes) for node in nodes]
     if not arrays:
         return np.empty(0, np.uint64), np.empty(0, np.int32)
-    owners = np.repeat(np.arange(first, first + len(arrays), dtype=np.int32), [len(a) for a in arrays])
+    owners = np.repeat(np.arange(len(arrays), dtype=np.int32), [len(a) for a in arrays])
     return np.concatenate(arrays), owners
 
 
@@ -64,7 +59,7 @@ class Ring:
             raise ValueError(f"vnodes must be >= 1, got {vnodes}")
         self.vnodes = vnodes
         self.nodes: tuple[str, ...] = tuple(sorted(set(nodes)))
-        hashes, owners = _points_of(self.nodes, 0, vnodes)
+        hashes, owners = _points_of(self.nodes, vnodes)
         # A stable sort: points on the same hash keep their nodes' (sorted) order.
         order = np.argsort(hashes, kind="stable")
         self._hashes: np.ndarray = hashes[order]
@@ -107,8 +102,9 @@ class Ring:
         kept = owners >= 0
         hashes, owners = self._hashes[kept], owners[kept]
         if came:
-            add_h, add_o = _points_of(sorted(came), 0, self.vnodes)
-            add_o = np.array([index[n] for n in sorted(came)], dtype=np.int32)[add_o]
+            arrived = sorted(came)
+            add_h, add_o = _points_of(arrived, self.vnodes)
+            add_o = np.array([index[n] for n in arrived], dtype=np.int32)[add_o]
             order = np.lexsort((add_o, add_h))
             add_h, add_o = add_h[order], add_o[order]
             at = np.searchsorted(hashes, add_h, side="left")

@@ -97,7 +97,6 @@ class Swim(Membership):
 
     def news(self) -> list[MemberRecord]:
         """The records to piggyback on the next message: least sent first, at most MAX_NEWS."""
-        limit = RETRANSMIT * math.ceil(math.log2(len(self.members) + 2))
         out: list[MemberRecord] = []
         for node_id in sorted(self._sent, key=lambda k: (self._sent[k], -self._queued[k])):
             rec = self.me if node_id == self.me.node_id else self.members.get(node_id)
@@ -107,20 +106,21 @@ class Swim(Membership):
             if len(out) == MAX_NEWS:
                 break
             out.append(rec)
-            self._sent[node_id] += 1
-            if self._sent[node_id] >= limit:
-                self._forget(node_id)
+            self._count_sent(node_id)
         return out
 
     def sent_whole_table(self) -> None:
         """The whole table went out (anti-entropy): one more sending of every record queued as
         news, which it carries. Without this, the whole-table syncs of a backlog would delay the
         news they stand in for, and the backlog would outlast them."""
-        limit = RETRANSMIT * math.ceil(math.log2(len(self.members) + 2))
         for node_id in list(self._sent):
-            self._sent[node_id] += 1
-            if self._sent[node_id] >= limit:
-                self._forget(node_id)
+            self._count_sent(node_id)
+
+    def _count_sent(self, node_id: str) -> None:
+        """One more sending of ``node_id``'s news; done after ``RETRANSMIT * log2(N + 2)``."""
+        self._sent[node_id] += 1
+        if self._sent[node_id] >= RETRANSMIT * math.ceil(math.log2(len(self.members) + 2)):
+            self._forget(node_id)
 
     def _forget(self, node_id: str) -> None:
         del self._sent[node_id], self._queued[node_id]

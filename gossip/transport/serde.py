@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError, Message
 
-from gossip.core.membership import MAX_ID_CHARS, MemberRecord, dialable
+from gossip.core.membership import MAX_ID_CHARS, MEMBER_PROTOCOLS, MemberRecord, dialable
 from gossip.core.status import MemberView, NodeStatus
 from gossip.proto import gossip_pb2 as pb
 from gossip.transport.frames import WireError
@@ -82,9 +82,6 @@ def _member_from_pb(m: pb.Member, claims: bool = False) -> MemberRecord:
         rank=m.rank,
         fingerprint=bytes(m.fingerprint),
     )
-
-
-MEMBER_PROTOCOLS = ("heartbeat", "swim")
 
 
 class ProtocolMismatch(ValueError):
