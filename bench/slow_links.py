@@ -3,6 +3,7 @@
     sudo python bench/slow_links.py [--hosts 8] [--rate 50mbit] [--delay-ms 20]
         [--configs "H=1:none,H=1:topk:0.1+int8"] [--gamma 0] [--loopback-rate 50mbit]
         [--model gpt:2:128:4] [--dataset text:stdlib:16] [--batch-size 1] [--steps 400] [--evals 10]
+        [--lab-send-rate 50mbit] [--keep DIR]
 
 Every run starts ``--hosts`` ``gossip node`` processes, one per host of the tests'
 network lab (``tests/support/netns.py``: network namespaces on one switch, every
@@ -15,7 +16,10 @@ made its first, so start-up is not counted), its metric the mean validation loss
 nodes. The target is the
 reference's final mean loss plus 1 %; time to target is the first evaluation that
 meets it. ``--loopback-rate`` repeats the reference on loopback with every node's
-``--max-send-rate`` set to that rate (the user-space limit against the shaped link).
+``--max-send-rate`` set to that rate (the user-space limit against the shaped link);
+``--lab-send-rate`` repeats it in the lab with the same relays and delay but links not
+shaped, every node at that ``--max-send-rate``: the limit against tbf with everything
+else equal (the relays' CPU, which loopback does not pay, included).
 
 Every node trains ``--steps`` local steps (``--max-steps``). The defaults keep the
 link the bottleneck on a small machine: byte-level text with 16 bytes of context and
@@ -30,6 +34,7 @@ and gap, bytes sent per node and wall time. Root only (namespaces).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -103,14 +108,19 @@ def curve(records: list[list[dict[str, Any]]]) -> list[tuple[float, float]]:
     ]
 
 
-def run_lab(args: argparse.Namespace, h: int, compress: str, work: Path) -> dict[str, Any]:
+def run_lab(
+    args: argparse.Namespace, h: int, compress: str, work: Path, send_rate: str = ""
+) -> dict[str, Any]:
+    """One run in the lab: links shaped to ``--rate``, or with ``send_rate`` not shaped at all and
+    every node at ``--max-send-rate send_rate`` instead (the relays and their delay the same)."""
     work.mkdir(parents=True)
-    with _lab(args.hosts, str(work), delay=args.delay_ms / 1e3, rate=args.rate) as lab:
+    with _lab(args.hosts, str(work), delay=args.delay_ms / 1e3, rate="" if send_rate else args.rate) as lab:
         procs = []
         t0 = time.time()
         for host in lab.hosts:
             name = f"n{host.index}"
             argv = [*node_argv(host, lab.hosts), "--metrics", str(work / f"{name}.jsonl")]
+            argv += ["--max-send-rate", send_rate] if send_rate else []
             procs.append(lab.start(host, name, [*argv, *node_args(args, h, compress)]))
         return _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
 
@@ -166,6 +176,11 @@ def _finish(
     }
 
 
+def train_ratio(run: dict[str, Any] | None, ref: dict[str, Any]) -> float | None:
+    """``run``'s training time (first to last evaluation) over the reference's."""
+    return run["curve"][-1][0] / ref["curve"][-1][0] if run else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hosts", type=int, default=8)
@@ -176,6 +191,11 @@ def main() -> None:
     ap.add_argument(
         "--loopback-rate", default="", help="also run the reference on loopback at this --max-send-rate"
     )
+    ap.add_argument(
+        "--lab-send-rate",
+        default="",
+        help="also run the reference in the lab with unshaped links and every node at this --max-send-rate",
+    )
     ap.add_argument("--dataset", default="text:stdlib:16")
     ap.add_argument("--model", default="gpt:2:128:4")
     ap.add_argument("--batch-size", type=int, default=1)
@@ -184,6 +204,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-timeout", type=float, default=1800.0)
+    ap.add_argument("--keep", default="", help="keep every run's metrics and logs under this folder")
     args = ap.parse_args()
     args.steps_per_epoch = steps_per_epoch(args)
     if args.steps > args.steps_per_epoch:
@@ -195,7 +216,14 @@ def main() -> None:
             raise SystemExit(f"--configs: expected H=<n>:<compress spec>, got {part!r}")
         configs.append((int(head[2:]), spec))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="slow-links-") as tmp:
+    keep = Path(args.keep) if args.keep else None
+    if keep is not None and keep.exists() and any(keep.iterdir()):
+        raise SystemExit(f"--keep {keep}: the folder is not empty")
+    with (
+        contextlib.nullcontext(str(keep))
+        if keep
+        else tempfile.TemporaryDirectory(prefix="slow-links-") as tmp
+    ):
         for i, (h, spec) in enumerate(configs):
             say(
                 f"[{i + 1}/{len(configs)}] H={h} compress={spec}: {args.hosts} hosts at {args.rate}, {args.delay_ms:g} ms"
@@ -205,13 +233,18 @@ def main() -> None:
             say(
                 f"    final loss {r['final_loss']:.4f}, {r['bytes_per_node'] / 1e6:.1f} MB per node, {r['wall_s']:.0f} s"
             )
+        paced = None
+        if args.lab_send_rate:
+            say(f"reference in the lab, links not shaped, every node at --max-send-rate {args.lab_send_rate}")
+            paced = run_lab(args, configs[0][0], configs[0][1], Path(tmp) / "lab-paced", args.lab_send_rate)
+            say(f"    final loss {paced['final_loss']:.4f}, {paced['bytes_per_node'] / 1e6:.1f} MB per node")
         loop = None
         if args.loopback_rate:
             say(f"reference on loopback at --max-send-rate {args.loopback_rate}")
             loop = run_loopback(args, Path(tmp) / "loopback")
             say(f"    final loss {loop['final_loss']:.4f}, {loop['wall_s']:.0f} s")
     target = rows[0]["final_loss"] * 1.01
-    for r in rows + ([loop] if loop else []):
+    for r in rows + [x for x in (paced, loop) if x]:
         r["time_to_target_s"] = next((t for t, m in r["curve"] if m <= target), None)
         r["gap_pct"] = round(100 * (r["final_loss"] / rows[0]["final_loss"] - 1), 3)
     ref_t = rows[0]["time_to_target_s"]
@@ -236,6 +269,9 @@ def main() -> None:
                 "runs": rows,
                 "loopback_reference": loop,
                 "loopback_wall_ratio": (loop["wall_s"] / rows[0]["wall_s"]) if loop else None,
+                "lab_paced_reference": paced,
+                "lab_paced_train_ratio": train_ratio(paced, rows[0]),
+                "loopback_train_ratio": train_ratio(loop, rows[0]),
             }
         ),
         flush=True,

@@ -87,7 +87,10 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
 
     A busy answer frees the slot during a short random back-off, so a neighbour
     that picked this node meanwhile gets its exchange (then this step is mixed
-    already and the attempt ends).
+    already and the attempt ends). The back-off scales with what a declined attempt
+    costs (:meth:`Party.backoff_after_busy`): over a link with a round trip of tens
+    of milliseconds, a fixed 10 ms leaves every node busy with its own attempts
+    nearly all the time, and their calls to each other are all declined.
     """
     g = party.gossip
     tried: set[str] = set()
@@ -101,6 +104,7 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
                 if peer is None:
                     break
             tried.add(peer.node_id)
+            began = time.monotonic()
             outcome = await call(party, peer, connect)
             if outcome == "ok":
                 holding = False  # the slot now belongs to the delivered delta
@@ -108,7 +112,7 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
             if outcome == "busy":
                 party.slot.release()
                 holding = False
-                await asyncio.sleep(rng.uniform(0, g.backoff))
+                await asyncio.sleep(rng.uniform(0, party.backoff_after_busy(time.monotonic() - began)))
                 if not party.slot.reclaim_own(party.running()):
                     return
                 holding = True

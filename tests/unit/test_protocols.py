@@ -115,6 +115,18 @@ def test_a_busy_callee_declines_and_nothing_moves() -> None:
     assert torch.equal(values(a), torch.ones(8)) and torch.equal(values(b), torch.full((8,), 3.0))
 
 
+def test_the_back_off_after_a_busy_answer_grows_with_what_an_attempt_costs() -> None:
+    p = party("a", [1.0] * 8)
+    floor = p.gossip.backoff
+    assert p.backoff_after_busy(0.001) == floor  # loopback: the configured bound decides
+    for _ in range(40):  # declined attempts of 80 ms: a 40 ms round trip, twice
+        bound = p.backoff_after_busy(0.08)
+    assert bound == pytest.approx(0.16, rel=1e-3)  # a mean back-off of one attempt
+    for _ in range(40):
+        bound = p.backoff_after_busy(0.001)
+    assert bound == floor  # and back once attempts are cheap again
+
+
 class Scale(Stage):
     """A test stage: sends twice its snapshot and halves what it receives; records what it sees."""
 
