@@ -42,8 +42,8 @@ class GossipConfig:
     # Tries per exchange before giving up until the next step; a node stays free
     # for incoming exchanges while it backs off, so most collisions still mix.
     busy_retries: int = 6
-    # Upper bound of the random back-off after a busy answer (seconds), at least: it
-    # grows to twice what a declined attempt takes (long round trips; Party.backoff_after_busy).
+    # Floor of the bound of the random back-off after a busy answer (seconds); the bound
+    # grows to twice a declined call's round trip, at most 0.5 s (Party.busy_backoff).
     backoff: float = 0.01
     # How long a peer that failed an exchange is left out of the picks (seconds).
     avoid_after_failure: float = 3.0

@@ -88,9 +88,9 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
     A busy answer frees the slot during a short random back-off, so a neighbour
     that picked this node meanwhile gets its exchange (then this step is mixed
     already and the attempt ends). The back-off scales with what a declined attempt
-    costs (:meth:`Party.backoff_after_busy`): over a link with a round trip of tens
-    of milliseconds, a fixed 10 ms leaves every node busy with its own attempts
-    nearly all the time, and their calls to each other are all declined.
+    costs (:meth:`Party.busy_backoff`): over a link with a round trip of tens of
+    milliseconds, a fixed 10 ms leaves every node busy with its own attempts nearly
+    all the time, and their calls to each other are all declined.
     """
     g = party.gossip
     tried: set[str] = set()
@@ -104,7 +104,6 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
                 if peer is None:
                     break
             tried.add(peer.node_id)
-            began = time.monotonic()
             outcome = await call(party, peer, connect)
             if outcome == "ok":
                 holding = False  # the slot now belongs to the delivered delta
@@ -112,7 +111,7 @@ async def run_own(party: Party, pick: Pick, connect: Connect, rng: random.Random
             if outcome == "busy":
                 party.slot.release()
                 holding = False
-                await asyncio.sleep(rng.uniform(0, party.backoff_after_busy(time.monotonic() - began)))
+                await asyncio.sleep(rng.uniform(0, party.busy_backoff()))
                 if not party.slot.reclaim_own(party.running()):
                     return
                 holding = True
@@ -163,6 +162,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
         reply = header_from_frame(first)
         party.heard(peer.node_id, reply.step)
         if reply.outcome == "busy":
+            party.declined(time.monotonic() - began)
             party.stats.busy_replies += 1
             party.pipeline.settle(peer.node_id, committed=False)
             return "busy"

@@ -41,8 +41,9 @@ from gossip.transport.frames import (
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_PUSHES = 4  # push-sum receives one node serves at once
-BUSY_BACKOFF_ATTEMPTS = 2.0  # back off up to this many declined attempts' time (a mean of one)
-BUSY_MEAN_WEIGHT = 0.25  # weight of the newest declined attempt in their running mean
+BUSY_BACKOFF_ROUND_TRIPS = 2.0  # back off up to this many declined calls' round trips (a mean of one)
+BUSY_MEAN_WEIGHT = 0.25  # weight of the newest declined call in the running mean
+MAX_BUSY_BACKOFF = 0.5  # seconds: the bound of one back-off never exceeds this
 
 
 T_co = TypeVar("T_co", covariant=True)
@@ -141,24 +142,33 @@ class Party:
     rest: RestPolicy | None = None  # set once training is over: how hard to keep averaging
     on_wake: Callable[[], None] = lambda: None  # the rest policy woke up: average again at once
     send_floor: float = DEADLINE_BYTES_PER_S  # the throughput deadlines assume (lower when paced)
-    busy_attempt_s: float = 0.0  # running mean of how long a declined attempt took
+    busy_round_trip_s: float = 0.0  # running mean of a declined call's round trip (0: none yet)
     # --outer: the optimizer, and its anchor and momentum (local, set at the first step).
     outer: Outer = field(default_factory=Outer)
     anchor: FlatParams | None = None
     outer_buf: FlatParams | None = None
 
-    def backoff_after_busy(self, attempt_s: float) -> float:
-        """The bound of the random back-off after a declined attempt that took ``attempt_s``.
+    def declined(self, round_trip_s: float) -> None:
+        """A peer answered busy ``round_trip_s`` after this node opened the call."""
+        sample = min(round_trip_s, MAX_BUSY_BACKOFF)
+        if self.busy_round_trip_s == 0.0:
+            self.busy_round_trip_s = sample
+        else:
+            self.busy_round_trip_s += BUSY_MEAN_WEIGHT * (sample - self.busy_round_trip_s)
 
-        A node is busy while its own attempt is in flight and free while it backs
-        off, so an incoming call finds it free with a chance of about back-off /
-        (back-off + attempt). With the bound at ``BUSY_BACKOFF_ATTEMPTS`` times the
-        attempt (a running mean), the mean back-off equals an attempt: about half of
-        the calls land, on loopback (attempts of a millisecond or two: the configured
-        ``backoff`` decides) and over long round trips alike.
+    def busy_backoff(self) -> float:
+        """The bound of the random back-off after a busy answer.
+
+        A node is busy while its own attempt is in flight and free while it backs off,
+        so an incoming call finds it free with a chance of about back-off / (back-off +
+        attempt). With the bound at ``BUSY_BACKOFF_ROUND_TRIPS`` times the round trip of
+        a declined call (a running mean), the mean back-off is about one attempt: about
+        half the calls land, on loopback (round trips of a millisecond or two: the
+        configured ``backoff`` decides) and over long round trips alike. At most
+        ``MAX_BUSY_BACKOFF``, so one late answer cannot hold a training step for long.
         """
-        self.busy_attempt_s += BUSY_MEAN_WEIGHT * (attempt_s - self.busy_attempt_s)
-        return max(self.gossip.backoff, BUSY_BACKOFF_ATTEMPTS * self.busy_attempt_s)
+        bound = BUSY_BACKOFF_ROUND_TRIPS * self.busy_round_trip_s
+        return max(self.gossip.backoff, min(bound, MAX_BUSY_BACKOFF))
 
     def start_outer(self) -> None:
         """The first training step: the model as it is now is the first anchor (called on the trainer's thread)."""

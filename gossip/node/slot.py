@@ -119,9 +119,10 @@ class ExchangeSlot:
 
     def claim_own(self, running: bool) -> bool:
         """Take the slot for an exchange of our own, snapshot included (as frames when the slot
-        keeps frames); False if busy or not running."""
+        keeps frames); False if busy, not running, or an own exchange is still in flight (backing
+        off after a busy answer, the slot free meanwhile)."""
         with self.lock:
-            if self._busy or not running:
+            if self._busy or self._own.active or not running:
                 return False
             self._busy = True
             self._own.begin(self.step)

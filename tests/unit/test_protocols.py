@@ -16,7 +16,7 @@ from gossip.core.params import FlatParams
 from gossip.core.pipeline import Pipeline, Stage
 from gossip.node import pairwise, pushsum
 from gossip.node.memory import MemoryCall, memory_call
-from gossip.node.protocol import FrameStream, Party
+from gossip.node.protocol import MAX_BUSY_BACKOFF, FrameStream, Party
 from gossip.node.slot import ExchangeSlot
 from gossip.transport import frames
 from tests.support.inproc import vector
@@ -115,16 +115,44 @@ def test_a_busy_callee_declines_and_nothing_moves() -> None:
     assert torch.equal(values(a), torch.ones(8)) and torch.equal(values(b), torch.full((8,), 3.0))
 
 
-def test_the_back_off_after_a_busy_answer_grows_with_what_an_attempt_costs() -> None:
+def test_the_back_off_after_a_busy_answer_grows_with_the_round_trip_and_is_bounded() -> None:
     p = party("a", [1.0] * 8)
     floor = p.gossip.backoff
-    assert p.backoff_after_busy(0.001) == floor  # loopback: the configured bound decides
-    for _ in range(40):  # declined attempts of 80 ms: a 40 ms round trip, twice
-        bound = p.backoff_after_busy(0.08)
-    assert bound == pytest.approx(0.16, rel=1e-3)  # a mean back-off of one attempt
+    assert p.busy_backoff() == floor  # no busy answer yet
+    p.declined(0.001)
+    assert p.busy_backoff() == floor  # loopback: the configured bound decides
+    p.declined(0.04)  # a 40 ms round trip
     for _ in range(40):
-        bound = p.backoff_after_busy(0.001)
-    assert bound == floor  # and back once attempts are cheap again
+        p.declined(0.04)
+    assert p.busy_backoff() == pytest.approx(0.08, rel=1e-3)  # a mean back-off of one round trip
+    for _ in range(40):
+        p.declined(5.0)  # answers that came near the deadline
+    assert p.busy_backoff() == MAX_BUSY_BACKOFF
+    for _ in range(40):
+        p.declined(0.001)
+    assert p.busy_backoff() == floor  # and back once round trips are short again
+
+
+def test_a_busy_answer_feeds_the_round_trip_the_back_off_follows() -> None:
+    async def main() -> Party:
+        a, b = party("a", [1.0] * 8), party("b", [3.0] * 8)
+        assert a.slot.claim_own(running=True) and b.slot.claim_own(running=True)
+        assert await pairwise.call(a, member(b), serving(b, [])) == "busy"
+        return a
+
+    a = run(main())
+    assert 0.0 < a.busy_round_trip_s < 5.0
+
+
+def test_no_second_own_exchange_starts_while_the_first_backs_off() -> None:
+    p = party("a", [1.0] * 8)
+    assert p.slot.claim_own(running=True)
+    p.slot.release()  # backing off after a busy answer: the slot is free, the own exchange is not over
+    assert not p.slot.claim_own(running=True)
+    assert p.slot.claim_incoming(running=True, framed=False)  # a neighbour's call lands meanwhile
+    p.slot.release()
+    p.slot.own_finished()
+    assert p.slot.claim_own(running=True)
 
 
 class Scale(Stage):
