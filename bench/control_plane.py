@@ -143,7 +143,7 @@ def worker(conn: Connection, ppid: int) -> None:
     watch_parent(ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends us
     logging.basicConfig(
-        level=os.environ.get("CONTROL_PLANE_LOG", "ERROR").upper()
+        level=(os.environ.get("CONTROL_PLANE_LOG") or "ERROR").upper()
     )  # false deaths on a busy machine would flood the log
     asyncio.run(_serve(conn))
 

@@ -28,7 +28,10 @@ message) takes about 0.3 s per direction at 50 Mbit/s.
 
 The last line printed is JSON: ``speedup`` (reference time to target / the best
 compressed configuration's), and per configuration its time to target, final loss
-and gap, bytes sent per node and wall time. Root only (namespaces).
+and gap, bytes sent per node, wall time and the packets each host's tbf dropped
+(``tbf_dropped_packets``); with ``--lab-send-rate``/``--loopback-rate``, those runs and
+their training time (first to last evaluation) over the reference's
+(``lab_paced_train_ratio``, ``loopback_train_ratio``). Root only (namespaces).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -122,10 +126,23 @@ def run_lab(
             argv = [*node_argv(host, lab.hosts), "--metrics", str(work / f"{name}.jsonl")]
             argv += ["--max-send-rate", send_rate] if send_rate else []
             procs.append(lab.start(host, name, [*argv, *node_args(args, h, compress)]))
-        return _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
+        result = _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
+        if not send_rate:
+            result["tbf_dropped_packets"] = [tbf_dropped(lab, host) for host in lab.hosts]
+        return result
 
 
-def run_loopback(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def tbf_dropped(lab: Any, host: Any) -> int | None:
+    """Packets the tbf qdisc on ``host``'s link dropped (its queue full) since the lab began."""
+    try:
+        out = lab.run(host, ["tc", "-s", "qdisc", "show", "dev", "eth0"], timeout=10).stdout
+    except subprocess.TimeoutExpired:
+        return None
+    m = re.search(r"dropped (\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def run_loopback(args: argparse.Namespace, h: int, compress: str, work: Path) -> dict[str, Any]:
     work.mkdir(parents=True)
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.time()
@@ -138,7 +155,7 @@ def run_loopback(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 argv += ["--seed-file", str(work / "l0.ready")]
             log = (work / f"l{i}.log").open("wb")
             procs.append(
-                subprocess.Popen([*argv, *node_args(args, 1, "none")], stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen([*argv, *node_args(args, h, compress)], stdout=log, stderr=subprocess.STDOUT)
             )
         return _finish(procs, work, t0, args, lambda p: p, lambda p: "")
     finally:
@@ -178,7 +195,7 @@ def _finish(
 
 def train_ratio(run: dict[str, Any] | None, ref: dict[str, Any]) -> float | None:
     """``run``'s training time (first to last evaluation) over the reference's."""
-    return run["curve"][-1][0] / ref["curve"][-1][0] if run else None
+    return run["curve"][-1][0] / ref["curve"][-1][0] if run and ref["curve"][-1][0] > 0 else None
 
 
 def main() -> None:
@@ -241,7 +258,7 @@ def main() -> None:
         loop = None
         if args.loopback_rate:
             say(f"reference on loopback at --max-send-rate {args.loopback_rate}")
-            loop = run_loopback(args, Path(tmp) / "loopback")
+            loop = run_loopback(args, configs[0][0], configs[0][1], Path(tmp) / "loopback")
             say(f"    final loss {loop['final_loss']:.4f}, {loop['wall_s']:.0f} s")
     target = rows[0]["final_loss"] * 1.01
     for r in rows + [x for x in (paced, loop) if x]:
