@@ -43,7 +43,7 @@ class GossipConfig:
     # for incoming exchanges while it backs off, so most collisions still mix.
     busy_retries: int = 6
     # Floor of the bound of the random back-off after a busy answer (seconds); the bound
-    # grows to twice a declined call's round trip, at most 0.5 s (Party.busy_backoff).
+    # grows to twice a declined call's round trip, to at most max(0.5 s, this) (Party.busy_backoff).
     backoff: float = 0.01
     # How long a peer that failed an exchange is left out of the picks (seconds).
     avoid_after_failure: float = 3.0

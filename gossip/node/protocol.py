@@ -165,7 +165,8 @@ class Party:
         a declined call (a running mean), the mean back-off is about one attempt: about
         half the calls land, on loopback (round trips of a millisecond or two: the
         configured ``backoff`` decides) and over long round trips alike. At most
-        ``MAX_BUSY_BACKOFF``, so one late answer cannot hold a training step for long.
+        ``MAX_BUSY_BACKOFF`` (or the configured ``backoff`` if larger), so one late answer cannot
+        hold a training step for long.
         """
         bound = BUSY_BACKOFF_ROUND_TRIPS * self.busy_round_trip_s
         return max(self.gossip.backoff, min(bound, MAX_BUSY_BACKOFF))

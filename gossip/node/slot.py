@@ -69,6 +69,8 @@ class ExchangeSlot:
         self._own = _InFlight()
         self._incoming = _InFlight()
         self._pending: list[Callable[[], None]] = []
+        self._delivered = 0  # results delivered so far
+        self._delivered_at_own = 0  # ... when the own exchange in flight began
 
     # --- state, for status and tests ------------------------------------------------
 
@@ -126,14 +128,17 @@ class ExchangeSlot:
                 return False
             self._busy = True
             self._own.begin(self.step)
+            self._delivered_at_own = self._delivered
             self._take(framed=True)
             return True
 
     def reclaim_own(self, running: bool) -> bool:
-        """Take the slot again after a free back-off (the own exchange is still in flight)."""
+        """Take the slot again after a free back-off (the own exchange is still in flight); False
+        if busy or not running, or a neighbour's exchange with this node delivered its result
+        during the back-off: this step is mixed already."""
         with self.lock:
-            if self._busy or not running:
-                return False  # someone exchanged with us meanwhile: this step is mixed already
+            if self._busy or not running or self._delivered != self._delivered_at_own:
+                return False
             self._busy = True
             self._take(framed=True)
             return True
@@ -176,6 +181,7 @@ class ExchangeSlot:
         """
         with self.lock:
             self._pending.append(apply)
+            self._delivered += 1
             if not self.training and at_once:
                 self._apply_pending_locked()
 

@@ -155,6 +155,22 @@ def test_no_second_own_exchange_starts_while_the_first_backs_off() -> None:
     assert p.slot.claim_own(running=True)
 
 
+def test_an_exchange_a_neighbour_finished_during_the_back_off_ends_the_own_attempt() -> None:
+    p = party("a", [1.0] * 8)
+    assert p.slot.claim_own(running=True)
+    p.slot.release()  # a busy answer: back off with the slot free
+    assert p.slot.reclaim_own(running=True)  # nobody came: try the next neighbour
+    p.slot.release()
+    assert p.slot.claim_incoming(running=True, framed=False)  # a neighbour's exchange lands
+    p.slot.deliver(p.slot.release_locked)  # and its result is applied
+    p.slot.incoming_finished()
+    assert not p.slot.reclaim_own(running=True)  # this step is mixed already
+    p.slot.own_finished()
+    assert p.slot.claim_own(running=True)  # the next step's exchange starts as usual
+    p.slot.release()
+    assert p.slot.reclaim_own(running=True)
+
+
 class Scale(Stage):
     """A test stage: sends twice its snapshot and halves what it receives; records what it sees."""
 
