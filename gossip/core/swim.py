@@ -26,9 +26,10 @@ variant follows SWIM (Das, Gupta, Motivala, DSN 2002) as memberlist runs it
 - **Anti-entropy.** A newcomer's first probes, and every node's probe every
   ``max(60, 2 N)`` rounds (growing with N so the cost per node stays flat), carry
   the whole table and the answer does too, which heals any news that was dropped.
-  So does every 4th probe while more than ``BACKLOG_NEWS`` records wait to be sent
-  (hundreds of members started at once): news alone would take rounds in proportion
-  to N to carry N joins, 16 records a message.
+  So does every 4th probe while more than ``BACKLOG_NEWS`` records wait to be sent,
+  and every probe while they would fill most of a whole table (hundreds of members
+  started at once): news alone would take rounds in proportion to N to carry N
+  joins, 16 records a message.
 
 The records and merge rules are the heartbeat protocol's (versions never move
 backwards, tombstones, leaves, restarts), with one addition: at an equal version a
@@ -58,11 +59,17 @@ SUSPICION_ROUNDS = 4
 FULL_SYNC_ROUNDS = 60
 FULL_SYNC_ROUNDS_PER_MEMBER = 2
 FIRST_FULL_SYNCS = 3
-# While more news wait than BACKLOG_NEWS (many members joined at once), every
+# While more news wait than BACKLOG_NEWS (many members joined or changed at once), every
 # BACKLOG_SYNC_ROUNDS-th probe carries the whole table instead: a push-pull of whole tables
-# spreads N joins in O(log N) rounds, where MAX_NEWS records a message need O(N) rounds.
+# spreads N joins in O(log N) rounds, where MAX_NEWS records a message need O(N) rounds. While
+# the news waiting would fill more than BACKLOG_WHOLE_SHARE of a whole table (a launch of
+# hundreds of nodes), every probe does: a whole table then costs little more than the news it
+# carries, and the last joins reach everyone in 2-3 rounds instead of 4-6 (the unit model at
+# 256). Below that share (churn), every probe would carry whole tables for as long as the churn
+# outpaced the news, several times the records of every 4th probe.
 BACKLOG_NEWS = 2 * MAX_NEWS
 BACKLOG_SYNC_ROUNDS = 4
+BACKLOG_WHOLE_SHARE = 0.75
 # Members asked to probe a member that did not answer this node's own probe, before it is
 # suspected (SWIM's ping-req; memberlist's IndirectChecks is 3).
 INDIRECT_PROBES = 3
@@ -131,7 +138,10 @@ class Swim(Membership):
         every = max(FULL_SYNC_ROUNDS, FULL_SYNC_ROUNDS_PER_MEMBER * len(self.members))
         # A newcomer's first probes carry the table it joined with: the members it meets learn
         # everyone at once, not one news record at a time.
-        backlog = len(self._sent) > BACKLOG_NEWS and self._rounds % BACKLOG_SYNC_ROUNDS == 0
+        queued = len(self._sent)
+        backlog = queued > BACKLOG_NEWS and (
+            self._rounds % BACKLOG_SYNC_ROUNDS == 0 or queued > BACKLOG_WHOLE_SHARE * len(self.members)
+        )
         return self._rounds <= FIRST_FULL_SYNCS or self._rounds % every == 0 or backlog
 
     def claims_about(self, node_id: str) -> list[MemberRecord]:
