@@ -95,7 +95,9 @@ class _Recorder:
 
     def measure(self, **flags: bool) -> dict[str, Any]:
         """An evaluation now (parameters dumped if asked), not yet written."""
+        began = time.monotonic()
         loss, acc = evaluate(self.trainer.model, self.ds.x_test, self.ds.y_test)
+        eval_s = time.monotonic() - began
         self.node.report(eval_loss=loss, eval_accuracy=acc)
         stats = self.node.stats
         rec: dict[str, Any] = {
@@ -105,6 +107,7 @@ class _Recorder:
             "loss": loss,
             "train_loss": self.last_loss,
             "accuracy": acc,
+            "eval_s": round(eval_s, 4),
             "bytes_sent": stats.bytes_out,
             "bytes_received": stats.bytes_in,
             "exchanges": stats.exchanges_ok + stats.exchanges_served,
