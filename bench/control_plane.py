@@ -1,7 +1,7 @@
 """The control plane: what it costs per node, and how fast it notices, at N nodes, per member protocol.
 
     python bench/control_plane.py [--sizes 16,64] [--protocols heartbeat,swim] [--processes 2]
-        [--window 20] [--time-limit 1500] [--time-scale 1]
+        [--window 20] [--time-limit 1500] [--time-scale 1] [--converge-repeats 0]
 
 For each N in ``--sizes`` and each member protocol in ``--protocols`` (heartbeat, the
 default, swaps whole tables; swim probes and piggybacks news: gossip.core.swim): N real nodes (``gossip.node.node.Node``, gRPC on
@@ -9,7 +9,13 @@ default, swaps whole tables; swim probes and piggybacks news: gossip.core.swim):
 ``--processes`` worker processes and the N/10 victims (at least 1) in one more,
 one asyncio loop per process. Every node joins through node 0. The figures:
 
-- converge_s: from the first node's start until every node's table holds all N alive.
+- converge_s: from the first node's start until every node's table holds all N alive;
+  ``converge_after_joins_s``: from the last node's start (the starts take time in
+  proportion to N on one machine, which a cluster whose nodes start on their own
+  machines does not pay). ``--converge-repeats K`` launches each size K more times on
+  fresh processes for convergence alone: every launch's figures (``converge_all_s``,
+  ``converge_after_joins_all_s``) and their medians (``converge_median_s``,
+  ``converge_after_joins_median_s``).
 - calls_per_node_per_s, bytes_per_node_per_s: over a ``--window`` of steady state
   (from ``--settle`` seconds after the snapshot below is placed), the control calls every server answered
   (every method but Exchange, Push, PutShard and GetShards) and their request +
@@ -51,6 +57,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -310,23 +317,20 @@ def say(msg: str, t0: float) -> None:
     print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
 
 
-def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: list[Host]) -> dict[str, Any]:
-    from gossip.config import StoreConfig
-
-    ctx = mp.get_context("spawn")
+def groups_of(n: int, processes: int) -> tuple[list[str], list[str], list[list[str]]]:
+    """(every id, the survivors, the worker groups: ``processes`` of survivors, then the victims)."""
     victims_n = max(1, n // 10)
     ids = [f"n{i:03d}" for i in range(n)]
     survivors, victims = ids[: n - victims_n], ids[n - victims_n :]
-    groups = [survivors[k :: args.processes] for k in range(args.processes)] + [victims]
-    hosts.extend(Host(ctx) for _ in groups)
-    for h in hosts:
-        h.recv()
-    say(
-        f"N={n} ({protocol}): {len(hosts)} processes up ({args.processes} x "
-        f"~{len(survivors) // args.processes}, {victims_n} victims in one)",
-        t0,
-    )
-    # --- convergence
+    return ids, survivors, [survivors[k::processes] for k in range(processes)] + [victims]
+
+
+def launch(
+    n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: list[Host], groups: list[list[str]]
+) -> tuple[float | None, float, int]:
+    """Start every group's nodes on its worker (the first node of the first group first: the seed)
+    and wait until every node's table holds all N alive: (seconds from the first start until then,
+    None if not within ``--give-up``; seconds the starts took; most nodes that saw all at once)."""
     start = time.monotonic()
     scale = args.time_scale
     seed = hosts[0].ask("start", [groups[0][0]], None, protocol, scale)[groups[0][0]]
@@ -334,7 +338,8 @@ def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: 
         h.send("start", [i for i in g if i != groups[0][0]], seed, protocol, scale)
     for h in hosts:
         h.recv()
-    say(f"N={n}: all joined in {time.monotonic() - start:.1f} s", t0)
+    joined = time.monotonic() - start
+    say(f"N={n}: all joined in {joined:.1f} s", t0)
     last, converge, best = 0.0, None, 0
     while time.monotonic() - start < args.give_up:
         v = views(hosts, [])
@@ -349,13 +354,44 @@ def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: 
             last = time.monotonic()
         time.sleep(0.2)
     if converge is None:
-        say(
-            f"N={n}: NOT converged within {args.give_up:.0f} s (at best {best}/{n} nodes saw all); "
-            "measuring the rest anyway",
-            t0,
-        )
+        say(f"N={n}: NOT converged within {args.give_up:.0f} s (at best {best}/{n} nodes saw all)", t0)
     else:
-        say(f"N={n}: converged in {converge:.2f} s", t0)
+        say(f"N={n}: converged in {converge:.2f} s ({converge - joined:.2f} s after the last join)", t0)
+    return converge, joined, best
+
+
+def spawn_hosts(hosts: list[Host], count: int) -> None:
+    ctx = mp.get_context("spawn")
+    hosts.extend(Host(ctx) for _ in range(count))
+    for h in hosts:
+        h.recv()
+
+
+def converge_only(
+    n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: list[Host]
+) -> tuple[Any, Any]:
+    """One more launch of N fresh nodes, for its convergence only: (converge_s, after the joins)."""
+    _, _, groups = groups_of(n, args.processes)
+    spawn_hosts(hosts, len(groups))
+    converge, joined, _ = launch(n, protocol, args, t0, hosts, groups)
+    return converge, None if converge is None else converge - joined
+
+
+def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: list[Host]) -> dict[str, Any]:
+    from gossip.config import StoreConfig
+
+    ids, survivors, groups = groups_of(n, args.processes)
+    victims = groups[-1]
+    spawn_hosts(hosts, len(groups))
+    say(
+        f"N={n} ({protocol}): {len(hosts)} processes up ({args.processes} x "
+        f"~{len(survivors) // args.processes}, {len(victims)} victims in one)",
+        t0,
+    )
+    # --- convergence
+    converge, joined, best = launch(n, protocol, args, t0, hosts, groups)
+    if converge is None:
+        say(f"N={n}: measuring the rest anyway", t0)
     # --- the snapshot, placed before the window so its manifests are not counted
     pub0 = time.monotonic()
     m: Any = None
@@ -431,6 +467,7 @@ def run_size(n: int, protocol: str, args: argparse.Namespace, t0: float, hosts: 
         "calls": round(sum(calls.values()) / n / span, 2),
         "bytes": round(sum(nbytes.values()) / n / span, 1),
         "converge": r(converge),
+        "after_joins": None if converge is None else r(converge - joined),
         "suspect": r(suspect_seen),
         "dead": r(dead_seen),
         "rereplicated": r(rereplicated),
@@ -459,6 +496,12 @@ def main() -> None:
         help="seconds to wait for convergence, placement, and after the kill",
     )
     ap.add_argument("--time-limit", type=float, default=1500.0, help="hard limit on the whole run")
+    ap.add_argument(
+        "--converge-repeats",
+        type=int,
+        default=0,
+        help="after each size, launch it this many more times on fresh processes, for convergence only",
+    )
     ap.add_argument(
         "--time-scale",
         type=float,
@@ -520,6 +563,27 @@ def main() -> None:
                 finally:
                     while hosts:
                         hosts.pop().end()
+                if n not in results[protocol]:
+                    continue
+                row = results[protocol][n]
+                row["converge_all"], row["after_joins_all"] = [row["converge"]], [row["after_joins"]]
+                for k in range(args.converge_repeats):
+                    say(
+                        f"N={n} ({protocol}): launch {k + 2} of {args.converge_repeats + 1}, convergence only",
+                        t0,
+                    )
+                    try:
+                        c, a = converge_only(n, protocol, args, t0, hosts)
+                        row["converge_all"].append(None if c is None else round(c, 2))
+                        row["after_joins_all"].append(None if a is None else round(a, 2))
+                    except (RuntimeError, TimeoutError) as exc:
+                        say(f"N={n} ({protocol}) launch failed: {exc}", t0)
+                    finally:
+                        while hosts:
+                            hosts.pop().end()
+                for key in ("converge", "after_joins"):
+                    got = [x for x in row[f"{key}_all"] if x is not None]
+                    row[f"{key}_median"] = statistics.median(got) if got else None
     except (TimeLimit, KeyboardInterrupt) as exc:
         say(f"stopped: {exc!r}; reporting the sizes that finished", t0)
     finally:
@@ -532,6 +596,11 @@ def main() -> None:
         "calls_per_node_per_s": "calls",
         "bytes_per_node_per_s": "bytes",
         "converge_s": "converge",
+        "converge_after_joins_s": "after_joins",
+        "converge_median_s": "converge_median",
+        "converge_after_joins_median_s": "after_joins_median",
+        "converge_all_s": "converge_all",
+        "converge_after_joins_all_s": "after_joins_all",
         "death_seen_s": "dead",
         "suspect_seen_s": "suspect",
         "rereplicated_s": "rereplicated",

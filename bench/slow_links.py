@@ -3,7 +3,7 @@
     sudo python bench/slow_links.py [--hosts 8] [--rate 50mbit] [--delay-ms 20]
         [--configs "H=1:none,H=1:topk:0.1+int8"] [--gamma 0] [--loopback-rate 50mbit]
         [--model gpt:2:128:4] [--dataset text:stdlib:16] [--batch-size 1] [--steps 400] [--evals 10]
-        [--lab-send-rate 50mbit] [--keep DIR]
+        [--lab-send-rate 50mbit] [--shaped-send-rate 45mbit] [--keep DIR]
 
 Every run starts ``--hosts`` ``gossip node`` processes, one per host of the tests'
 network lab (``tests/support/netns.py``: network namespaces on one switch, every
@@ -35,7 +35,10 @@ cores do, about 7 s of a 2-core machine), and per configuration its time to targ
 and gap, bytes sent per node, wall time and the packets each host's tbf dropped
 (``tbf_dropped_packets``); with ``--lab-send-rate``/``--loopback-rate``, those runs and
 their training time (first to last evaluation) over the reference's
-(``lab_paced_train_ratio``, ``loopback_train_ratio``). Root only (namespaces).
+(``lab_paced_train_ratio``, ``loopback_train_ratio``); with ``--shaped-send-rate``, the
+reference on the shaped links with every node paced at that rate, below the link's, so
+its own bursts do not overflow the tbf queue (``shaped_paced_train_ratio``). Root only
+(namespaces).
 """
 
 from __future__ import annotations
@@ -123,12 +126,12 @@ def curve(records: list[list[dict[str, Any]]], without_evals: bool = False) -> l
 
 
 def run_lab(
-    args: argparse.Namespace, h: int, compress: str, work: Path, send_rate: str = ""
+    args: argparse.Namespace, h: int, compress: str, work: Path, send_rate: str = "", shaped: bool = True
 ) -> dict[str, Any]:
-    """One run in the lab: links shaped to ``--rate``, or with ``send_rate`` not shaped at all and
-    every node at ``--max-send-rate send_rate`` instead (the relays and their delay the same)."""
+    """One run in the lab: links shaped to ``--rate`` (or not, ``shaped=False``), every node at
+    ``--max-send-rate send_rate`` if given (the relays and their delay the same)."""
     work.mkdir(parents=True)
-    with _lab(args.hosts, str(work), delay=args.delay_ms / 1e3, rate="" if send_rate else args.rate) as lab:
+    with _lab(args.hosts, str(work), delay=args.delay_ms / 1e3, rate=args.rate if shaped else "") as lab:
         procs = []
         t0 = time.time()
         for host in lab.hosts:
@@ -137,7 +140,7 @@ def run_lab(
             argv += ["--max-send-rate", send_rate] if send_rate else []
             procs.append(lab.start(host, name, [*argv, *node_args(args, h, compress)]))
         result = _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
-        if not send_rate:
+        if shaped:
             result["tbf_dropped_packets"] = [tbf_dropped(lab, host) for host in lab.hosts]
         return result
 
@@ -224,6 +227,11 @@ def main() -> None:
         default="",
         help="also run the reference in the lab with unshaped links and every node at this --max-send-rate",
     )
+    ap.add_argument(
+        "--shaped-send-rate",
+        default="",
+        help="also run the reference on the shaped links with every node at this --max-send-rate",
+    )
     ap.add_argument("--dataset", default="text:stdlib:16")
     ap.add_argument("--model", default="gpt:2:128:4")
     ap.add_argument("--batch-size", type=int, default=1)
@@ -264,15 +272,24 @@ def main() -> None:
         paced = None
         if args.lab_send_rate:
             say(f"reference in the lab, links not shaped, every node at --max-send-rate {args.lab_send_rate}")
-            paced = run_lab(args, configs[0][0], configs[0][1], Path(tmp) / "lab-paced", args.lab_send_rate)
+            paced = run_lab(
+                args, configs[0][0], configs[0][1], Path(tmp) / "lab-paced", args.lab_send_rate, shaped=False
+            )
             say(f"    final loss {paced['final_loss']:.4f}, {paced['bytes_per_node'] / 1e6:.1f} MB per node")
+        under = None
+        if args.shaped_send_rate:
+            say(f"reference in the lab, links shaped, every node at --max-send-rate {args.shaped_send_rate}")
+            under = run_lab(
+                args, configs[0][0], configs[0][1], Path(tmp) / "shaped-paced", args.shaped_send_rate
+            )
+            say(f"    final loss {under['final_loss']:.4f}, tbf drops {under['tbf_dropped_packets']}")
         loop = None
         if args.loopback_rate:
             say(f"reference on loopback at --max-send-rate {args.loopback_rate}")
             loop = run_loopback(args, configs[0][0], configs[0][1], Path(tmp) / "loopback")
             say(f"    final loss {loop['final_loss']:.4f}, {loop['wall_s']:.0f} s")
     target = rows[0]["final_loss"] * 1.01
-    for r in rows + [x for x in (paced, loop) if x]:
+    for r in rows + [x for x in (paced, under, loop) if x]:
         r["time_to_target_s"] = next((t for t, m in r["curve"] if m <= target), None)
         r["train_time_to_target_s"] = next((t for t, m in r["curve_without_evals"] if m <= target), None)
         r["gap_pct"] = round(100 * (r["final_loss"] / rows[0]["final_loss"] - 1), 3)
@@ -305,6 +322,8 @@ def main() -> None:
                 "loopback_wall_ratio": (loop["wall_s"] / rows[0]["wall_s"]) if loop else None,
                 "lab_paced_reference": paced,
                 "lab_paced_train_ratio": train_ratio(paced, rows[0]),
+                "shaped_paced_reference": under,
+                "shaped_paced_train_ratio": train_ratio(under, rows[0]),
                 "loopback_train_ratio": train_ratio(loop, rows[0]),
             }
         ),
