@@ -2,7 +2,7 @@
 
     sudo python bench/slow_links.py [--hosts 8] [--rate 50mbit] [--delay-ms 20]
         [--configs "H=1:none,H=1:topk:0.1+int8"] [--gamma 0] [--loopback-rate 50mbit]
-        [--model gpt:2:128:4] [--dataset text:stdlib:16] [--batch-size 1] [--steps 400] [--evals 10]
+        [--model gpt:2:128:4] [--dataset text:stdlib:16] [--batch-size 1] [--steps 400] [--evals 10] [--lr-schedule constant]
         [--lab-send-rate 50mbit] [--shaped-send-rate 45mbit] [--keep DIR]
 
 Every run starts ``--hosts`` ``gossip node`` processes, one per host of the tests'
@@ -93,7 +93,7 @@ def node_args(args: argparse.Namespace, h: int, compress: str) -> list[str]:
     ]
     out += ["--topology", "exponential", "--seed", str(args.seed), "--threads", "1", "--publish-every", "0"]
     out += ["--gossip-every", str(h), "--compress", compress, "--gamma", str(args.gamma)]
-    out += ["--wait-for", str(args.hosts), "--exit-when-done", "--lr-schedule", "constant"]
+    out += ["--wait-for", str(args.hosts), "--exit-when-done", "--lr-schedule", args.lr_schedule]
     return out
 
 
@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--evals", type=int, default=10)
     ap.add_argument("--lr", type=float, default=0.3)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-timeout", type=float, default=1800.0)
     ap.add_argument("--keep", default="", help="keep every run's metrics and logs under this folder")
