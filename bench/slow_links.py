@@ -270,20 +270,20 @@ def main() -> None:
             say(
                 f"    final loss {r['final_loss']:.4f}, {r['bytes_per_node'] / 1e6:.1f} MB per node, {r['wall_s']:.0f} s"
             )
-        paced = None
-        if args.lab_send_rate:
-            say(f"reference in the lab, links not shaped, every node at --max-send-rate {args.lab_send_rate}")
-            paced = run_lab(
-                args, configs[0][0], configs[0][1], Path(tmp) / "lab-paced", args.lab_send_rate, shaped=False
+
+        def paced_reference(name: str, rate: str, shaped: bool) -> dict[str, Any] | None:
+            """The reference again, every node at ``--max-send-rate rate``, links shaped or not."""
+            if not rate:
+                return None
+            say(
+                f"reference in the lab, links {'shaped' if shaped else 'not shaped'}, every node at --max-send-rate {rate}"
             )
-            say(f"    final loss {paced['final_loss']:.4f}, {paced['bytes_per_node'] / 1e6:.1f} MB per node")
-        under = None
-        if args.shaped_send_rate:
-            say(f"reference in the lab, links shaped, every node at --max-send-rate {args.shaped_send_rate}")
-            under = run_lab(
-                args, configs[0][0], configs[0][1], Path(tmp) / "shaped-paced", args.shaped_send_rate
-            )
-            say(f"    final loss {under['final_loss']:.4f}, tbf drops {under['tbf_dropped_packets']}")
+            run = run_lab(args, *configs[0], Path(tmp) / name, rate, shaped=shaped)
+            say(f"    final loss {run['final_loss']:.4f}, {run['bytes_per_node'] / 1e6:.1f} MB per node")
+            return run
+
+        paced = paced_reference("lab-paced", args.lab_send_rate, shaped=False)
+        under = paced_reference("shaped-paced", args.shaped_send_rate, shaped=True)
         loop = None
         if args.loopback_rate:
             say(f"reference on loopback at --max-send-rate {args.loopback_rate}")
