@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gossip.core.compress import CompressError, Compressor
+from gossip.core.compress import CompressError, Compressor, densify
 
 MAX_PAIRS = 16  # neighbours whose copies a node keeps (2 model copies each)
 
@@ -140,11 +140,13 @@ class Choco:
         """The peer's q from its payload; :class:`~gossip.core.compress.CompressError` unless well formed
         and, given the ``peer``, unless its copy stays finite with it (a peer cannot push it to inf
         over several exchanges)."""
-        values = self.compressor.decompress(payload, self.dim)
+        idx, values = self.compressor.decompress_parts(payload, self.dim)
         pair = self._pairs.get(peer) if peer is not None else None
-        if pair is not None and not bool(torch.isfinite(pair.peer + values).all()):
-            raise CompressError("the payload would take the peer's reference copy past float32's range")
-        return values
+        if pair is not None:
+            moved = pair.peer if idx is None else pair.peer[idx]  # only these entries change
+            if not bool(torch.isfinite(moved + values).all()):
+                raise CompressError("the payload would take the peer's reference copy past float32's range")
+        return densify(idx, values, self.dim)
 
     def settle(self, peer: str, offer: Offer, received: Tensor) -> Tensor:
         """The exchange committed: move both copies, count it; the difference ``peer - own`` (new tensor)."""

@@ -126,10 +126,13 @@ class Compressor:
         else:
             k = self.kept(n)
             if self.sparsifier == "topk":
-                idx = torch.topk(x.abs(), k, sorted=False).indices
+                # numpy's introselect then a mask is ~8x faster than torch.topk + sort here
+                chosen = np.argpartition(x.abs().numpy(), n - k)[n - k :]
             else:
-                idx = torch.randperm(n, generator=gen)[:k]
-            idx = idx.sort().values
+                chosen = torch.randperm(n, generator=gen)[:k].numpy()
+            mask = np.zeros(n, dtype=bool)
+            mask[chosen] = True
+            idx = torch.from_numpy(np.flatnonzero(mask))  # sorted
             values = x[idx]
         coded, decoded_values = _encode_values(self.coder, values, gen)
         if idx is None:
@@ -140,18 +143,30 @@ class Compressor:
 
     def decompress(self, payload: bytes | memoryview, n: int) -> Tensor:
         """The values of a payload for ``n`` entries; CompressError unless it is exactly well formed."""
+        return densify(*self.decompress_parts(payload, n), n)
+
+    def decompress_parts(self, payload: bytes | memoryview, n: int) -> tuple[Tensor | None, Tensor]:
+        """(indices, their values) of a payload for ``n`` entries, indices None when every entry
+        travels; checked as :meth:`decompress` checks."""
         data = memoryview(payload).cast("B")
         if len(data) > self.max_nbytes(n):
             raise CompressError(
                 f"payload of {len(data)} bytes exceeds the {self.max_nbytes(n)} this spec allows"
             )
         if self.sparsifier is None:
-            return _decode_values(self.coder, data, n)
+            return None, _decode_values(self.coder, data, n)
         k = self.kept(n)
         idx, used = _decode_indices(data, k, n)
-        out = torch.zeros(n, dtype=torch.float32)
-        out[torch.from_numpy(idx)] = _decode_values(self.coder, data[used:], k)
-        return out
+        return torch.from_numpy(idx), _decode_values(self.coder, data[used:], k)
+
+
+def densify(idx: Tensor | None, values: Tensor, n: int) -> Tensor:
+    """The dense vector of ``n`` entries that is ``values`` at ``idx`` (all of them if None), else 0."""
+    if idx is None:
+        return values
+    out = torch.zeros(n, dtype=torch.float32)
+    out[idx] = values
+    return out
 
 
 # --- indices: the count, then varint gaps ----------------------------------------------
@@ -160,6 +175,8 @@ class Compressor:
 def _encode_indices(idx: np.ndarray) -> bytes:
     """Sorted distinct indices as their count (uint32) and LEB128 varints of the gaps."""
     gaps: np.ndarray = np.diff(idx.astype(np.uint64), prepend=np.uint64(0)).astype(np.uint64)
+    if not len(gaps) or int(gaps.max()) < 0x80:  # every gap in one byte
+        return len(idx).to_bytes(4, "little") + gaps.astype(np.uint8).tobytes()
     sizes = np.ones(len(gaps), dtype=np.int64)
     for shift in (7, 14, 21, 28):
         sizes += gaps >= (1 << shift)
@@ -187,10 +204,14 @@ def _decode_indices(data: memoryview, k: int, n: int) -> tuple[np.ndarray, int]:
         raise CompressError("index gap longer than 5 bytes")
     used = int(ends[-1]) + 1 if k else 0
     part = raw[:used].astype(np.uint64) & np.uint64(0x7F)
-    group = np.repeat(np.arange(k), (ends - starts + 1).astype(np.int64)) if k else np.zeros(0, np.int64)
-    shifts = (np.arange(used) - starts[group]).astype(np.uint64) * np.uint64(7)
-    gaps = np.zeros(k, dtype=np.uint64)
-    np.add.at(gaps, group, part << shifts)
+    if used == k:  # every gap in one byte (the common case of a dense enough top-k)
+        gaps = part
+    elif k:
+        group = np.repeat(np.arange(k), (ends - starts + 1).astype(np.int64))
+        shifts = (np.arange(used) - starts[group]).astype(np.uint64) * np.uint64(7)
+        gaps = np.add.reduceat(part << shifts, starts)
+    else:
+        gaps = np.zeros(0, dtype=np.uint64)
     if k > 1 and int(gaps[1:].min()) == 0:
         raise CompressError("indices repeat")
     idx = np.cumsum(gaps)
