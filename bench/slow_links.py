@@ -9,8 +9,8 @@ Every run starts ``--hosts`` ``gossip node`` processes, one per host of the test
 network lab (``tests/support/netns.py``: network namespaces on one switch, every
 host's link shaped to ``--rate`` with tc tbf, ``--delay-ms`` each way through the
 lab's delaying relay, no loss), exponential topology, pairwise, the same seed. A
-configuration is ``H=<gossip every>:<compress spec>`` (``none``: dense); the first one
-is the reference. Each node evaluates at its start and ``--evals`` times during its
+configuration is ``H=<gossip every>[/lag=<max lag>]:<compress spec>`` (``none``: dense;
+the max lag, ``--max-lag``, 1 unless given); the first one is the reference. Each node evaluates at its start and ``--evals`` times during its
 run; an evaluation's time is when the *last* node made it (seconds since the last node
 made its first, so start-up is not counted), its metric the mean validation loss over
 nodes. The target is the
@@ -78,7 +78,9 @@ def steps_per_epoch(args: argparse.Namespace) -> int:
     return max(math.ceil(len(p) / args.batch_size) for p in parts)
 
 
-def node_args(args: argparse.Namespace, h: int, compress: str) -> list[str]:
+def node_args(args: argparse.Namespace, pace: tuple[int, int], compress: str) -> list[str]:
+    """A node's training options; ``pace`` is (gossip every, max lag)."""
+    h, lag = pace
     every = args.steps / args.evals / args.steps_per_epoch  # in epochs, as --eval-every takes it
     out = ["--dataset", args.dataset, "--model", args.model, "--batch-size", str(args.batch_size)]
     out += [
@@ -92,7 +94,16 @@ def node_args(args: argparse.Namespace, h: int, compress: str) -> list[str]:
         str(args.lr),
     ]
     out += ["--topology", "exponential", "--seed", str(args.seed), "--threads", "1", "--publish-every", "0"]
-    out += ["--gossip-every", str(h), "--compress", compress, "--gamma", str(args.gamma)]
+    out += [
+        "--gossip-every",
+        str(h),
+        "--max-lag",
+        str(lag),
+        "--compress",
+        compress,
+        "--gamma",
+        str(args.gamma),
+    ]
     out += ["--wait-for", str(args.hosts), "--exit-when-done", "--lr-schedule", args.lr_schedule]
     return out
 
@@ -126,7 +137,12 @@ def curve(records: list[list[dict[str, Any]]], without_evals: bool = False) -> l
 
 
 def run_lab(
-    args: argparse.Namespace, h: int, compress: str, work: Path, send_rate: str = "", shaped: bool = True
+    args: argparse.Namespace,
+    pace: tuple[int, int],
+    compress: str,
+    work: Path,
+    send_rate: str = "",
+    shaped: bool = True,
 ) -> dict[str, Any]:
     """One run in the lab: links shaped to ``--rate`` (or not, ``shaped=False``), every node at
     ``--max-send-rate send_rate`` if given (the relays and their delay the same)."""
@@ -138,7 +154,7 @@ def run_lab(
             name = f"n{host.index}"
             argv = [*node_argv(host, lab.hosts), "--metrics", str(work / f"{name}.jsonl")]
             argv += ["--max-send-rate", send_rate] if send_rate else []
-            procs.append(lab.start(host, name, [*argv, *node_args(args, h, compress)]))
+            procs.append(lab.start(host, name, [*argv, *node_args(args, pace, compress)]))
         result = _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
         if shaped:
             result["tbf_dropped_packets"] = [tbf_dropped(lab, host) for host in lab.hosts]
@@ -155,7 +171,9 @@ def tbf_dropped(lab: Any, host: Any) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def run_loopback(args: argparse.Namespace, h: int, compress: str, work: Path) -> dict[str, Any]:
+def run_loopback(
+    args: argparse.Namespace, pace: tuple[int, int], compress: str, work: Path
+) -> dict[str, Any]:
     work.mkdir(parents=True)
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.time()
@@ -168,7 +186,9 @@ def run_loopback(args: argparse.Namespace, h: int, compress: str, work: Path) ->
                 argv += ["--seed-file", str(work / "l0.ready")]
             log = (work / f"l{i}.log").open("wb")
             procs.append(
-                subprocess.Popen([*argv, *node_args(args, h, compress)], stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    [*argv, *node_args(args, pace, compress)], stdout=log, stderr=subprocess.STDOUT
+                )
             )
         return _finish(procs, work, t0, args, lambda p: p, lambda p: "")
     finally:
@@ -249,9 +269,10 @@ def main() -> None:
     configs = []
     for part in args.configs.split(","):
         head, _, spec = part.partition(":")
-        if not head.startswith("H=") or not spec:
-            raise SystemExit(f"--configs: expected H=<n>:<compress spec>, got {part!r}")
-        configs.append((int(head[2:]), spec))
+        every, _, lag = head.partition("/lag=")
+        if not every.startswith("H=") or not spec or not every[2:].isdigit() or not (lag or "1").isdigit():
+            raise SystemExit(f"--configs: expected H=<n>[/lag=<m>]:<compress spec>, got {part!r}")
+        configs.append((int(every[2:]), int(lag or 1), spec))
     rows = []
     keep = Path(args.keep) if args.keep else None
     if keep is not None and keep.exists() and any(keep.iterdir()):
@@ -261,12 +282,13 @@ def main() -> None:
         if keep
         else tempfile.TemporaryDirectory(prefix="slow-links-") as tmp
     ):
-        for i, (h, spec) in enumerate(configs):
+        for i, (h, lag, spec) in enumerate(configs):
             say(
-                f"[{i + 1}/{len(configs)}] H={h} compress={spec}: {args.hosts} hosts at {args.rate}, {args.delay_ms:g} ms"
+                f"[{i + 1}/{len(configs)}] H={h} max-lag={lag} compress={spec}: "
+                f"{args.hosts} hosts at {args.rate}, {args.delay_ms:g} ms"
             )
-            r = run_lab(args, h, spec, Path(tmp) / f"run{i}")
-            rows.append({"H": h, "compress": spec, **r})
+            r = run_lab(args, (h, lag), spec, Path(tmp) / f"run{i}")
+            rows.append({"H": h, "max_lag": lag, "compress": spec, **r})
             say(
                 f"    final loss {r['final_loss']:.4f}, {r['bytes_per_node'] / 1e6:.1f} MB per node, {r['wall_s']:.0f} s"
             )
@@ -278,7 +300,7 @@ def main() -> None:
             say(
                 f"reference in the lab, links {'shaped' if shaped else 'not shaped'}, every node at --max-send-rate {rate}"
             )
-            run = run_lab(args, *configs[0], Path(tmp) / name, rate, shaped=shaped)
+            run = run_lab(args, configs[0][:2], configs[0][2], Path(tmp) / name, rate, shaped=shaped)
             say(f"    final loss {run['final_loss']:.4f}, {run['bytes_per_node'] / 1e6:.1f} MB per node")
             return run
 
@@ -287,7 +309,7 @@ def main() -> None:
         loop = None
         if args.loopback_rate:
             say(f"reference on loopback at --max-send-rate {args.loopback_rate}")
-            loop = run_loopback(args, configs[0][0], configs[0][1], Path(tmp) / "loopback")
+            loop = run_loopback(args, configs[0][:2], configs[0][2], Path(tmp) / "loopback")
             say(f"    final loss {loop['final_loss']:.4f}, {loop['wall_s']:.0f} s")
     target = rows[0]["final_loss"] * 1.01
     for r in rows + [x for x in (paced, under, loop) if x]:
@@ -300,7 +322,7 @@ def main() -> None:
     ref_train = rows[0]["train_time_to_target_s"]
     for r in rows:
         say(
-            f"H={r['H']} {r['compress']}: time to target {r['time_to_target_s']} "
+            f"H={r['H']} lag {r['max_lag']} {r['compress']}: time to target {r['time_to_target_s']} "
             f"({r['train_time_to_target_s']} without evaluations), final {r['final_loss']:.4f} "
             f"(gap {r['gap_pct']:+.2f} %), {r['bytes_per_node'] / 1e6:.2f} MB/node, wall {r['wall_s']:.0f} s"
         )
@@ -311,7 +333,7 @@ def main() -> None:
                 "speedup_without_evals": (ref_train / best["train_time_to_target_s"])
                 if best and ref_train and best["train_time_to_target_s"]
                 else None,
-                "best": None if best is None else {"H": best["H"], "compress": best["compress"]},
+                "best": None if best is None else {k: best[k] for k in ("H", "max_lag", "compress")},
                 "target_loss": target,
                 "rate": args.rate,
                 "delay_ms": args.delay_ms,
