@@ -15,6 +15,7 @@ is no one's fault but its own.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ class MemberRecord:
     meta: dict[str, float] = field(default_factory=dict)  # local only, never on the wire
 
 
+@functools.lru_cache(maxsize=4096)  # every table repeats the same addresses
 def dialable(address: str) -> bool:
     """HOST:PORT with a non-empty host and a port in 1..65535 (ASCII digits only)."""
     if len(address) > MAX_ADDRESS_CHARS:

@@ -57,31 +57,42 @@ def _member_to_pb(m: MemberRecord, claims: bool = False) -> pb.Member:
     )
 
 
+# Serialized one-member tables, by what they say: a table of hundreds of members is these
+# concatenated (protobuf appends repeated fields), so the members that did not change since
+# the last table cost no encoding. Bounded: cleared whole when full.
+_FRAGMENTS: dict[tuple[str, str, int, int, str, int, bytes], bytes] = {}
+_MAX_FRAGMENTS = 1 << 14
+
+
+def _member_fragment(m: MemberRecord, claims: bool) -> bytes:
+    """``MemberTable(members=[m])`` serialized (as :func:`_member_to_pb` would put it)."""
+    state = m.state if claims or m.state == "left" else "alive"
+    key = (m.node_id, m.address, m.incarnation, m.heartbeat, state, m.rank, m.fingerprint)
+    frag = _FRAGMENTS.get(key)
+    if frag is None:
+        if len(_FRAGMENTS) >= _MAX_FRAGMENTS:
+            _FRAGMENTS.clear()
+        frag = _FRAGMENTS[key] = encode(pb.MemberTable(members=[_member_to_pb(m, claims)]))
+    return frag
+
+
+_PLAIN_STATES = frozenset((pb.STATE_ALIVE, pb.STATE_LEFT))
+_CLAIM_STATES = frozenset((pb.STATE_ALIVE, pb.STATE_LEFT, pb.STATE_SUSPECT, pb.STATE_DEAD))
+
+
 def _member_from_pb(m: pb.Member, claims: bool = False) -> MemberRecord:
-    if not m.node_id or len(m.node_id) > MAX_ID_CHARS:
+    node_id, address, state, rank = m.node_id, m.address, m.state, m.rank  # each field read once
+    if not node_id or len(node_id) > MAX_ID_CHARS:
         raise WireError("member has an empty or over-long node_id")
-    if not dialable(m.address):
-        raise WireError(f"member {m.node_id!r} has an invalid address {m.address[:80]!r}")
-    allowed = (
-        (pb.STATE_ALIVE, pb.STATE_LEFT, pb.STATE_SUSPECT, pb.STATE_DEAD)
-        if claims
-        else (pb.STATE_ALIVE, pb.STATE_LEFT)
-    )
-    if m.state not in allowed:
+    if not dialable(address):
+        raise WireError(f"member {node_id!r} has an invalid address {address[:80]!r}")
+    if state not in (_CLAIM_STATES if claims else _PLAIN_STATES):
         raise WireError(
-            f"member {m.node_id!r} travels with state {m.state}, only {'alive, suspect, dead' if claims else 'alive'} or left may"
+            f"member {node_id!r} travels with state {state}, only {'alive, suspect, dead' if claims else 'alive'} or left may"
         )
-    if m.rank < -1:
-        raise WireError(f"member {m.node_id!r} has rank {m.rank}")
-    return MemberRecord(
-        node_id=m.node_id,
-        address=m.address,
-        incarnation=m.incarnation,
-        heartbeat=m.heartbeat,
-        state=STATE_NAMES[m.state],
-        rank=m.rank,
-        fingerprint=bytes(m.fingerprint),
-    )
+    if rank < -1:
+        raise WireError(f"member {node_id!r} has rank {rank}")
+    return MemberRecord(node_id, address, m.incarnation, m.heartbeat, STATE_NAMES[state], rank, m.fingerprint)
 
 
 class ProtocolMismatch(ValueError):
@@ -101,14 +112,8 @@ def table_to_bytes(
 ) -> bytes:
     """A member table of a node running ``protocol``; with swim, suspect and dead travel as they are."""
     claims = protocol == "swim"
-    return encode(
-        pb.MemberTable(
-            sender=_member_to_pb(sender),
-            members=[_member_to_pb(m, claims) for m in members],
-            full=full,
-            protocol=protocol,
-        )
-    )
+    head = encode(pb.MemberTable(sender=_member_to_pb(sender), full=full, protocol=protocol))
+    return head + b"".join([_member_fragment(m, claims) for m in members])
 
 
 def table_message_from_bytes(

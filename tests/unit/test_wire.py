@@ -499,3 +499,41 @@ def test_structured_table_fuzz_raises_only_wire_error(sender: pb.Member, members
         table_from_bytes(msg.SerializeToString())
     except WireError:
         return
+
+
+def test_a_table_built_from_cached_members_is_the_message_built_whole() -> None:
+    """Members' encodings are reused across tables (serde._FRAGMENTS): a changed record, and the
+    same record under the other protocol, must still travel as it is now."""
+    me = MemberRecord("me", "127.0.0.1:1000", 1, 5)
+    others = [MemberRecord(f"n{i}", f"127.0.0.1:{2000 + i}", 1, i, state="suspect") for i in range(300)]
+    for protocol, state in (("swim", pb.STATE_SUSPECT), ("heartbeat", pb.STATE_ALIVE)):
+        table_to_bytes(me, others, full=True, protocol=protocol)  # fills the cache
+        others[7].heartbeat += 1
+        whole = pb.MemberTable(
+            sender=pb.Member(
+                node_id="me",
+                address="127.0.0.1:1000",
+                incarnation=1,
+                heartbeat=5,
+                state=pb.STATE_ALIVE,
+                rank=-1,
+            ),
+            members=[
+                pb.Member(
+                    node_id=m.node_id,
+                    address=m.address,
+                    incarnation=1,
+                    heartbeat=m.heartbeat,
+                    state=state,
+                    rank=-1,
+                )
+                for m in others
+            ],
+            full=True,
+            protocol=protocol,
+        )
+
+        got = pb.MemberTable.FromString(table_to_bytes(me, others, full=True, protocol=protocol))
+
+        assert got == whole
+        assert got.members[7].heartbeat == others[7].heartbeat
