@@ -96,6 +96,10 @@ class Membership:
         self.members: dict[str, MemberRecord] = {}
         self._seen: dict[str, float] = {}  # node_id -> clock time its version last grew
         self._tombstones: dict[str, tuple[int, int]] = {}
+        # address -> the id last merged in at it: merge() keeps one member per address, so a
+        # record's rival is found without a pass over the table (an entry whose member is gone
+        # or moved is stale and ignored)
+        self._at_address: dict[str, str] = {}
 
     # --- own record ------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class Membership:
                 self._tombstones[rec.node_id] = (rec.incarnation, _LIFE_OVER)
                 rec.meta["left_at"] = now
             self.members[rec.node_id] = rec
+            self._at_address[rec.address] = rec.node_id
             self._seen[rec.node_id] = now
             if rec.state == "alive" and not was_alive:
                 changed.append(rec.node_id)
@@ -144,14 +149,14 @@ class Membership:
 
     def _replace_same_address(self, rec: MemberRecord) -> bool:
         """A newer life at an address evicts the older one; an older one is ignored."""
-        for other in list(self.members.values()):
-            if other.node_id == rec.node_id or other.address != rec.address:
-                continue
-            if other.incarnation > rec.incarnation:
-                return False
-            self._tombstones[other.node_id] = (other.incarnation, other.heartbeat)
-            del self.members[other.node_id]
-            self._seen.pop(other.node_id, None)
+        other = self.members.get(self._at_address.get(rec.address, ""))
+        if other is None or other.node_id == rec.node_id or other.address != rec.address:
+            return True
+        if other.incarnation > rec.incarnation:
+            return False
+        self._tombstones[other.node_id] = (other.incarnation, other.heartbeat)
+        del self.members[other.node_id]
+        self._seen.pop(other.node_id, None)
         return True
 
     def mark_left(self, node_id: str, incarnation: int) -> bool:

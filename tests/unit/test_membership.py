@@ -315,6 +315,26 @@ def test_older_life_at_a_known_address_is_ignored() -> None:
     assert sorted(m.members) == ["new"]
 
 
+def test_each_newer_life_at_an_address_evicts_the_one_before() -> None:
+    m, _ = _table()
+    for life, node in enumerate(["first", "second", "third"], start=1):
+        m.merge([_rec(node, 9001, incarnation=life)])
+
+    m.merge([_rec("second", 9001, incarnation=2, heartbeat=5)])  # its gossip, later
+
+    assert sorted(m.members) == ["third"]
+
+
+def test_a_member_that_moved_leaves_its_old_address_to_others() -> None:
+    m, _ = _table()
+    m.merge([_rec("a", 9001, incarnation=5)])
+    m.merge([_rec("a", 9002, incarnation=6)])  # restarted on another port
+
+    m.merge([_rec("b", 9001, incarnation=1)])  # an older incarnation, but nobody's rival there now
+
+    assert sorted(m.members) == ["a", "b"]
+
+
 # --- leaving ------------------------------------------------------------------------
 
 
