@@ -49,6 +49,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -354,7 +355,14 @@ def main() -> None:
     )
 
 
+def _unwind(signum: int, frame: object) -> None:
+    """SIGTERM: unwind, so the lab's exit ends the nodes and relays and removes the namespaces."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
     if os.geteuid() != 0:
         raise SystemExit("bench/slow_links.py builds network namespaces: run it as root")
+    signal.signal(signal.SIGTERM, _unwind)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     main()
