@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.core.compress import BLOCK, CompressError, Compressor
+from gossip.core.compress import BLOCK, CompressError, Compressor, _decode_indices, _encode_indices
 
 SPECS = ["none", "fp16", "bf16", "int8", "int4", "sign", "topk:0.01", "randk:0.1", "topk:0.01+int8",
          "randk:0.05+int4", "topk:0.2+sign", "topk:1+bf16"]  # fmt: skip
@@ -141,3 +141,19 @@ def test_any_bytes_decode_or_are_refused_never_crash(data: bytes, spec: str, n: 
     except CompressError:
         return
     assert out.shape == (n,) and bool(torch.isfinite(out).all())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(0, 2**34), min_size=1, max_size=300), st.booleans())
+def test_index_gaps_of_every_length_round_trip(indices: set[int], near: bool) -> None:
+    """Both codings of the gaps: every gap in one byte (``near``), and gaps of up to 5 bytes."""
+    idx = np.array(sorted(indices), dtype=np.int64)
+    if near:
+        idx = np.arange(len(idx), dtype=np.int64) * 3
+    n = int(idx[-1]) + 1
+    data = _encode_indices(idx)
+
+    back, used = _decode_indices(memoryview(data), len(idx), n)
+
+    assert used == len(data)
+    assert np.array_equal(back, idx)
