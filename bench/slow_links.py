@@ -32,8 +32,10 @@ clock leaving out its own evaluations: one of gpt:2:128:4 on 8 192 windows takes
 node 2-3 s of a core, and when the 8 nodes evaluate together, as runs bound by the
 cores do, about 7 s of a 2-core machine), and per configuration its time to target
 (both clocks), final loss
-and gap, bytes sent per node, wall time and the packets each host's tbf dropped
-(``tbf_dropped_packets``); with ``--lab-send-rate``/``--loopback-rate``, those runs and
+and gap, bytes sent per node, wall time, the packets each host's tbf dropped
+(``tbf_dropped_packets``) and the CPU seconds of the nodes and of the lab's relays
+(``nodes_cpu_s``, ``relays_cpu_s``: on one machine the relays, which a real network
+does not have, share the cores with the nodes); with ``--lab-send-rate``/``--loopback-rate``, those runs and
 their training time (first to last evaluation) over the reference's
 (``lab_paced_train_ratio``, ``loopback_train_ratio``); with ``--shaped-send-rate``, the
 reference on the shaped links with every node paced at that rate, below the link's, so
@@ -49,6 +51,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -151,15 +154,33 @@ def run_lab(
     with _lab(args.hosts, str(work), delay=args.delay_ms / 1e3, rate=args.rate if shaped else "") as lab:
         procs = []
         t0 = time.time()
+        before = _children_cpu_s()
         for host in lab.hosts:
             name = f"n{host.index}"
             argv = [*node_argv(host, lab.hosts), "--metrics", str(work / f"{name}.jsonl")]
             argv += ["--max-send-rate", send_rate] if send_rate else []
             procs.append(lab.start(host, name, [*argv, *node_args(args, pace, compress)]))
         result = _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
+        result["nodes_cpu_s"] = _children_cpu_s() - before  # the nodes, reaped by _finish
+        relays = [cpu_seconds(p.popen.pid) for p in lab.procs if p.name.startswith("relay")]
+        result["relays_cpu_s"] = sum(r for r in relays if r is not None)
         if shaped:
             result["tbf_dropped_packets"] = [tbf_dropped(lab, host) for host in lab.hosts]
         return result
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used, from /proc; None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tbf_dropped(lab: Any, host: Any) -> int | None:
@@ -291,7 +312,8 @@ def main() -> None:
             r = run_lab(args, (h, lag), spec, Path(tmp) / f"run{i}")
             rows.append({"H": h, "max_lag": lag, "compress": spec, **r})
             say(
-                f"    final loss {r['final_loss']:.4f}, {r['bytes_per_node'] / 1e6:.1f} MB per node, {r['wall_s']:.0f} s"
+                f"    final loss {r['final_loss']:.4f}, {r['bytes_per_node'] / 1e6:.1f} MB per node, "
+                f"{r['wall_s']:.0f} s, CPU seconds: nodes {r['nodes_cpu_s']:.0f}, relays {r['relays_cpu_s']:.0f}"
             )
 
         def paced_reference(name: str, rate: str, shaped: bool) -> dict[str, Any] | None:

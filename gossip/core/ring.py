@@ -60,8 +60,10 @@ class Ring:
         self.vnodes = vnodes
         self.nodes: tuple[str, ...] = tuple(sorted(set(nodes)))
         hashes, owners = _points_of(self.nodes, vnodes)
-        # A stable sort: points on the same hash keep their nodes' (sorted) order.
-        order = np.argsort(hashes, kind="stable")
+        order = np.argsort(hashes)  # twice as fast as a stable sort, but ties come in any order:
+        if bool((np.diff(hashes[order]) == 0).any()):
+            # points on the same hash keep their nodes' (sorted) order
+            order = np.argsort(hashes, kind="stable")
         self._hashes: np.ndarray = hashes[order]
         self._owners: np.ndarray = owners[order]
         self._walk: list[int] | None = None  # _owners as a list, made on the first look-up

@@ -44,8 +44,11 @@ class Placement:
             self._addresses = addresses
             self.ring = self.ring.rebuilt(addresses)
             moved = True
-        # The same ring back when its members did not change.
-        self.publishers = self.publishers.rebuilt(m[0] for m in members if m[2] == self.fingerprint and m[3])
+        publishers = {m[0] for m in members if m[2] == self.fingerprint and m[3]}
+        if publishers == set(addresses):  # the usual case: every member runs this model, alive
+            self.publishers = self.ring  # rings are immutable: one ring, built once
+        else:  # the same ring back when its members did not change
+            self.publishers = self.publishers.rebuilt(publishers)
         return moved
 
     def address(self, node: str) -> str | None:

@@ -23,6 +23,7 @@ from gossip.core.ring import Ring
 from gossip.proto import store_pb2 as spb
 from gossip.store import digests, files
 from gossip.store.manifest import Manifest, StoreError, cut
+from gossip.store.placement import Placement
 from gossip.store.reconstruct import Rebuilt
 from gossip.store.serde import (
     located_from_bytes,
@@ -507,3 +508,25 @@ def test_store_config_is_checked() -> None:
     for bad in ({"replication": 0}, {"shard_bytes": 100}, {"keep_versions": 0}, {"model_id": "a/b"}):
         with pytest.raises(ConfigError):
             StoreConfig(**bad).validate()  # type: ignore[arg-type]
+
+
+def test_publishers_are_the_alive_members_running_this_model_whatever_the_order_of_changes() -> None:
+    mine, other = b"m" * 16, b"o" * 16
+    view: list[tuple[str, str, bytes, bool]] = [("a", "a:1", mine, True)]
+    p = Placement("a", mine, vnodes=8)
+    p.view = lambda: view
+    steps = [
+        [("b", "b:1", mine, True), ("c", "c:1", mine, True)],  # all publish: the shard ring itself
+        [("b", "b:1", mine, True), ("c", "c:1", other, True)],  # c runs another model
+        [("b", "b:1", mine, False), ("c", "c:1", other, True)],  # b suspect
+        [("b", "b:1", mine, True), ("c", "c:1", mine, True)],  # all publish again
+    ]
+    for others in steps:
+        view = [("a", "a:1", mine, True), *others]
+
+        p.refresh()
+
+        assert p.ring.nodes == tuple(sorted(m[0] for m in view))
+        want = sorted(m[0] for m in view if m[2] == mine and m[3])
+        assert p.publishers.nodes == tuple(want)
+        assert p.publishers.preference_list("k", 3) == Ring(want, vnodes=8).preference_list("k", 3)
