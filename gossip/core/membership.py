@@ -25,6 +25,7 @@ STATES = ("alive", "suspect", "dead", "left")
 # Bounds on what a peer's table may carry: memory a peer can make us spend.
 MAX_ID_CHARS = 128
 MAX_ADDRESS_CHARS = 270
+MAX_FINGERPRINT_BYTES = 64  # a model's layout fingerprint is 16 (Layout.fingerprint)
 
 
 @dataclass
@@ -39,11 +40,14 @@ class MemberRecord:
     meta: dict[str, float] = field(default_factory=dict)  # local only, never on the wire
 
 
-@functools.lru_cache(maxsize=4096)  # every table repeats the same addresses
 def dialable(address: str) -> bool:
     """HOST:PORT with a non-empty host and a port in 1..65535 (ASCII digits only)."""
-    if len(address) > MAX_ADDRESS_CHARS:
-        return False
+    # The length first: only short strings enter the cache, so a peer cannot fill it with long ones.
+    return len(address) <= MAX_ADDRESS_CHARS and _dialable(address)
+
+
+@functools.lru_cache(maxsize=4096)  # every table repeats the same addresses
+def _dialable(address: str) -> bool:
     host, sep, port = address.rpartition(":")
     return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) <= 65535)
 

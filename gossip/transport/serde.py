@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError, Message
 
-from gossip.core.membership import MAX_ID_CHARS, MEMBER_PROTOCOLS, MemberRecord, dialable
+from gossip.core.membership import (
+    MAX_FINGERPRINT_BYTES,
+    MAX_ID_CHARS,
+    MEMBER_PROTOCOLS,
+    MemberRecord,
+    dialable,
+)
 from gossip.core.status import MemberView, NodeStatus
 from gossip.proto import gossip_pb2 as pb
 from gossip.transport.frames import WireError
@@ -92,7 +98,12 @@ def _member_from_pb(m: pb.Member, claims: bool = False) -> MemberRecord:
         )
     if rank < -1:
         raise WireError(f"member {node_id!r} has rank {rank}")
-    return MemberRecord(node_id, address, m.incarnation, m.heartbeat, STATE_NAMES[state], rank, m.fingerprint)
+    fingerprint = m.fingerprint
+    if len(fingerprint) > MAX_FINGERPRINT_BYTES:
+        raise WireError(
+            f"member {node_id!r} has a fingerprint of {len(fingerprint)} bytes (at most {MAX_FINGERPRINT_BYTES})"
+        )
+    return MemberRecord(node_id, address, m.incarnation, m.heartbeat, STATE_NAMES[state], rank, fingerprint)
 
 
 class ProtocolMismatch(ValueError):

@@ -50,7 +50,14 @@ from gossip.core import averaging
 from gossip.core.choco import MAX_PAIRS, Choco
 from gossip.core.codecs import PayloadReceiver, payload_nbytes
 from gossip.core.compress import BLOCK, CompressError, Compressor
-from gossip.core.membership import MAX_ADDRESS_CHARS, MAX_ID_CHARS, MemberRecord, MembershipConfig, dialable
+from gossip.core.membership import (
+    MAX_ADDRESS_CHARS,
+    MAX_FINGERPRINT_BYTES,
+    MAX_ID_CHARS,
+    MemberRecord,
+    MembershipConfig,
+    dialable,
+)
 from gossip.core.params import FlatParams
 from gossip.proto import gossip_pb2 as pb
 from gossip.transport import frames as wire
@@ -531,7 +538,7 @@ def well_formed_members(bg: BackgroundNode) -> None:
     node = bg.node
     assert node.members is not None
     for m in list(node.members.table.members.values()):
-        assert m.node_id and len(m.node_id) <= MAX_ID_CHARS
+        assert m.node_id and len(m.node_id) <= MAX_ID_CHARS and len(m.fingerprint) <= MAX_FINGERPRINT_BYTES
         assert dialable(m.address) and len(m.address) <= MAX_ADDRESS_CHARS
         assert m.node_id != node.node_id and m.rank >= -1
 

@@ -523,6 +523,9 @@ TABLE_CASES: dict[str, pb.MemberTable] = {
     ),
     "rank-below-minus-one": pb.MemberTable(sender=_member(rank=-5)),
     "over-long-node-id": pb.MemberTable(sender=_member(node_id="x" * 1000)),
+    "oversized-fingerprint": pb.MemberTable(
+        sender=_member(), members=[_member(node_id="x", fingerprint=b"f" * 4096)]
+    ),
 }
 
 

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.core.membership import MAX_ADDRESS_CHARS, MAX_ID_CHARS, STATES, MemberRecord
+from gossip.core.membership import (
+    MAX_ADDRESS_CHARS,
+    MAX_FINGERPRINT_BYTES,
+    MAX_ID_CHARS,
+    STATES,
+    MemberRecord,
+)
 from gossip.proto import gossip_pb2 as pb
 from gossip.transport import frames as wire
 from gossip.transport.frames import (
@@ -372,6 +378,12 @@ def test_table_round_trip() -> None:
 def test_member_decoding_rejects_bad_ids(node_id: str) -> None:
     with pytest.raises(WireError):
         _member_from_pb(_pb_member(node_id=node_id))
+
+
+def test_member_decoding_rejects_an_oversized_fingerprint() -> None:
+    _member_from_pb(_pb_member(fingerprint=b"f" * MAX_FINGERPRINT_BYTES))  # at the bound: taken
+    with pytest.raises(WireError, match="fingerprint of 65 bytes"):
+        _member_from_pb(_pb_member(fingerprint=b"f" * (MAX_FINGERPRINT_BYTES + 1)))
 
 
 BAD_ADDRESSES = {
