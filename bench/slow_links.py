@@ -291,10 +291,10 @@ def main() -> None:
     configs = []
     for part in args.configs.split(","):
         head, _, spec = part.partition(":")
-        every, _, lag = head.partition("/lag=")
-        if not every.startswith("H=") or not spec or not every[2:].isdigit() or not (lag or "1").isdigit():
+        m = re.fullmatch(r"H=([0-9]+)(?:/lag=([0-9]+))?", head)
+        if m is None or not spec:
             raise SystemExit(f"--configs: expected H=<n>[/lag=<m>]:<compress spec>, got {part!r}")
-        configs.append((int(every[2:]), int(lag or 1), spec))
+        configs.append((int(m[1]), int(m[2] or 1), spec))
     rows = []
     keep = Path(args.keep) if args.keep else None
     if keep is not None and keep.exists() and any(keep.iterdir()):
@@ -378,7 +378,10 @@ def main() -> None:
 
 
 def _unwind(signum: int, frame: object) -> None:
-    """SIGTERM: unwind, so the lab's exit ends the nodes and relays and removes the namespaces."""
+    """SIGTERM: unwind, so the lab's exit ends the nodes and relays and removes the namespaces
+    (a second signal must not cut that short)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -386,5 +389,5 @@ if __name__ == "__main__":
     if os.geteuid() != 0:
         raise SystemExit("bench/slow_links.py builds network namespaces: run it as root")
     signal.signal(signal.SIGTERM, _unwind)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
+    signal.signal(signal.SIGINT, _unwind)  # also when started in the background
     main()

@@ -144,12 +144,24 @@ class Membership:
             if rec.state == "left":
                 self._tombstones[rec.node_id] = (rec.incarnation, _LIFE_OVER)
                 rec.meta["left_at"] = now
+            if (
+                cur is not None
+                and cur.address != rec.address
+                and self._at_address.get(cur.address) == cur.node_id
+            ):
+                del self._at_address[cur.address]  # it moved: nobody is at its old address now
             self.members[rec.node_id] = rec
             self._at_address[rec.address] = rec.node_id
             self._seen[rec.node_id] = now
             if rec.state == "alive" and not was_alive:
                 changed.append(rec.node_id)
         return changed
+
+    def _drop(self, node_id: str) -> None:
+        """Forget a member whose leave expired (its tombstone stays)."""
+        m = self.members.pop(node_id)
+        if self._at_address.get(m.address) == node_id:
+            del self._at_address[m.address]
 
     def _replace_same_address(self, rec: MemberRecord) -> bool:
         """A newer life at an address evicts the older one; an older one is ignored."""
@@ -190,7 +202,7 @@ class Membership:
         for node_id, m in list(self.members.items()):
             if m.state == "left":
                 if now - m.meta.get("left_at", now) > self.config.left_ttl:
-                    del self.members[node_id]
+                    self._drop(node_id)
                 continue
             quiet = now - self._seen.get(node_id, now)
             if quiet > self.config.dead_after:

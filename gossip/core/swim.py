@@ -250,7 +250,7 @@ class Swim(Membership):
         for node_id, m in list(self.members.items()):
             if m.state == "left":
                 if now - m.meta.get("left_at", now) > self.config.left_ttl:
-                    del self.members[node_id]
+                    self._drop(node_id)
             elif m.state == "suspect" and now - m.meta.get("suspect_at", now) > timeout:
                 self._claim(m, "dead")
         died, self._deaths = self._deaths, []

@@ -449,6 +449,21 @@ def test_left_record_expires_after_left_ttl() -> None:
     assert "a" not in m.members
 
 
+def test_the_address_index_holds_only_members_where_they_are() -> None:
+    """A peer that sends ever new ids and addresses that leave, or a member that keeps moving,
+    must not grow the table's index of addresses without bound."""
+    m, clock = _table()
+    for i in range(50):
+        m.merge([_rec(f"gone{i}", 10_000 + i, state="left")])
+        m.merge([_rec("mover", 20_000 + i, incarnation=i + 1)])
+    clock.now += CONFIG.left_ttl + 0.1
+
+    m.sweep()
+
+    assert sorted(m.members) == ["mover"]
+    assert m._at_address == {m.members["mover"].address: "mover"}
+
+
 def test_left_record_survives_until_left_ttl() -> None:
     m, clock = _table()
     m.merge([_rec("a", 9001, incarnation=4)])
