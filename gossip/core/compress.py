@@ -204,14 +204,12 @@ def _decode_indices(data: memoryview, k: int, n: int) -> tuple[np.ndarray, int]:
         raise CompressError("index gap longer than 5 bytes")
     used = int(ends[-1]) + 1 if k else 0
     part = raw[:used].astype(np.uint64) & np.uint64(0x7F)
-    if used == k:  # every gap in one byte (the common case of a dense enough top-k)
+    if used == k:  # every gap in one byte (k = 0 too; the common case of a dense enough top-k)
         gaps = part
-    elif k:
+    else:
         group = np.repeat(np.arange(k), (ends - starts + 1).astype(np.int64))
         shifts = (np.arange(used) - starts[group]).astype(np.uint64) * np.uint64(7)
         gaps = np.add.reduceat(part << shifts, starts)
-    else:
-        gaps = np.zeros(0, dtype=np.uint64)
     if k > 1 and int(gaps[1:].min()) == 0:
         raise CompressError("indices repeat")
     idx = np.cumsum(gaps)

@@ -100,9 +100,8 @@ class Membership:
         self.members: dict[str, MemberRecord] = {}
         self._seen: dict[str, float] = {}  # node_id -> clock time its version last grew
         self._tombstones: dict[str, tuple[int, int]] = {}
-        # address -> the id last merged in at it: merge() keeps one member per address, so a
-        # record's rival is found without a pass over the table (an entry whose member is gone
-        # or moved is stale and ignored)
+        # address -> the member at it: merge() keeps one member per address, so a record's rival
+        # is found without a pass over the table (kept in step by merge, moves and expiries)
         self._at_address: dict[str, str] = {}
 
     # --- own record ------------------------------------------------------------

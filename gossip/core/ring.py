@@ -61,10 +61,12 @@ class Ring:
         self.nodes: tuple[str, ...] = tuple(sorted(set(nodes)))
         hashes, owners = _points_of(self.nodes, vnodes)
         order = np.argsort(hashes)  # twice as fast as a stable sort, but ties come in any order:
-        if bool((np.diff(hashes[order]) == 0).any()):
+        ordered = hashes[order]
+        if bool((np.diff(ordered) == 0).any()):
             # points on the same hash keep their nodes' (sorted) order
             order = np.argsort(hashes, kind="stable")
-        self._hashes: np.ndarray = hashes[order]
+            ordered = hashes[order]
+        self._hashes: np.ndarray = ordered
         self._owners: np.ndarray = owners[order]
         self._walk: list[int] | None = None  # _owners as a list, made on the first look-up
 

@@ -48,10 +48,14 @@ def encode(msg: Message) -> bytes:
 # --- membership ----------------------------------------------------------------
 
 
-def _member_to_pb(m: MemberRecord, claims: bool = False) -> pb.Member:
+def _sent_state(m: MemberRecord, claims: bool) -> str:
     # Heartbeat: suspect and dead are this node's own judgement and travel as alive; swim
     # (``claims``): they are claims every node takes in (gossip.core.swim).
-    state = m.state if claims or m.state == "left" else "alive"
+    return m.state if claims or m.state == "left" else "alive"
+
+
+def _member_to_pb(m: MemberRecord, claims: bool = False) -> pb.Member:
+    state = _sent_state(m, claims)
     return pb.Member(
         node_id=m.node_id,
         address=m.address,
@@ -72,8 +76,7 @@ _MAX_FRAGMENTS = 1 << 14
 
 def _member_fragment(m: MemberRecord, claims: bool) -> bytes:
     """``MemberTable(members=[m])`` serialized (as :func:`_member_to_pb` would put it)."""
-    state = m.state if claims or m.state == "left" else "alive"
-    key = (m.node_id, m.address, m.incarnation, m.heartbeat, state, m.rank, m.fingerprint)
+    key = (m.node_id, m.address, m.incarnation, m.heartbeat, _sent_state(m, claims), m.rank, m.fingerprint)
     frag = _FRAGMENTS.get(key)
     if frag is None:
         if len(_FRAGMENTS) >= _MAX_FRAGMENTS:
