@@ -147,7 +147,7 @@ def test_six_nodes_reach_consensus_and_preserve_the_sum() -> None:
     start = torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * 10
 
     async def main() -> list[Node]:
-        async with cluster(start, GossipConfig(backoff=0.005)) as nodes:
+        async with cluster(start, GossipConfig(backoff=0.005, idle_pause=0.0)) as nodes:
             t0 = time.monotonic()
             await drive(nodes, rounds, compute=0.002)
             await settle(nodes)
