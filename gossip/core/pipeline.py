@@ -306,13 +306,7 @@ class CompressedDelta:
 
     def accept(self, total_bytes: int, rounds: int) -> None:
         """The peer's header: a count out of step with ours is refused, and the pair starts over."""
-        if rounds != self.offer.rounds:
-            self.choco.forget(self.peer)
-            raise Refused(
-                "FAILED_PRECONDITION",
-                f"compressed exchange out of step: this pair committed {self.offer.rounds} exchanges "
-                f"here and {rounds} there; both sides start its reference copies over",
-            )
+        check_rounds(self.choco, self.peer, rounds)
         if not 0 < total_bytes <= self.choco.max_nbytes():
             raise Refused(
                 "INVALID_ARGUMENT",
@@ -329,6 +323,19 @@ class CompressedDelta:
             seg.copy_(diff[start : start + seg.numel()])
             start += seg.numel()
         return self.recv
+
+
+def check_rounds(choco: Choco, peer: str, rounds: int) -> None:
+    """``peer`` counts ``rounds`` committed exchanges of our pair: a count out of step with ours is
+    refused (FAILED_PRECONDITION), and the pair starts over on both sides."""
+    ours = choco.rounds(peer)
+    if rounds != ours:
+        choco.forget(peer)
+        raise Refused(
+            "FAILED_PRECONDITION",
+            f"compressed exchange out of step: this pair committed {ours} exchanges "
+            f"here and {rounds} there; both sides start its reference copies over",
+        )
 
 
 PairChange = PairwiseDelta | CompressedDelta  # one side of a pairwise exchange, dense or compressed

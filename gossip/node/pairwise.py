@@ -26,7 +26,7 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
-from gossip.core.pipeline import PairChange
+from gossip.core.pipeline import PairChange, check_rounds
 from gossip.node import faults
 from gossip.node.protocol import (
     CallerStream,
@@ -35,10 +35,12 @@ from gossip.node.protocol import (
     check_header,
     outgoing_frames,
     read_header,
+    read_length_header,
     read_payload,
 )
 from gossip.transport.frames import (
     COMMIT_FRAME,
+    Header,
     WireError,
     chunk_from_frame,
     header_from_frame,
@@ -142,19 +144,27 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     def detail() -> dict[str, object]:
         return party.fault_detail(peer.node_id)
 
-    change = await _change(party, peer.node_id, codec)
-    header = party.header(codec, change=change)
-    chunks = faults.tap(
-        outgoing_frames(party, peer.node_id, codec, change), "pairwise.caller.mid_stream", detail=detail
+    def send(change: PairChange) -> asyncio.Task[None]:
+        frames = outgoing_frames(party, peer.node_id, codec, change)
+        return asyncio.create_task(
+            _send(stream, faults.tap(frames, "pairwise.caller.mid_stream", detail=detail))
+        )
+
+    # A dense payload is the snapshot, streamed with the header; a compressed one is computed
+    # only once the peer accepted (most attempts of a busy cluster are declined).
+    asking = party.pipeline.choco is not None
+    change = None if asking else await _change(party, peer.node_id, codec)
+    header = (
+        party.asking_header(codec, peer.node_id) if change is None else party.header(codec, change=change)
     )
-    receiver = change.receiver
     faults.failpoint("pairwise.caller.before_send", detail)
     began = time.monotonic()
     stream = connect(peer.address)
     sender: asyncio.Task[None] | None = None
     try:
         await stream.write(header_to_frame(header))
-        sender = asyncio.create_task(_send(stream, chunks))
+        if change is not None:
+            sender = send(change)
         first = await stream.read()
         if first is None:
             await stream.finish()
@@ -167,7 +177,15 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
             party.pipeline.settle(peer.node_id, committed=False)
             return "busy"
         check_header(party, reply, codec)
+        if change is None:
+            assert party.pipeline.choco is not None
+            check_rounds(party.pipeline.choco, peer.node_id, reply.pair_round)  # before the work
+            change = await _change(party, peer.node_id, codec)
+            header = party.header(codec, change=change)
+            await stream.write(header_to_frame(header))  # the length, now known
+            sender = send(change)
         change.accept(reply.total_bytes, reply.pair_round)
+        receiver = change.receiver
         # Every element is checked (length, finiteness) as it arrives, so the commit
         # frame is sent only for an answer known to be good.
         while receiver.received < receiver.expected:
@@ -181,6 +199,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
                 faults.failpoint("pairwise.caller.reply_mid", detail)
         receiver.finish()
         faults.failpoint("pairwise.caller.before_commit", detail)
+        assert sender is not None  # our payload went out once the answer was accepted
         await sender
         await stream.write(COMMIT_FRAME)
         # The callee ends the call once it read the commit; no half-close, nothing more to
@@ -199,8 +218,9 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
             await asyncio.gather(sender, return_exceptions=True)
         stream.cancel()  # a no-op once the call ended; otherwise no commit was sent: no half taken
     faults.failpoint("pairwise.caller.after_commit", detail)
+    assert change is not None  # the answer was accepted
     party.stats.bytes_out += header.total_bytes
-    party.stats.bytes_in += receiver.received
+    party.stats.bytes_in += change.receiver.received
     party.stats.exchanges_ok += 1
     party.stats.completed(peer.node_id, time.monotonic() - began)
     deliver(party, change, own=True)
@@ -220,6 +240,10 @@ async def answer(party: Party, stream: FrameStream) -> None:
     party.heard(header.sender, header.step)
     if party.gossip.strategy != "pairwise":
         raise Refused("FAILED_PRECONDITION", "this node runs push-sum, not pairwise")
+    choco = party.pipeline.choco
+    asked = choco is not None  # the caller's length comes in a second header
+    if asked and header.total_bytes != 0:
+        raise Refused("INVALID_ARGUMENT", "a compressed exchange's first header announces no length")
     codec = header.codec
     slot = party.slot
     # The snapshot is taken now, whole: the answer starts at once, beside the payload.
@@ -235,9 +259,14 @@ async def answer(party: Party, stream: FrameStream) -> None:
     committed = False
     try:
         change = await _change(party, peer, codec)
-        change.accept(header.total_bytes, header.pair_round)
+        if choco is not None:
+            check_rounds(choco, peer, header.pair_round)  # its length comes later
+        else:
+            change.accept(header.total_bytes, header.pair_round)
         # One deadline for the whole exchange (the caller's, scaled to the payload).
-        await asyncio.wait_for(_serve(party, stream, change, detail), party.deadline)
+        await asyncio.wait_for(
+            _serve(party, stream, change, detail, header if asked else None), party.deadline
+        )
         party.stats.bytes_in += change.receiver.received
         party.stats.bytes_out += header.total_bytes
         party.stats.exchanges_served += 1
@@ -259,7 +288,11 @@ async def answer(party: Party, stream: FrameStream) -> None:
 
 
 async def _serve(
-    party: Party, stream: FrameStream, change: PairChange, detail: Callable[[], dict[str, object]]
+    party: Party,
+    stream: FrameStream,
+    change: PairChange,
+    detail: Callable[[], dict[str, object]],
+    asked: Header | None,
 ) -> None:
     """Answer while the caller's payload arrives (both directions at once), then wait for the commit.
 
@@ -267,7 +300,8 @@ async def _serve(
     answer goes out through one writer, this task's ``send``: the header, then every
     chunk (two writers on one stream can stall it). The caller's payload is checked
     chunk by chunk as it arrives; a bad one ends the call, answer or not, and nothing
-    is applied.
+    is applied. A compressing caller (``asked``: its first header) sends its payload's
+    length in a second header once it has our answer's header.
     """
     faults.failpoint("pairwise.callee.before_send", detail)
     frames = outgoing_frames(party, change.peer, change.codec, change)
@@ -283,6 +317,9 @@ async def _serve(
 
     sender = asyncio.ensure_future(send())
     try:
+        if asked is not None:
+            second = read_length_header(await stream.read(), asked)
+            change.accept(second.total_bytes, second.pair_round)
         await read_payload(stream, change.receiver, "pairwise.callee.mid_stream", detail, until_end=False)
     except asyncio.CancelledError:  # the deadline: the call is over, whatever the sender does
         sender.cancel()

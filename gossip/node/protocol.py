@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from gossip.config import GossipConfig
@@ -203,6 +203,13 @@ class Party:
             pair_round=change.rounds if change is not None else 0,
         )
 
+    def asking_header(self, codec: str, peer: str) -> Header:
+        """A compressing caller's first header: no payload length yet (0) and its pair's count with
+        ``peer``. It computes its payload only once the peer accepted (a busy peer costs it no
+        compression), then sends its length in a second header, the first one repeated."""
+        assert self.pipeline.choco is not None
+        return replace(self.header(codec), total_bytes=0, pair_round=self.pipeline.choco.rounds(peer))
+
     def take_buffer(self) -> FlatParams:
         """A receive buffer for one push (reused: no allocation or page faults per push)."""
         return self.spare.pop() if self.spare else FlatParams.empty(self.flat.layout)
@@ -301,6 +308,15 @@ def check_header(party: Party, h: Header, codec: str | None = None) -> None:
         raise Refused(
             "INVALID_ARGUMENT", f"payload of {h.total_bytes} bytes where the layout needs {expected}"
         )
+
+
+def read_length_header(frame: bytes | None, first: Header) -> Header:
+    """A compressing caller's second header: its first one (``first``) again, now with the payload's
+    length (and its step, which may have moved on); Refused (INVALID_ARGUMENT) for anything else."""
+    h = read_header(frame, "exchange")
+    if replace(h, total_bytes=0, step=first.step) != first:
+        raise Refused("INVALID_ARGUMENT", "a compressed exchange's second header must repeat its first")
+    return h
 
 
 async def read_payload(

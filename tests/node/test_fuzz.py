@@ -699,11 +699,18 @@ def payload_of(bg: BackgroundNode, seed: int = 0) -> bytes:
     return payload
 
 
-def compressed_frames(bg: BackgroundNode, payload: bytes, chunk: int = 16, **fields: Any) -> list[bytes]:
-    """An exchange of ``payload`` in every respect valid (header, spec, count), no commit frame."""
+def compressed_frames(
+    bg: BackgroundNode, payload: bytes, chunk: int = 16, asking: bool = True, **fields: Any
+) -> list[bytes]:
+    """An exchange of ``payload`` in every respect valid (headers, spec, count), no commit frame: a
+    caller's (``asking``: a first header without a length, then the same with it) or an answer's."""
     fields = {"pipeline": bg.node.party.pipeline.spec, "total_bytes": len(payload), **fields}
-    h = header(bg.node.flat, **fields)
-    return [h, *(wire.chunk_frame(memoryview(payload[i : i + chunk])) for i in range(0, len(payload), chunk))]
+    heads = [header(bg.node.flat, **{**fields, "total_bytes": 0})] if asking else []
+    heads.append(header(bg.node.flat, **fields))
+    return [
+        *heads,
+        *(wire.chunk_frame(memoryview(payload[i : i + chunk])) for i in range(0, len(payload), chunk)),
+    ]
 
 
 def varint(v: int, width: int = 0) -> bytes:
@@ -853,6 +860,37 @@ def test_a_valid_compressed_exchange_gets_as_far_as_the_commit(compressed: Backg
     )
 
     assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "the caller closed without committing")
+    check_compressed(compressed, grpc.StatusCode.OK, before)
+
+
+def test_a_compressed_exchanges_two_headers_must_agree(compressed: BackgroundNode) -> None:
+    # The first header announces no length (the caller computes its payload once accepted); the
+    # second repeats it with the length (and a later step): anything else is refused.
+    before = state(compressed), pairs(compressed)
+    payload = payload_of(compressed)
+    good = compressed_frames(compressed, payload, sender="n1", pair_round=3)
+    one_header = compressed_frames(compressed, payload, asking=False, sender="n1", pair_round=3)
+    second = {
+        "another sender": dict(sender="n2", pair_round=5),
+        "another count": dict(sender="n1", pair_round=4),
+        "an outcome": dict(sender="n1", pair_round=3, outcome="accepted"),
+        "another chunk size": dict(sender="n1", pair_round=3, chunk_bytes=32),
+    }
+    cases = {
+        "a length in the first header": (one_header, "first header announces no length"),
+        "no second header": ([good[0], *good[2:]], "expected a header frame"),
+        **{
+            name: (
+                [good[0], compressed_frames(compressed, payload, asking=False, step=9, **f)[0], *good[2:]],
+                "must repeat its first",
+            )
+            for name, f in second.items()
+        },
+    }
+    for name, (frames, reason) in cases.items():
+        code, message = exchange_status(compressed.address, frames)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and reason in message, (name, message)
+
     check_compressed(compressed, grpc.StatusCode.OK, before)
 
 
@@ -1020,7 +1058,9 @@ def test_bad_answers_to_a_compressing_callers_exchange_change_nothing(
     payload = data.draw(st.one_of(st.just(payload_of(bg, 1)), mutated_payload(bg)))
     total = data.draw(total_bytes_of(bg, payload))
     rounds = data.draw(st.sampled_from([0, 0, 1, 2**64 - 1]))
-    bad.reply = compressed_frames(bg, payload, sender="bad", pair_round=rounds, total_bytes=total)
+    bad.reply = compressed_frames(
+        bg, payload, asking=False, sender="bad", pair_round=rounds, total_bytes=total
+    )
     bad.reply[0] = header(
         bg.node.flat, **{**wire.header_from_frame(bad.reply[0]).__dict__, "outcome": "accepted"}
     )
