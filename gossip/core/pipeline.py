@@ -306,12 +306,7 @@ class CompressedDelta:
 
     def accept(self, total_bytes: int, rounds: int) -> None:
         """The peer's header: a count out of step with ours is refused, and the pair starts over."""
-        check_rounds(self.choco, self.peer, rounds)
-        if not 0 < total_bytes <= self.choco.max_nbytes():
-            raise Refused(
-                "INVALID_ARGUMENT",
-                f"compressed payload of {total_bytes} bytes; this spec sends 1 to {self.choco.max_nbytes()}",
-            )
+        check_answer(self.choco, self.peer, total_bytes, rounds, ours=self.offer.rounds)
         self.receiver.expect(total_bytes)
 
     def delta(self) -> FlatParams:
@@ -325,16 +320,28 @@ class CompressedDelta:
         return self.recv
 
 
-def check_rounds(choco: Choco, peer: str, rounds: int) -> None:
-    """``peer`` counts ``rounds`` committed exchanges of our pair: a count out of step with ours is
-    refused (FAILED_PRECONDITION), and the pair starts over on both sides."""
-    ours = choco.rounds(peer)
+def check_rounds(choco: Choco, peer: str, rounds: int, ours: int | None = None) -> None:
+    """``peer`` counts ``rounds`` committed exchanges of our pair: a count out of step with ours
+    (the pair's now, or ``ours`` where an offer was made from it) is refused (FAILED_PRECONDITION),
+    and the pair starts over on both sides."""
+    ours = choco.rounds(peer) if ours is None else ours
     if rounds != ours:
         choco.forget(peer)
         raise Refused(
             "FAILED_PRECONDITION",
             f"compressed exchange out of step: this pair committed {ours} exchanges "
             f"here and {rounds} there; both sides start its reference copies over",
+        )
+
+
+def check_answer(choco: Choco, peer: str, total_bytes: int, rounds: int, ours: int | None = None) -> None:
+    """A compressed payload's header from ``peer``: its count (:func:`check_rounds`), then its length,
+    1 to the most the spec can send (INVALID_ARGUMENT)."""
+    check_rounds(choco, peer, rounds, ours)
+    if not 0 < total_bytes <= choco.max_nbytes():
+        raise Refused(
+            "INVALID_ARGUMENT",
+            f"compressed payload of {total_bytes} bytes; this spec sends 1 to {choco.max_nbytes()}",
         )
 
 

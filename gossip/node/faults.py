@@ -33,6 +33,7 @@ ENV = "GOSSIP_FAILPOINTS"
 POINTS: dict[str, str] = {
     "pairwise.caller.before_send": "call not opened yet",
     "pairwise.caller.mid_stream": "first chunk of its snapshot sent, the rest not",
+    "pairwise.caller.accepted": "the peer's accepting header checked (compressing: own payload not made yet)",
     "pairwise.caller.reply_mid": "first chunk of the answer received, the rest not",
     "pairwise.caller.before_commit": "whole answer received and checked, commit frame not sent",
     "pairwise.caller.after_commit": "peer confirmed the commit (it took its half), own half not applied",

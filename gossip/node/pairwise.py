@@ -2,7 +2,9 @@
 
 The caller sends its header and snapshot; the callee answers with a header
 (``accepted`` or ``busy``, decided at once from the header) and, if accepted,
-streams its own snapshot while the caller's arrives. The caller reads and checks
+streams its own snapshot while the caller's arrives. A compressing caller asks
+first: its first header has no length, and it compresses and sends its payload,
+after a second header with the length, only once the callee accepted. The caller reads and checks
 the whole answer, then sends the commit frame and waits for the status; the
 callee takes its half only on exactly that frame, so a cancel, a timeout or a
 refusal never commits one side alone, and answers OK once its half is queued.
@@ -26,7 +28,7 @@ from gossip.core import averaging
 from gossip.core.errors import PeerError, Refused
 from gossip.core.layout import LayoutError
 from gossip.core.membership import MemberRecord
-from gossip.core.pipeline import PairChange, check_rounds
+from gossip.core.pipeline import PairChange, check_answer, check_rounds
 from gossip.node import faults
 from gossip.node.protocol import (
     CallerStream,
@@ -144,27 +146,26 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
     def detail() -> dict[str, object]:
         return party.fault_detail(peer.node_id)
 
-    def send(change: PairChange) -> asyncio.Task[None]:
+    def payload(change: PairChange) -> Iterable[bytes]:
         frames = outgoing_frames(party, peer.node_id, codec, change)
-        return asyncio.create_task(
-            _send(stream, faults.tap(frames, "pairwise.caller.mid_stream", detail=detail))
-        )
+        return faults.tap(frames, "pairwise.caller.mid_stream", detail=detail)
 
     # A dense payload is the snapshot, streamed with the header; a compressed one is computed
     # only once the peer accepted (most attempts of a busy cluster are declined).
-    asking = party.pipeline.choco is not None
-    change = None if asking else await _change(party, peer.node_id, codec)
-    header = (
-        party.asking_header(codec, peer.node_id) if change is None else party.header(codec, change=change)
-    )
+    choco = party.pipeline.choco
+    change = None if choco is not None else await _change(party, peer.node_id, codec)
+    if change is None:
+        header, chunks = party.asking_header(codec, peer.node_id), None
+    else:
+        header, chunks = party.header(codec, change=change), payload(change)  # encoded before the clock
     faults.failpoint("pairwise.caller.before_send", detail)
     began = time.monotonic()
     stream = connect(peer.address)
     sender: asyncio.Task[None] | None = None
     try:
         await stream.write(header_to_frame(header))
-        if change is not None:
-            sender = send(change)
+        if chunks is not None:
+            sender = asyncio.create_task(_send(stream, chunks))
         first = await stream.read()
         if first is None:
             await stream.finish()
@@ -177,13 +178,14 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
             party.pipeline.settle(peer.node_id, committed=False)
             return "busy"
         check_header(party, reply, codec)
+        faults.failpoint("pairwise.caller.accepted", detail)
         if change is None:
-            assert party.pipeline.choco is not None
-            check_rounds(party.pipeline.choco, peer.node_id, reply.pair_round)  # before the work
+            assert choco is not None
+            check_answer(choco, peer.node_id, reply.total_bytes, reply.pair_round)  # before the work
             change = await _change(party, peer.node_id, codec)
             header = party.header(codec, change=change)
             await stream.write(header_to_frame(header))  # the length, now known
-            sender = send(change)
+            sender = asyncio.create_task(_send(stream, payload(change)))
         change.accept(reply.total_bytes, reply.pair_round)
         receiver = change.receiver
         # Every element is checked (length, finiteness) as it arrives, so the commit
@@ -219,7 +221,7 @@ async def call(party: Party, peer: MemberRecord, connect: Connect) -> str:
         stream.cancel()  # a no-op once the call ended; otherwise no commit was sent: no half taken
     faults.failpoint("pairwise.caller.after_commit", detail)
     assert change is not None  # the answer was accepted
-    party.stats.bytes_out += header.total_bytes
+    party.stats.bytes_out += change.nbytes
     party.stats.bytes_in += change.receiver.received
     party.stats.exchanges_ok += 1
     party.stats.completed(peer.node_id, time.monotonic() - began)
@@ -258,17 +260,17 @@ async def answer(party: Party, stream: FrameStream) -> None:
 
     committed = False
     try:
-        change = await _change(party, peer, codec)
         if choco is not None:
-            check_rounds(choco, peer, header.pair_round)  # its length comes later
-        else:
+            check_rounds(choco, peer, header.pair_round)  # before the work; its length comes later
+        change = await _change(party, peer, codec)
+        if choco is None:
             change.accept(header.total_bytes, header.pair_round)
         # One deadline for the whole exchange (the caller's, scaled to the payload).
         await asyncio.wait_for(
             _serve(party, stream, change, detail, header if asked else None), party.deadline
         )
         party.stats.bytes_in += change.receiver.received
-        party.stats.bytes_out += header.total_bytes
+        party.stats.bytes_out += change.nbytes  # our own payload
         party.stats.exchanges_served += 1
         party.stats.completed(peer)
         committed = True

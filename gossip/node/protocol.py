@@ -313,6 +313,8 @@ def check_header(party: Party, h: Header, codec: str | None = None) -> None:
 def read_length_header(frame: bytes | None, first: Header) -> Header:
     """A compressing caller's second header: its first one (``first``) again, now with the payload's
     length (and its step, which may have moved on); Refused (INVALID_ARGUMENT) for anything else."""
+    if frame is None:
+        raise Refused("INVALID_ARGUMENT", "the caller ended before its second header")
     h = read_header(frame, "exchange")
     if replace(h, total_bytes=0, step=first.step) != first:
         raise Refused("INVALID_ARGUMENT", "a compressed exchange's second header must repeat its first")

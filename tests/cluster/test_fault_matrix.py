@@ -56,7 +56,14 @@ SEEDS = [int(s) for s in os.environ.get("GOSSIP_FAULT_SEEDS", "").split(",") if 
 
 # The victim's role in the exchange it dies in -> its phases, in protocol order.
 PHASES: dict[tuple[str, str], list[str]] = {
-    ("pairwise", "caller"): ["before_send", "mid_stream", "reply_mid", "before_commit", "after_commit"],
+    ("pairwise", "caller"): [
+        "before_send",
+        "mid_stream",
+        "accepted",
+        "reply_mid",
+        "before_commit",
+        "after_commit",
+    ],
     ("pairwise", "callee"): ["before_send", "mid_stream", "answering", "answered", "applied"],
     ("push-sum", "caller"): ["before_send", "mid_stream", "sent", "acked"],
     ("push-sum", "callee"): ["header", "mid_stream", "applied"],
@@ -329,13 +336,15 @@ def test_sigkill_mid_exchange_leaves_the_survivor_sound(case: Case, survivors: S
 # moved exactly when it took its half. The survivor runs in this process (a node on port 0
 # with the victim's layout, stepping without training) so the test reads its pair; the
 # victim is a real process, killed as above. A topk:0.01+int8 payload of the mlp is one
-# chunk of about 250 bytes, so the points between two chunks are not reached: the four
-# cases are, each way, an exchange nobody applied and one only one side applied.
+# chunk of about 250 bytes, so the points between two chunks are not reached: of the five
+# cases three end in an exchange nobody applied (the caller dies before its payload or its
+# commit, the callee before the commit), two in one only one side applied.
 
 COMPRESS = "topk:0.01+int8"
 COMPRESSED_CASES = [
     Case("pairwise", role, phase, seed=2)  # dies in its 3rd exchange: the pair has copies
     for role, phase in [
+        ("caller", "accepted"),  # before its second header: it asks first
         ("caller", "before_commit"),
         ("caller", "after_commit"),
         ("callee", "answered"),

@@ -52,6 +52,8 @@ def test_two_nodes_with_topk_int8_converge_to_the_exact_mean_when_not_training()
             # Each payload: 10 indices (varint gaps, 1-2 bytes each) and 10 int8 values with one scale.
             per_exchange = a.stats.bytes_out / a.stats.exchanges_ok
             assert per_exchange <= 4 + 2 * 10 + 4 + 10
+            # Each side counts what it sent, the callee its answers too: what the other received.
+            assert a.stats.bytes_out == b.stats.bytes_in and b.stats.bytes_out == a.stats.bytes_in
             assert per_exchange * 100 < 4 * d
 
     run(main(), timeout=120.0)
