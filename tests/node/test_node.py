@@ -187,7 +187,7 @@ def test_two_nodes_picking_each_other_at_once_do_not_deadlock() -> None:
 def test_push_sum_on_one_peer_exponential_converges_to_the_mean_and_keeps_the_mass() -> None:
     n, d = 4, 16
     start = torch.randn(n, d, generator=torch.Generator().manual_seed(1)) * 5 + 3
-    g = GossipConfig(strategy="push-sum", topology="one-peer-exponential")
+    g = GossipConfig(strategy="push-sum", topology="one-peer-exponential", idle_pause=0.0)
 
     async def main() -> list[Node]:
         async with cluster(start, g, ranked=True) as nodes:
