@@ -1,14 +1,32 @@
-"""Pieces the benchmarks share: child-process hygiene and the raw TCP yardstick's receive."""
+"""Pieces the benchmarks share: child-process hygiene, the raw TCP yardstick's receive, CPU time, quartiles."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc (OSError once it is gone)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def quartiles(xs: list[float]) -> list[float]:
+    """The first and third quartiles of ``xs`` (the spread of paired ratios); min and max under 4."""
+    if len(xs) < 4:
+        return [min(xs), max(xs)]
+    q = statistics.quantiles(xs, n=4)
+    return [q[0], q[2]]
 
 
 def watch_parent(ppid: int) -> None:

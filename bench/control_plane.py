@@ -65,7 +65,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _common import watch_parent
+from _common import cpu_seconds, watch_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -76,7 +76,6 @@ SHARD_BYTES = 4096  # the smallest shard StoreConfig allows: many shards from a 
 MODEL_ID = "bench"
 REPLICATION = 3
 START_BATCH = 16  # nodes a worker starts at once
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def scaled_membership(protocol: str, scale: float) -> Any:
@@ -306,11 +305,6 @@ def placed(hosts: list[Host], m: Any, alive: list[str], vnodes: int) -> tuple[in
         for i in range(m.num_shards)
     )
     return ok, m.num_shards
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
 def say(msg: str, t0: float) -> None:

@@ -39,15 +39,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
-TICK = os.sysconf("SC_CLK_TCK")
 # The library's failure detection (not the tests' fast one): 32 nodes on 2 busy cores.
 MEMBERSHIP = ["--member-interval", "0.5", "--suspect-after", "4", "--dead-after", "10"]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
 def pct(xs: list[float], q: float) -> float:

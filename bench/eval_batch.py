@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import quartiles  # noqa: E402
+
 BASELINE = 1024
 
 
@@ -66,13 +68,12 @@ def main() -> None:
     rows = [r for _ in procs for r in out.get()]
     for proc in procs:
         proc.join()
-    ratios = sorted(a / b for a, b in rows)
-    q = statistics.quantiles(ratios, n=4)
+    ratios = [a / b for a, b in rows]
     result = {
         "batch": args.batch,
         "baseline_batch": BASELINE,
         "ratio": statistics.median(ratios),
-        "ratio_quartiles": [q[0], q[2]],
+        "ratio_quartiles": quartiles(ratios),
         "pairs": len(ratios),
         "seconds_at_batch": statistics.median(a for a, _ in rows),
         "seconds_at_baseline": statistics.median(b for _, b in rows),

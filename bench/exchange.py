@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import enter_netns, inside_netns, recv_exact, shaped_pair, watch_parent
+from _common import enter_netns, inside_netns, quartiles, recv_exact, shaped_pair, watch_parent
 
 MiB = 1 << 20
 _NETNS_PY = Path(__file__).resolve().parents[1] / "tests" / "support" / "netns.py"
@@ -463,7 +463,7 @@ async def _run_size(
         "snapshot_ms": statistics.median(snap_ms),
         "ratio": statistics.median(r / g for r, g in zip(raw_ms, gossip_ms, strict=True)),
         "duplex_ratio": statistics.median(d / g for d, g in zip(duplex_ms, gossip_ms, strict=True)),
-        "ratio_iqr": _iqr([r / g for r, g in zip(raw_ms, gossip_ms, strict=True)]),
+        "ratio_iqr": quartiles([r / g for r, g in zip(raw_ms, gossip_ms, strict=True)]),
         "bare_ms": statistics.median(bare_ms),
         "cpu_ms": statistics.median(_CPU),
         "bare_ratio": statistics.median(r / b for r, b in zip(raw_ms, bare_ms, strict=True)),
@@ -472,14 +472,6 @@ async def _run_size(
         "gossip_range_ms": [min(gossip_ms), max(gossip_ms)],
         "correct": bool(correct and raw_correct),
     }
-
-
-def _iqr(xs: list[float]) -> list[float]:
-    """The quartiles of ``xs`` (the spread of the paired ratios)."""
-    if len(xs) < 4:
-        return [min(xs), max(xs)]
-    q = statistics.quantiles(xs, n=4)
-    return [q[0], q[2]]
 
 
 def delayed(net: Any, host: Any, port: int, k: int, delay: float) -> int:

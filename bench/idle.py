@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-TICK = os.sysconf("SC_CLK_TCK")
+from _common import cpu_seconds
+
 NO_REST = ["--rest-pause", "0.02", "--idle-pause", "0.02"]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
 def _status(address: str) -> dict[str, Any]:
@@ -80,10 +75,10 @@ def two_idle_nodes(folder: Path, extra: list[str], window: float) -> dict[str, A
         time.sleep(2.0)  # settle: the first averaging-only exchanges
         addresses = [json.loads((folder / f"{n}.ready").read_text())["address"] for n in names]
         before = [_status(a) for a in addresses]
-        cpu0 = [_cpu_seconds(p.pid) for p in procs]
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
         t0 = time.monotonic()
         time.sleep(window)
-        cpu1 = [_cpu_seconds(p.pid) for p in procs]
+        cpu1 = [cpu_seconds(p.pid) for p in procs]
         elapsed = time.monotonic() - t0
         after = [_status(a) for a in addresses]
     finally:

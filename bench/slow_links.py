@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import _lab
+from _common import _lab, cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -162,8 +162,7 @@ def run_lab(
             procs.append(lab.start(host, name, [*argv, *node_args(args, pace, compress)]))
         result = _finish(procs, work, t0, args, lambda p: p.popen, lambda p: p.tail())
         result["nodes_cpu_s"] = _children_cpu_s() - before  # the nodes, reaped by _finish
-        relays = [cpu_seconds(p.popen.pid) for p in lab.procs if p.name.startswith("relay")]
-        result["relays_cpu_s"] = sum(r for r in relays if r is not None)
+        result["relays_cpu_s"] = sum(_cpu_or_0(p.popen.pid) for p in lab.procs if p.name.startswith("relay"))
         if shaped:
             result["tbf_dropped_packets"] = [tbf_dropped(lab, host) for host in lab.hosts]
         return result
@@ -174,13 +173,12 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU seconds (user + system) a live process has used, from /proc; None if it is gone."""
+def _cpu_or_0(pid: int) -> float:
+    """A relay's CPU seconds; 0 for one already gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
 
 
 def tbf_dropped(lab: Any, host: Any) -> int | None:

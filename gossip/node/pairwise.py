@@ -242,9 +242,8 @@ async def answer(party: Party, stream: FrameStream) -> None:
     party.heard(header.sender, header.step)
     if party.gossip.strategy != "pairwise":
         raise Refused("FAILED_PRECONDITION", "this node runs push-sum, not pairwise")
-    choco = party.pipeline.choco
-    asked = choco is not None  # the caller's length comes in a second header
-    if asked and header.total_bytes != 0:
+    choco = party.pipeline.choco  # compressed: the caller's length comes in a second header
+    if choco is not None and header.total_bytes != 0:
         raise Refused("INVALID_ARGUMENT", "a compressed exchange's first header announces no length")
     codec = header.codec
     slot = party.slot
@@ -267,7 +266,7 @@ async def answer(party: Party, stream: FrameStream) -> None:
             change.accept(header.total_bytes, header.pair_round)
         # One deadline for the whole exchange (the caller's, scaled to the payload).
         await asyncio.wait_for(
-            _serve(party, stream, change, detail, header if asked else None), party.deadline
+            _serve(party, stream, change, detail, header if choco is not None else None), party.deadline
         )
         party.stats.bytes_in += change.receiver.received
         party.stats.bytes_out += change.nbytes  # our own payload
