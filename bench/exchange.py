@@ -54,6 +54,8 @@ _NETNS_PY = Path(__file__).resolve().parents[1] / "tests" / "support" / "netns.p
 # Both nodes' gossip settings: the defaults, but no averaging of their own after "training"
 # (they never train); GOSSIP_CHUNK_BYTES overrides the chunk size for an experiment.
 GOSSIP: Any = None
+BARE_CHUNK = 0  # the bare gRPC stream's frames: gRPC's automatic chunk size
+BULK = True  # the nodes send bulk calls over their plain-TCP bulk port (--no-bulk: over gRPC)
 RATE = ""  # both nodes' --max-send-rate (--max-send-rate here; children read it from the environment)
 CALL_TIMEOUT = 30.0  # any single exchange or command
 STARTUP_TIMEOUT = 60.0  # a child importing torch and grpc on a loaded machine
@@ -67,13 +69,14 @@ def _setup_process(mallopt: bool) -> None:
 
     from gossip.config import GossipConfig, chunk_bytes_for, parse_rate
 
-    global GOSSIP, RATE
+    global GOSSIP, RATE, BULK, BARE_CHUNK
     RATE = os.environ.get("GOSSIP_MAX_SEND_RATE", "")
-    # The nodes' chunk size, automatic as a node's (from RATE) unless set; the bare stream uses it too.
-    chunk = chunk_bytes_for(
-        int(os.environ.get("GOSSIP_CHUNK_BYTES", "0")), parse_rate(RATE) if RATE else None
-    )
-    GOSSIP = GossipConfig(chunk_bytes=chunk, idle_pause=0.0)
+    BULK = not os.environ.get("GOSSIP_NO_BULK")
+    # The nodes' chunk size, automatic as a node's (from RATE, and the bulk port's) unless set;
+    # the bare gRPC stream's is gRPC's automatic one.
+    given, rate = int(os.environ.get("GOSSIP_CHUNK_BYTES", "0")), parse_rate(RATE) if RATE else None
+    GOSSIP = GossipConfig(chunk_bytes=chunk_bytes_for(given, rate, bulk=BULK), idle_pause=0.0)
+    BARE_CHUNK = chunk_bytes_for(given, rate)
 
     import gossip.node.node  # noqa: F401  (everything a node imports, before the heap is frozen)
     from gossip.cluster.sysutil import freeze_heap, tune_malloc
@@ -173,7 +176,7 @@ async def _bare_peer(conn: Any, host: str) -> None:
     async def duplex(requests: Any, context: Any) -> None:
         first = await context.read()
         n = int.from_bytes(first, "little")
-        frames = cache.setdefault(n, _bare_frames(n, GOSSIP.chunk_bytes))
+        frames = cache.setdefault(n, _bare_frames(n, BARE_CHUNK))
 
         async def send() -> None:
             for f in frames:
@@ -233,7 +236,12 @@ async def _node_peer(conn: Any, host: str) -> None:
                 flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
                 flat.segments["float32"].fill_(value)
                 config = NodeConfig(
-                    listen=listen, advertise=advertise, node_id=f"B{n}", gossip=GOSSIP, max_send_rate=RATE
+                    listen=listen,
+                    advertise=advertise,
+                    node_id=f"B{n}",
+                    gossip=GOSSIP,
+                    max_send_rate=RATE,
+                    bulk_port=0 if BULK else -1,
                 )
                 node = await Node.create(flat, config)
                 nodes[n] = node
@@ -379,7 +387,14 @@ async def _run_size(
     flat.segments["float32"].fill_(1.0)
     node = await Node.create(
         flat,
-        NodeConfig(listen=f"{host}:0", node_id=f"A{n}", peers=(b_addr,), gossip=GOSSIP, max_send_rate=RATE),
+        NodeConfig(
+            listen=f"{host}:0",
+            node_id=f"A{n}",
+            peers=(b_addr,),
+            gossip=GOSSIP,
+            max_send_rate=RATE,
+            bulk_port=0 if BULK else -1,
+        ),
     )
     try:
         if not await node.wait_for_members(2, CALL_TIMEOUT):
@@ -408,11 +423,18 @@ async def _run_size(
         if not raw_correct:
             print(f"  !! {size_mib} MiB: raw peer's bytes did not arrive intact", file=sys.stderr)
 
-        bare_frames = _bare_frames(nbytes, GOSSIP.chunk_bytes)
+        bare_frames = _bare_frames(nbytes, BARE_CHUNK)
         for _ in range(warmup):
             _raw_exchange(sock, raw_send, raw_recv)
             await _gossip_exchange(node, peer)
             await _bare_duplex(bare, bare_frames, nbytes)
+        # The first call to B went over gRPC while A asked B for its bulk port; timed ones do not.
+        for _ in range(100):
+            if not BULK or node.channels.bulk_port(b_addr):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError("node A never learned node B's bulk port")
 
         raw_ms: list[float] = []
         duplex_ms: list[float] = []
@@ -523,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         help="give both gossip nodes --max-send-rate RATE (the raw and bare peers are not paced): "
         "compare with --link RATE to see the user-space limit against a shaped link",
     )
+    ap.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="the nodes send everything over gRPC (bulk_port -1), as before the bulk port",
+    )
     ap.add_argument("--time-limit", type=float, default=400.0, help="hard limit on the whole run (s)")
     ap.add_argument(
         "--link",
@@ -536,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--delay needs --link")
     if args.max_send_rate:
         os.environ["GOSSIP_MAX_SEND_RATE"] = args.max_send_rate  # before the children start
+    if args.no_bulk:
+        os.environ["GOSSIP_NO_BULK"] = "1"
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.repeats:
         reps = [int(r) for r in args.repeats.split(",")]
@@ -666,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         "correct": all(r["correct"] for r in results),
         "mallopt": mallopt,
         "max_send_rate": args.max_send_rate or None,
+        "bulk": not args.no_bulk,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     for s in (1, 16, 100):

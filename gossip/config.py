@@ -103,19 +103,23 @@ class GossipConfig:
 AUTO_CHUNK_SECONDS = 0.2
 
 
-def chunk_bytes_for(chunk_bytes: int, send_rate: float | None) -> int:
+def chunk_bytes_for(chunk_bytes: int, send_rate: float | None, bulk: bool = False) -> int:
     """The stream chunk size a node uses: ``chunk_bytes`` if set, else automatic.
 
-    Automatic is 4 MiB (the most a frame may carry) without a send limit, and under
-    one the largest power of two it sends in AUTO_CHUNK_SECONDS, between 64 KiB and 4 MiB
-    (50 Mbit/s: 1 MiB; 100 Mbit/s: 2 MiB; 200 Mbit/s and above: 4 MiB).
+    Automatic is the most one frame carries: 4 MiB over gRPC, 1 MiB over the bulk port
+    (``bulk``; with 4 MiB frames there, 100 MiB exchanges on loopback stalled for
+    hundreds of milliseconds in about one of four, in TCP's flow control, and with 1 MiB
+    none did). Under a send limit it is the largest power of two the node sends in
+    AUTO_CHUNK_SECONDS, from 64 KiB up to that most (50 Mbit/s: 1 MiB; 100 Mbit/s: 2 MiB;
+    200 Mbit/s and above: 4 MiB).
     """
     if chunk_bytes:
         return chunk_bytes
+    most = 1 << 20 if bulk else 4 << 20
     if not send_rate:
-        return 4 << 20
+        return most
     n = 64 << 10
-    while n < 4 << 20 and 2 * n <= send_rate * AUTO_CHUNK_SECONDS:
+    while n < most and 2 * n <= send_rate * AUTO_CHUNK_SECONDS:
         n *= 2
     return n
 
@@ -297,6 +301,10 @@ class NodeConfig:
     rpc_timeout: float = 2.0
     # The most this node sends, all calls together (e.g. 50mbit); empty = no limit.
     max_send_rate: str = ""
+    # Plain-TCP port of the bulk calls (exchanges, pushes, shard transfers) on the listen
+    # host (gossip.transport.bulk): 0 picks a free port, -1 sends everything over gRPC.
+    # Plaintext only: with TLS every call stays on gRPC.
+    bulk_port: int = 0
     gossip: GossipConfig = field(default_factory=GossipConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -314,6 +322,10 @@ class NodeConfig:
             raise ConfigError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.join_timeout <= 0 or self.rpc_timeout <= 0:
             raise ConfigError("join_timeout and rpc_timeout must be > 0")
+        if not -1 <= self.bulk_port <= 65535:
+            raise ConfigError(
+                f"bulk_port must be a port (0: any free one) or -1 (none), got {self.bulk_port}"
+            )
         self.send_rate  # noqa: B018  (a bad rate fails here)
         try:
             self.membership.validate()
@@ -322,6 +334,11 @@ class NodeConfig:
         self.gossip.validate()
         self.store.validate()
         self.security.validate()
+
+    @property
+    def bulk(self) -> bool:
+        """Whether bulk calls go over plain TCP (gossip.transport.bulk): a bulk port, and no TLS."""
+        return self.bulk_port >= 0 and not (self.security.tls_cert or self.security.tls_ca)
 
     @property
     def send_rate(self) -> float | None:

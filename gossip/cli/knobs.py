@@ -89,6 +89,12 @@ KNOBS: dict[str, tuple[str, str]] = {
     "rest_pause": ("gossip", "after training: the longest pause once exchanges no longer move the model"),
     "listen": ("node", "HOST:PORT to serve on (port 0 picks a free port)"),
     "advertise": ("node", "HOST:PORT others dial (default: the listen address)"),
+    "bulk_port": (
+        "node",
+        "plain-TCP port for exchanges, pushes and shard transfers on the listen host, faster than gRPC "
+        "(0: any free port, which peers learn from the node's status; -1: everything over gRPC; "
+        "with TLS everything stays on gRPC)",
+    ),
     "peers": ("node", "comma-separated HOST:PORT seeds to join through (none: wait for others to join)"),
     "node_id": ("node", "this node's id (default: random)"),
     "rank": ("node", "this node's rank in the topology (default: none, for topology random)"),
@@ -305,6 +311,7 @@ def node_config(v: dict[str, Any]) -> NodeConfig:
     config = NodeConfig(
         listen=v["listen"],
         advertise=v["advertise"] or None,
+        bulk_port=v["bulk_port"],
         peers=tuple(v["peers"]),
         node_id=v["node_id"] or None,
         rank=v["rank"],

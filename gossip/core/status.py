@@ -153,6 +153,7 @@ class NodeStatus:
     max_send_rate: float = 0.0
     paced_bytes: int = 0
     paced_wait_seconds: float = 0.0
+    bulk_port: int = 0  # plain-TCP port of bulk calls (gossip.transport.bulk); 0: none
     pipeline: str = ""  # the exchange pipeline besides the codec ('' for the plain delta rule)
 
     def to_json(self) -> dict[str, Any]:

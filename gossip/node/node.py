@@ -41,6 +41,7 @@ from gossip.store import servicer as store_servicer
 from gossip.store.disk import remembered_node_id
 from gossip.store.service import StoreService
 from gossip.transport import security
+from gossip.transport.bulkserver import BulkServer, start_bulk_server
 from gossip.transport.channels import DEADLINE_BYTES_PER_S, GOSSIP, Channels
 from gossip.transport.pacing import SendPacer
 from gossip.transport.ratelimit import PeerRateLimiter
@@ -51,6 +52,32 @@ __all__ = ["JoinError", "Node", "Stats"]
 log = logging.getLogger(__name__)
 
 
+def _node_id(config: NodeConfig) -> str:
+    node_id = config.node_id or uuid.uuid4().hex[:12]
+    if not config.node_id and config.store.data_dir:  # restarted on its folder: the same id
+        try:
+            return remembered_node_id(config.store.data_dir, node_id)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"data_dir: {exc}") from None
+    return node_id
+
+
+def _topology(config: NodeConfig) -> Topology | None:
+    """The node's topology (None for 'random'), checked against its rank."""
+    g = config.gossip
+    if g.topology == "random":
+        return None
+    try:
+        topology = Topology.parse(g.topology, config.world_size or None, seed=0)
+    except TopologyError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.rank < 0 and topology.labels is None:
+        raise ConfigError(f"topology {g.topology} needs --rank and --world-size (or use 'random')")
+    if config.rank >= topology.n:
+        raise ConfigError(f"rank {config.rank} is outside the {topology.n}-node topology")
+    return topology
+
+
 class Node:
     """One participant. Build with :meth:`create` (or ``async with Node.around(model)``), end with :meth:`stop`."""
 
@@ -58,26 +85,12 @@ class Node:
         config = config or NodeConfig()
         config.validate()
         if not config.gossip.chunk_bytes:  # automatic: resolved once, here
-            chunk = chunk_bytes_for(0, config.send_rate)
+            chunk = chunk_bytes_for(0, config.send_rate, bulk=config.bulk)
             config = replace(config, gossip=replace(config.gossip, chunk_bytes=chunk))
         g = config.gossip
         self.flat = flat
-        self.node_id = config.node_id or uuid.uuid4().hex[:12]
-        if not config.node_id and config.store.data_dir:  # restarted on its folder: the same id
-            try:
-                self.node_id = remembered_node_id(config.store.data_dir, self.node_id)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"data_dir: {exc}") from None
-        self.topology: Topology | None = None
-        if g.topology != "random":
-            try:
-                self.topology = Topology.parse(g.topology, config.world_size or None, seed=0)
-            except TopologyError as exc:
-                raise ConfigError(str(exc)) from None
-            if config.rank < 0 and self.topology.labels is None:
-                raise ConfigError(f"topology {g.topology} needs --rank and --world-size (or use 'random')")
-            if config.rank >= self.topology.n:
-                raise ConfigError(f"rank {config.rank} is outside the {self.topology.n}-node topology")
+        self.node_id = _node_id(config)
+        self.topology = _topology(config)
         self.config = config  # as given; the rank a graph file assigns is resolved in start()
         self.phase = "created"
         self.started_at = time.monotonic()
@@ -108,7 +121,8 @@ class Node:
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rest_wake = asyncio.Event()
-        self.channels = Channels(pacer=self.pacer)
+        self.channels = Channels(pacer=self.pacer, bulk=config.bulk)
+        self._bulk: BulkServer | None = None  # the plain-TCP port of bulk calls, when served
         self.members: Members | None = None
         self.training_report = TrainingReport()  # what the trainer last said (Node.report)
         self._limiter: PeerRateLimiter | None = None
@@ -177,26 +191,34 @@ class Node:
         self.channels.secure(sec.channel_credentials, sec.metadata)
         interceptors = sec.server_interceptors()
         self._limiter = next((i for i in interceptors if isinstance(i, PeerRateLimiter)), None)
+        services = [
+            ("gossip.proto.Gossip", servicer.methods(self.party, lambda: self.members, self.status)),
+            ("gossip.proto.Store", store_servicer.methods(self.store)),
+        ]
         self._server, port = await start_server(
             self.config.listen,
-            [
-                ("gossip.proto.Gossip", servicer.methods(self.party, lambda: self.members, self.status)),
-                ("gossip.proto.Store", store_servicer.methods(self.store)),
-            ],
+            services,
             interceptors=interceptors,
             credentials=sec.server_credentials,
             pacer=self.pacer,
         )
+        host = self.config.listen.rpartition(":")[0]
+        if self.config.bulk:  # with TLS every call stays on gRPC
+            try:
+                self._bulk = await start_bulk_server(
+                    services, host, self.config.bulk_port, sec.metadata, self.pacer
+                )
+            except OSError:
+                await self._stop_serving(0)
+                raise
         if warning := security.exposure_warning(self.config.listen, sec):
             log.warning("%s", warning)
-        host = self.config.listen.rpartition(":")[0]
         self.address = self.config.advertise or f"{host}:{port}"
         if warning := security.loopback_warning(self.address, self.config.peers):
             log.warning("%s", warning)
         if self.config.rank < 0 and self.topology is not None and self.topology.labels is not None:
             if self.address not in self.topology.labels:
-                await self._server.stop(0)
-                self.phase = "stopped"
+                await self._stop_serving(0)
                 raise ConfigError(f"address {self.address} is not a node of the graph file")
             self.config = replace(self.config, rank=self.topology.labels.index(self.address))
         me = MemberRecord(
@@ -208,9 +230,7 @@ class Node:
             if self.config.peers:
                 await self.members.join()
         except BaseException:
-            await self._server.stop(0)
-            await self.channels.close()
-            self.phase = "stopped"
+            await self._stop_serving(0)
             raise
         self.phase = "running"
         self._spawn(self.members.loop(self._spawn, on_round=self.store.refresh))
@@ -238,11 +258,16 @@ class Node:
         if leave and self.members is not None:
             await self.store.hand_off(timeout=5.0)
             await self.members.leave()
+        await self._stop_serving(0.5)
+        log.info("node %s stopped", self.node_id)
+
+    async def _stop_serving(self, grace: float) -> None:
         if self._server is not None:
-            await self._server.stop(0.5)
+            await self._server.stop(grace)
+        if self._bulk is not None:
+            await self._bulk.stop()
         await self.channels.close()
         self.phase = "stopped"
-        log.info("node %s stopped", self.node_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -449,4 +474,5 @@ class Node:
             control_calls=dict(self._limiter.received) if self._limiter is not None else {},
             sample=tuple(self.flat.gather(self._sampled)),
             **(self.pacer.status_fields() if self.pacer is not None else {}),
+            bulk_port=self._bulk.port if self._bulk is not None else 0,
         )

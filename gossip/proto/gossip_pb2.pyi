@@ -139,7 +139,7 @@ class MemberView(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[MemberState, str]] = ..., heartbeat: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "address", "step", "rank", "topology", "strategy", "members", "neighbours", "exchanges_ok", "exchanges_failed", "exchanges_declined", "bytes_in", "bytes_out", "weight", "phase", "parameters", "fingerprint", "uptime_seconds", "exchanges_served", "training", "resting", "epoch", "train_loss", "eval_loss", "eval_accuracy", "evals", "last_delta_norm", "exchange_seconds_bounds", "exchange_seconds_buckets", "exchange_seconds_sum", "exchanged_with", "calls_refused", "calls_delayed", "sample", "max_send_rate", "paced_bytes", "paced_wait_seconds", "pipeline", "control_calls")
+    __slots__ = ("node_id", "address", "step", "rank", "topology", "strategy", "members", "neighbours", "exchanges_ok", "exchanges_failed", "exchanges_declined", "bytes_in", "bytes_out", "weight", "phase", "parameters", "fingerprint", "uptime_seconds", "exchanges_served", "training", "resting", "epoch", "train_loss", "eval_loss", "eval_accuracy", "evals", "last_delta_norm", "exchange_seconds_bounds", "exchange_seconds_buckets", "exchange_seconds_sum", "exchanged_with", "calls_refused", "calls_delayed", "sample", "max_send_rate", "paced_bytes", "paced_wait_seconds", "pipeline", "control_calls", "bulk_port")
     class ExchangedWithEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class StatusReply(_message.Message):
     PACED_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     CONTROL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     step: int
@@ -232,7 +233,8 @@ class StatusReply(_message.Message):
     paced_wait_seconds: float
     pipeline: str
     control_calls: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ..., training: _Optional[bool] = ..., resting: _Optional[bool] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., evals: _Optional[int] = ..., last_delta_norm: _Optional[float] = ..., exchange_seconds_bounds: _Optional[_Iterable[float]] = ..., exchange_seconds_buckets: _Optional[_Iterable[int]] = ..., exchange_seconds_sum: _Optional[float] = ..., exchanged_with: _Optional[_Mapping[str, int]] = ..., calls_refused: _Optional[int] = ..., calls_delayed: _Optional[int] = ..., sample: _Optional[_Iterable[float]] = ..., max_send_rate: _Optional[float] = ..., paced_bytes: _Optional[int] = ..., paced_wait_seconds: _Optional[float] = ..., pipeline: _Optional[str] = ..., control_calls: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., topology: _Optional[str] = ..., strategy: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberView, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., exchanges_ok: _Optional[int] = ..., exchanges_failed: _Optional[int] = ..., exchanges_declined: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., weight: _Optional[float] = ..., phase: _Optional[str] = ..., parameters: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., uptime_seconds: _Optional[float] = ..., exchanges_served: _Optional[int] = ..., training: _Optional[bool] = ..., resting: _Optional[bool] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., evals: _Optional[int] = ..., last_delta_norm: _Optional[float] = ..., exchange_seconds_bounds: _Optional[_Iterable[float]] = ..., exchange_seconds_buckets: _Optional[_Iterable[int]] = ..., exchange_seconds_sum: _Optional[float] = ..., exchanged_with: _Optional[_Mapping[str, int]] = ..., calls_refused: _Optional[int] = ..., calls_delayed: _Optional[int] = ..., sample: _Optional[_Iterable[float]] = ..., max_send_rate: _Optional[float] = ..., paced_bytes: _Optional[int] = ..., paced_wait_seconds: _Optional[float] = ..., pipeline: _Optional[str] = ..., control_calls: _Optional[_Mapping[str, int]] = ..., bulk_port: _Optional[int] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("node_id", "address")

@@ -240,6 +240,8 @@ async def _fetch(
     }
     tried: dict[int, set[str]] = {i: set() for i in range(m.num_shards)}
     pending = set(range(m.num_shards))
+    # Each owner is called about once: learn their bulk ports first (one round trip, together).
+    await store.channels.learn_bulk({addresses[n] for ns in owners.values() for n in ns}, timeout)
     while pending:
         # One stream per peer: each shard goes to its least loaded untried owner, then to
         # anyone else (a copy may still sit on a former owner during a handoff).

@@ -11,24 +11,41 @@ else, so nothing above this module imports grpc.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from gossip.core.errors import PeerError
-from gossip.transport.frames import MAX_FRAME_BYTES
+from gossip.transport import serde
+from gossip.transport.bulk import BulkCall, BulkPool
+from gossip.transport.frames import MESSAGE_LIMIT
 from gossip.transport.pacing import SendPacer
 
 __all__ = ["CallStream", "Channels", "PeerError", "transfer_timeout"]
 
+log = logging.getLogger(__name__)
+
 GOSSIP = "/gossip.proto.Gossip/"
 STORE = "/gossip.proto.Store/"
 
-# Frames are bounded (chunks of at most MAX_CHUNK_BYTES), so the message limit is a
-# few MiB, never gigabytes: a peer cannot make us buffer a huge single message.
-MESSAGE_LIMIT = MAX_FRAME_BYTES + 1024
+# Bulk transfers are bounded by their own rules (one pairwise exchange in flight per
+# node, a few pushes and shard streams at once): they are not rate limited
+# (gossip.transport.ratelimit), and they go over a peer's bulk port once it is known
+# (gossip.transport.bulk).
+BULK_METHODS = frozenset(
+    {
+        "/gossip.proto.Gossip/Exchange",
+        "/gossip.proto.Gossip/Push",
+        "/gossip.proto.Store/PutShard",
+        "/gossip.proto.Store/GetShards",
+    }
+)
+TOKEN_HEADER = "authorization"  # the metadata key of the token (gossip.transport.security)
+TOKEN_SCHEME = "Bearer "
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
@@ -38,6 +55,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.enable_retries", 0),
 ]
+
+# How often a peer is asked for its bulk port again after it named none (or could not be asked).
+BULK_ASK_AGAIN = 30.0
+BULK_ASK_TIMEOUT = 5.0
 
 # Throughput floor a transfer's deadline assumes: a dead or stalled peer costs one
 # deadline, a live link of 20 MB/s or more always finishes.
@@ -115,19 +136,36 @@ class CallStream:
             self._call.cancel()
 
 
+Stream = CallStream | BulkCall
+
+
 class Channels:
-    """Channels to peers, one per address, with the credentials and metadata every call carries."""
+    """Channels to peers, one per address, with the credentials and metadata every call carries.
+
+    With ``bulk`` (the default) and no TLS, a bulk call (:data:`BULK_METHODS`) goes to
+    the peer's bulk port (:mod:`gossip.transport.bulk`) once the peer named it in its
+    status; the first call to a peer goes over gRPC while it is asked.
+    """
 
     def __init__(
         self,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         pacer: SendPacer | None = None,
+        bulk: bool = True,
     ) -> None:
         self._credentials = credentials
         self._metadata = tuple(metadata)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.pacer = pacer  # paces every request this side sends (``--max-send-rate``)
+        self.bulk = bulk
+        self._bulk_ports: dict[str, int] = {}  # address -> its bulk port (0: none)
+        self._bulk_asked: dict[str, float] = {}  # address -> when it was last asked
+        self._asking: set[asyncio.Task[None]] = set()
+        self._pool = BulkPool(self._token())
+
+    def _token(self) -> str:
+        return next((v for k, v in self._metadata if k == TOKEN_HEADER), "")
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -142,6 +180,7 @@ class Channels:
             raise RuntimeError("Channels.secure() after channels were opened")
         self._credentials = credentials
         self._metadata = tuple(metadata)
+        self._pool.set_token(self._token())
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -154,6 +193,10 @@ class Channels:
         return ch
 
     async def close(self) -> None:
+        for task in list(self._asking):
+            task.cancel()
+        await asyncio.gather(*self._asking, return_exceptions=True)
+        self._pool.close()
         chans, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
 
@@ -167,17 +210,87 @@ class Channels:
         except _CALL_ERRORS as exc:
             raise _peer_error(address, exc) from None
 
-    def stream(self, address: str, method: str, timeout: float) -> CallStream:
+    def bulk_port(self, address: str) -> int | None:
+        """The bulk port ``address`` named (0: none), None while it is not known."""
+        return self._bulk_ports.get(address)
+
+    def _bulk(self, address: str, method: str) -> tuple[str, int] | None:
+        """Where a ``method`` call to ``address`` goes over plain TCP, or None (gRPC)."""
+        if not self.bulk or self._credentials is not None or method not in BULK_METHODS:
+            return None
+        port = self._bulk_ports.get(address)
+        if not port:
+            self._ask(address)
+            return None
+        return address.rpartition(":")[0].strip("[]"), port
+
+    def _ask(self, address: str, now: bool = False) -> asyncio.Task[None] | None:
+        """Ask ``address`` for its bulk port in the background, unless it was asked lately."""
+        t = time.monotonic()
+        if not now and t - self._bulk_asked.get(address, -BULK_ASK_AGAIN) < BULK_ASK_AGAIN:
+            return None
+        self._bulk_asked[address] = t
+        task = asyncio.ensure_future(self._learn(address))
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+        return task
+
+    async def _learn(self, address: str) -> None:
+        try:
+            reply = await self.unary(address, GOSSIP + "Status", b"", BULK_ASK_TIMEOUT)
+            port = serde.status_from_bytes(reply).bulk_port
+        except (PeerError, ValueError) as exc:
+            log.debug("could not ask %s for its bulk port: %s", address, exc)
+            return
+        if port:
+            # The port must be reachable from here too (a relay or a firewall may pass only the
+            # gRPC port): one connection, kept for the first call.
+            host = address.rpartition(":")[0].strip("[]")
+            try:
+                async with asyncio.timeout(BULK_ASK_TIMEOUT):
+                    conn = await self._pool.acquire(host, port)
+            except (OSError, TimeoutError) as exc:
+                log.info(
+                    "bulk port %d of %s cannot be reached (%s): its calls stay on gRPC", port, address, exc
+                )
+                port = 0
+            else:
+                self._pool.release(host, port, conn)
+        self._bulk_ports[address] = port
+
+    async def learn_bulk(self, addresses: Iterable[str], timeout: float = BULK_ASK_TIMEOUT) -> None:
+        """Ask the peers at ``addresses`` for their bulk ports now, together (a rebuild, which
+        calls each owner once, would otherwise make every call before it knows)."""
+        if not self.bulk or self._credentials is not None:
+            return
+        asked = [self._ask(a, now=True) for a in set(addresses) if a not in self._bulk_ports]
+        tasks = [t for t in asked if t is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    def bulk_lost(self, address: str) -> None:
+        """A bulk port could not be reached: back to gRPC for ``address`` until it is asked again."""
+        self._bulk_ports.pop(address, None)
+
+    def stream(self, address: str, method: str, timeout: float) -> Stream:
         """Open a bidirectional call: the caller writes frames and reads the answer's."""
+        if (bulk := self._bulk(address, method)) is not None:
+            return BulkCall(self._pool, address, bulk, method, timeout, self.pacer, lost=self.bulk_lost)
         call = self.channel(address).stream_stream(method)(timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)
 
-    def upload(self, address: str, method: str, timeout: float) -> CallStream:
+    def upload(self, address: str, method: str, timeout: float) -> Stream:
         """Open a client-streaming call: write frames, ``done_writing``, then ``response``."""
+        if (bulk := self._bulk(address, method)) is not None:
+            return BulkCall(self._pool, address, bulk, method, timeout, self.pacer, lost=self.bulk_lost)
         call = self.channel(address).stream_unary(method)(timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)
 
-    def download(self, address: str, method: str, request: bytes, timeout: float) -> CallStream:
+    def download(self, address: str, method: str, request: bytes, timeout: float) -> Stream:
         """Open a server-streaming call with one encoded request; read its frames."""
+        if (bulk := self._bulk(address, method)) is not None:
+            return BulkCall(
+                self._pool, address, bulk, method, timeout, self.pacer, request=request, lost=self.bulk_lost
+            )
         call = self.channel(address).unary_stream(method)(request, timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)

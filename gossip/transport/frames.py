@@ -26,6 +26,9 @@ _CHUNK_TAG = 0x12  # field 2, length-delimited
 # Upper bound on one frame (chunk plus framing); the channel limits are set from it.
 MAX_CHUNK_BYTES = 4 << 20
 MAX_FRAME_BYTES = MAX_CHUNK_BYTES + 64
+# The largest message a transport accepts (a frame and room for its envelope): a peer
+# cannot make us buffer a huge single message.
+MESSAGE_LIMIT = MAX_FRAME_BYTES + 1024
 MAX_HEADER_BYTES = 4096
 MAX_PIPELINE_CHARS = 256
 

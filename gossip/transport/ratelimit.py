@@ -18,19 +18,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from gossip.transport.channels import BULK_METHODS
 from gossip.transport.server import SERVER_OPTIONS, refusing_handler
 
-# Bulk transfers are bounded by their own rules (one pairwise exchange in flight
-# per node, a few pushes and shard streams at once) and must not queue behind
-# chatter; every other call, refused and unknown ones included, is rate limited.
-BULK_METHODS = frozenset(
-    {
-        "/gossip.proto.Gossip/Exchange",
-        "/gossip.proto.Gossip/Push",
-        "/gossip.proto.Store/PutShard",
-        "/gossip.proto.Store/GetShards",
-    }
-)
 # Calls one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS,
 # enforced by gRPC's core before any Python runs: extra calls wait in the caller).
 # A node opens one connection per peer and has at most a few shard streams, one

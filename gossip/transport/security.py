@@ -35,11 +35,10 @@ import grpc
 import grpc.aio
 
 from gossip.config import ConfigError, SecurityConfig
+from gossip.transport.channels import TOKEN_HEADER, TOKEN_SCHEME
 from gossip.transport.ratelimit import PeerRateLimiter
 from gossip.transport.server import refusing_handler
 
-TOKEN_HEADER = "authorization"
-TOKEN_SCHEME = "Bearer "
 # A token is a password, not a document: long enough for 256 random bits in any
 # encoding, short enough that a mistaken path (a whole key file) is caught.
 MAX_TOKEN_CHARS = 1024

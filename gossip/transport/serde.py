@@ -260,6 +260,7 @@ def status_to_bytes(s: NodeStatus) -> bytes:
             paced_bytes=s.paced_bytes,
             paced_wait_seconds=s.paced_wait_seconds,
             pipeline=s.pipeline,
+            bulk_port=s.bulk_port,
         )
     )
 
@@ -318,4 +319,5 @@ def status_from_bytes(data: bytes) -> NodeStatus:
         paced_bytes=s.paced_bytes,
         paced_wait_seconds=s.paced_wait_seconds,
         pipeline=s.pipeline,
+        bulk_port=s.bulk_port if 0 < s.bulk_port <= 65535 else 0,
     )

@@ -22,8 +22,7 @@ import grpc
 import grpc.aio
 
 from gossip.core.errors import Refused
-from gossip.transport.channels import MESSAGE_LIMIT
-from gossip.transport.frames import WireError
+from gossip.transport.frames import MESSAGE_LIMIT, WireError
 from gossip.transport.pacing import SendPacer
 
 log = logging.getLogger(__name__)

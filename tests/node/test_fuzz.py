@@ -1145,3 +1145,107 @@ def test_unreachable_seeds_are_one_line_and_exit_code_1(tmp_path: Path) -> None:
     assert done.stderr.splitlines() == [
         "gossip node: could not reach any seed within 2 s: 127.0.0.1:1 (UNAVAILABLE)"
     ]
+
+
+# --- 7. the bulk port: the same frames over plain TCP ----------------------------------------
+
+BULK_PATHS = [
+    GOSSIP + "Exchange",
+    GOSSIP + "Push",
+    "/gossip.proto.Store/PutShard",
+    "/gossip.proto.Store/GetShards",
+]
+BULK_FUZZ = settings(FUZZ, max_examples=100)
+
+
+def bulk_call(bg: BackgroundNode, path: str, frames: Sequence[bytes], junk: bytes = b"") -> str:
+    """One call on the node's bulk port (``junk``: raw bytes after the hello, instead of a
+    call); the status it ended with, or CLOSED when the node closed the connection (bad wire)."""
+    from gossip.transport import bulk
+
+    assert bg.node._bulk is not None
+    head = struct.Struct("<BI")
+    with socket.create_connection(("127.0.0.1", bg.node._bulk.port), timeout=DEADLINE) as s:
+        out = [bulk.MAGIC + b"\x00\x00"]
+        if junk:
+            out.append(junk)
+        else:
+            call_body = struct.pack("<d", DEADLINE) + path.encode()
+            out.append(head.pack(bulk.CALL, len(call_body)) + call_body)
+            out += [head.pack(bulk.DATA, len(f)) + f for f in frames]
+            out.append(head.pack(bulk.END, 0))
+        try:
+            s.sendall(b"".join(out))
+            s.shutdown(socket.SHUT_WR)  # a frame the junk left unfinished ends here, not at a timeout
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            return "CLOSED"  # the node closed the connection while we were still sending
+        got = b""
+        while True:  # read frames up to the status
+            while len(got) < head.size:
+                more = _recv(s)
+                if not more:
+                    return "CLOSED"
+                got += more
+            kind, n = head.unpack_from(got)
+            while len(got) < head.size + n:
+                more = _recv(s)
+                if not more:
+                    return "CLOSED"
+                got += more
+            body, got = got[head.size : head.size + n], got[head.size + n :]
+            if kind == bulk.STATUS:
+                code = body.split(b"\n")[0].decode()
+                sent["inputs"] += 1
+                answers[f"bulk {code}"] = answers.get(f"bulk {code}", 0) + 1
+                return code
+
+
+def _recv(s: socket.socket) -> bytes:
+    try:
+        return s.recv(65536)
+    except ConnectionResetError:
+        return b""  # closed with our bytes unread: the same as closed
+
+
+BULK_PROPER = {c.name for c in PROPER} | {"UNIMPLEMENTED"}
+
+
+@BULK_FUZZ
+@given(path=st.sampled_from(BULK_PATHS), frames=st.lists(st.binary(max_size=300), max_size=4))
+def test_random_bytes_to_every_bulk_method(pairwise: BackgroundNode, path: str, frames: list[bytes]) -> None:
+    before = state(pairwise)
+
+    code = bulk_call(pairwise, path, frames)
+
+    assert code in BULK_PROPER, code
+    assert state(pairwise) == before
+    still_serving(pairwise)
+
+
+@BULK_FUZZ
+@given(data=st.data())
+def test_mutated_exchange_frames_over_the_bulk_port_change_nothing(
+    pairwise: BackgroundNode, data: st.DataObject
+) -> None:
+    frames = data.draw(mutated(valid_frames(pairwise)))
+    before = state(pairwise)
+
+    code = bulk_call(pairwise, GOSSIP + "Exchange", frames)
+
+    assert code in BULK_PROPER, code
+    assert state(pairwise) == before
+    still_serving(pairwise)
+
+
+@BULK_FUZZ
+@given(junk=st.binary(min_size=1, max_size=400))
+def test_random_bytes_on_a_bulk_connection_reach_no_method(pairwise: BackgroundNode, junk: bytes) -> None:
+    before = state(pairwise)
+    served = pairwise.node.stats.exchanges_served + pairwise.node.stats.exchanges_declined
+
+    code = bulk_call(pairwise, "", [], junk=junk)
+
+    assert code in BULK_PROPER | {"CLOSED"}, code
+    assert state(pairwise) == before
+    assert pairwise.node.stats.exchanges_served + pairwise.node.stats.exchanges_declined == served
+    still_serving(pairwise)

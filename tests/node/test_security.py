@@ -39,7 +39,7 @@ from gossip.node.node import JoinError, Node
 from gossip.observe.status import fetch_status
 from gossip.transport import frames as wire
 from gossip.transport import security, serde
-from gossip.transport.channels import MESSAGE_LIMIT
+from gossip.transport.frames import MESSAGE_LIMIT
 from gossip.transport.ratelimit import PeerRateLimiter
 from tests.support.inproc import vec, vector, wait_until
 

@@ -70,7 +70,8 @@ def _wait(pred: Any, timeout: float, what: str, proc: subprocess.Popen[str]) -> 
     deadline = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None:
-            pytest.fail(f"the launcher exited ({proc.returncode}) while waiting for {what}: {proc.stderr}")
+            err = proc.stderr.read()[-3000:] if proc.stderr is not None else ""
+            pytest.fail(f"the launcher exited ({proc.returncode}) while waiting for {what}: {err}")
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {timeout:.0f} s")
         time.sleep(0.2)

@@ -1,0 +1,372 @@
+"""The bulk port: the same frames and methods as gRPC over plain TCP (gossip.transport.bulk).
+
+Real sockets on port 0 and real nodes; every test has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from gossip.config import ConfigError, GossipConfig, NodeConfig, SecurityConfig, chunk_bytes_for
+from gossip.core.errors import PeerError, Refused
+from gossip.core.params import FlatParams, Layout
+from gossip.node.node import Node
+from gossip.observe.status import fetch_status
+from gossip.transport import bulk
+from gossip.transport.bulk import BulkCall, BulkPool
+from gossip.transport.bulkserver import BulkServer
+from gossip.transport.channels import BULK_METHODS, GOSSIP, Channels
+from gossip.transport.server import ServerStream, bidi, download, upload
+
+T = TypeVar("T")
+EXCHANGE = GOSSIP + "Exchange"
+PUSH = GOSSIP + "Push"
+GET = "/gossip.proto.Store/GetShards"
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Calls:
+    """A service whose methods record what they saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        self.entered = 0
+
+    def methods(self) -> dict[str, Any]:
+        async def echo(stream: ServerStream) -> None:  # Exchange: every frame back, reversed
+            self.entered += 1
+            while (frame := await stream.read()) is not None:
+                self.seen.append(bytes(frame))
+                if bytes(frame) == b"refuse":
+                    raise Refused("FAILED_PRECONDITION", "told to refuse")
+                if bytes(frame) == b"stall":
+                    await asyncio.sleep(60)
+                await stream.write(bytes(frame)[::-1])
+
+        async def total(stream: ServerStream) -> bytes:  # Push: the bytes' count
+            self.entered += 1
+            n = 0
+            while (frame := await stream.read()) is not None:
+                n += len(frame)
+            return str(n).encode()
+
+        return {"Exchange": bidi(echo), "Push": upload(total), "Sync": bidi(echo)}
+
+    def store(self) -> dict[str, Any]:
+        async def shards(request: bytes, stream: ServerStream) -> None:  # GetShards: the request, 3 times
+            self.entered += 1
+            for _ in range(3):
+                await stream.write(request)
+
+        return {"GetShards": download(shards)}
+
+
+async def _serve(calls: Calls, token: str = "") -> BulkServer:
+    server = BulkServer(
+        [("gossip.proto.Gossip", calls.methods()), ("gossip.proto.Store", calls.store())],
+        BULK_METHODS,
+        token=token,
+    )
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+def _call(pool: BulkPool, server: BulkServer, method: str, timeout: float = 5.0, **kw: Any) -> BulkCall:
+    return BulkCall(pool, "peer:1", ("127.0.0.1", server.port), method, timeout, **kw)
+
+
+def test_frames_go_both_ways_and_the_connection_is_reused() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        pool = BulkPool()
+        try:
+            big = bytes(range(256)) * 4096 * 2  # 2 MiB: a frame read in place
+            for _ in range(3):
+                call = _call(pool, server, EXCHANGE)
+                await call.write(b"abc")
+                assert await call.read() == b"cba"
+                await call.write(big)
+                back = await call.read()
+                assert back is not None and bytes(back) == big[::-1]
+                await call.finish()
+                call.cancel()
+            assert len(server._conns) == 1  # one connection served all three calls
+            up = _call(pool, server, PUSH)
+            for chunk in (b"x" * 10, b"y" * 5):
+                await up.write(chunk)
+            assert await up.response() == b"15"
+            up.cancel()
+            down = _call(pool, server, GET, request=b"want")
+            assert [await down.read() for _ in range(4)] == [b"want", b"want", b"want", None]
+            await down.finish()
+            down.cancel()
+            assert len(server._conns) == 1
+        finally:
+            pool.close()
+            await server.stop()
+
+    run(main())
+
+
+def test_a_refusal_reaches_the_caller_with_its_code_and_the_next_call_works() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        pool = BulkPool()
+        try:
+            call = _call(pool, server, EXCHANGE)
+            await call.write(b"refuse")
+            with pytest.raises(PeerError) as info:
+                await call.read()
+            assert (info.value.code, info.value.details) == ("FAILED_PRECONDITION", "told to refuse")
+            call.cancel()
+            again = _call(pool, server, EXCHANGE)
+            await again.write(b"ok")
+            assert await again.read() == b"ko"
+            await again.finish()
+            again.cancel()
+        finally:
+            pool.close()
+            await server.stop()
+
+    run(main())
+
+
+def test_unknown_and_control_methods_are_not_served() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        pool = BulkPool()
+        try:
+            for method in (GOSSIP + "Sync", GOSSIP + "Nope"):  # Sync is a control call: gRPC only
+                call = _call(pool, server, method)
+                await call.write(b"hi")
+                with pytest.raises(PeerError) as info:
+                    await call.finish()
+                assert info.value.code == "UNIMPLEMENTED"
+                call.cancel()
+            assert calls.entered == 0
+        finally:
+            pool.close()
+            await server.stop()
+
+    run(main())
+
+
+def test_deadlines_end_a_stalled_call_on_both_sides() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        pool = BulkPool()
+        try:
+            call = _call(pool, server, EXCHANGE, timeout=0.5)
+            await call.write(b"stall")
+            with pytest.raises(PeerError) as info:
+                await call.read()
+            assert info.value.code == "DEADLINE_EXCEEDED"
+            call.cancel()
+            # The server's own deadline (the one the call announced) ended the method too.
+            for _ in range(50):
+                if not server._conns:
+                    break
+                await asyncio.sleep(0.1)
+            assert not server._conns
+        finally:
+            pool.close()
+            await server.stop()
+
+    run(main())
+
+
+def test_a_wrong_or_missing_token_reaches_no_method() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls, token="Bearer s3cret")
+        try:
+            for token in ("", "Bearer wrong", "Bearer s3cre"):
+                pool = BulkPool(token)
+                call = _call(pool, server, EXCHANGE)
+                with pytest.raises(PeerError) as info:
+                    await call.write(b"hi")
+                    await call.read()
+                assert info.value.code in ("UNAUTHENTICATED", "UNAVAILABLE")
+                call.cancel()
+                pool.close()
+            assert calls.entered == 0 and calls.seen == []
+            good = BulkPool("Bearer s3cret")
+            call = _call(good, server, EXCHANGE)
+            await call.write(b"hi")
+            assert await call.read() == b"ih"
+            call.cancel()
+            good.close()
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def _raw(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection; what came back before the server closed it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",  # not a hello
+        bulk.MAGIC + (5000).to_bytes(2, "little"),  # a token longer than allowed
+        bulk.MAGIC + b"\x00\x00" + b"X" + struct.pack("<I", 0),  # an unknown frame kind
+        bulk.MAGIC + b"\x00\x00" + b"C" + struct.pack("<I", 1 << 30),  # a frame over the limit
+        bulk.MAGIC + b"\x00\x00" + b"D" + struct.pack("<I", 2) + b"hi",  # data before any call
+        bulk.MAGIC + b"\x00\x00" + b"C" + struct.pack("<I", 3) + b"abc",  # a call without its deadline
+    ],
+)
+def test_malformed_connections_are_closed_and_reach_no_method(data: bytes) -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        try:
+            await asyncio.to_thread(_raw, server.port, data)
+            assert calls.entered == 0
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_a_nan_deadline_or_a_truncated_call_does_not_hang_the_server() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        try:
+            call = (
+                b"C"
+                + struct.pack("<I", 8 + len(EXCHANGE))
+                + struct.pack("<d", float("nan"))
+                + EXCHANGE.encode()
+            )
+            back = await asyncio.to_thread(
+                _raw, server.port, bulk.MAGIC + b"\x00\x00" + call + b"E\x00\x00\x00\x00"
+            )
+            kind, n = struct.unpack_from("<BI", back)
+            # A deadline of 0: the call ends at once, whichever way (an empty echo is done first).
+            assert kind == bulk.STATUS and back[5 : 5 + n].split(b"\n")[0] in (b"OK", b"DEADLINE_EXCEEDED")
+            before = calls.entered
+            await asyncio.to_thread(
+                _raw, server.port, bulk.MAGIC + b"\x00\x00" + b"D" + struct.pack("<I", 100)
+            )
+            assert calls.entered == before
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+# --- nodes ---------------------------------------------------------------------------
+
+
+def _flat(value: float, n: int = 300_000) -> FlatParams:
+    flat = FlatParams.zeros(Layout.from_named([("w", torch.empty(n))]))
+    flat.segments["float32"].fill_(value)
+    return flat
+
+
+def test_nodes_exchange_over_the_bulk_port_once_they_know_it() -> None:
+    async def main() -> None:
+        g = GossipConfig(idle_pause=0.0)
+        b = await Node.create(_flat(3.0), NodeConfig(node_id="b", gossip=g))
+        a = await Node.create(_flat(1.0), NodeConfig(node_id="a", peers=(b.address,), gossip=g))
+        try:
+            status = await fetch_status(b.address, timeout=5.0)
+            assert status["bulk_port"] == b._bulk.port != 0  # type: ignore[union-attr]
+            assert await a.wait_for_members(2, 10.0)
+            peer = next(m for m in a.neighbours() if m.node_id == "b")
+            for _ in range(100):  # the first call asks b for its port
+                if a.channels.bulk_port(b.address):
+                    break
+                a.channels._ask(b.address)
+                await asyncio.sleep(0.05)
+            assert isinstance(a.channels.stream(b.address, EXCHANGE, 5.0), BulkCall)
+            for _ in range(3):
+                assert a.slot.claim_own(running=True)
+                from gossip.node import pairwise
+
+                def connect(address: str) -> Any:
+                    return a.channels.stream(address, EXCHANGE, a.party.deadline)
+
+                try:
+                    assert await pairwise.call(a.party, peer, connect) == "ok"
+                finally:
+                    a.slot.own_finished()
+            for flat in (a.flat, b.flat):
+                lo, hi = torch.aminmax(flat.segments["float32"])
+                assert float(lo) == float(hi) == 2.0
+            assert b.stats.exchanges_served == 3 and len(b._bulk._conns) == 1  # type: ignore[union-attr]
+        finally:
+            await a.stop(leave=False)
+            await b.stop(leave=False)
+
+    run(main())
+
+
+def test_a_peer_whose_bulk_port_is_gone_is_called_over_grpc_again() -> None:
+    async def main() -> None:
+        b = await Node.create(_flat(3.0, 1000), NodeConfig(node_id="b"))
+        channels = Channels()
+        try:
+            channels._ask(b.address)
+            for _ in range(100):
+                if channels.bulk_port(b.address):
+                    break
+                await asyncio.sleep(0.05)
+            assert b._bulk is not None
+            await b._bulk.stop()  # the port closes; gRPC still serves
+            call = channels.stream(b.address, EXCHANGE, 2.0)
+            assert isinstance(call, BulkCall)
+            with pytest.raises(PeerError) as info:
+                await call.write(b"x")
+            assert info.value.code == "UNAVAILABLE"
+            call.cancel()
+            assert channels.bulk_port(b.address) is None
+            assert not isinstance(channels.stream(b.address, EXCHANGE, 2.0), BulkCall)
+        finally:
+            await channels.close()
+            await b.stop(leave=False)
+
+    run(main())
+
+
+def test_bulk_port_off_tls_and_bad_ports() -> None:
+    async def main() -> None:
+        n = await Node.create(_flat(1.0, 10), NodeConfig(bulk_port=-1))
+        try:
+            assert (await fetch_status(n.address, timeout=5.0))["bulk_port"] == 0
+            assert not n.channels.bulk
+        finally:
+            await n.stop(leave=False)
+
+    run(main())
+    assert not NodeConfig(security=SecurityConfig(tls_ca="ca.pem")).bulk
+    assert NodeConfig().bulk
+    for bad in (-2, 65536):
+        with pytest.raises(ConfigError, match="bulk_port"):
+            NodeConfig(bulk_port=bad).validate()
+    assert chunk_bytes_for(0, None, bulk=True) == 1 << 20
+    assert chunk_bytes_for(0, None) == 4 << 20
