@@ -52,6 +52,14 @@ def test_survivors_of_a_sigkill_keep_training_and_declare_it_dead(launcher: Laun
     epochs = 6
     nodes = start_cluster(launcher, 3, "--epochs", str(epochs))
     survivors, victim = nodes[:2], nodes[2]
+    # The cluster formed (each knows the others: one that never heard of the victim would wait
+    # for its third member until --wait-timeout), and the victim took part in it.
+    wait_for(
+        lambda: all(member_state(status(p), q.name) == "alive" for p in nodes for q in nodes if q is not p),
+        60.0,
+        "every node to know the others",
+        *nodes,
+    )
     wait_for(lambda: exchanges(status(victim)) >= 5, 120.0, "the victim to exchange", *nodes)
     before = {p.name: status(p) for p in survivors}
     assert all(st["step"] < epochs * STEPS_PER_EPOCH for st in before.values()), (
