@@ -1,6 +1,6 @@
 """Rebuild a 100 MiB model from an 8-node cluster (R=3): against raw TCP on loopback, or on shaped links.
 
-    python bench/reconstruct.py [--mib 100] [--nodes 8] [--repeats 21] [--repair]
+    python bench/reconstruct.py [--mib 100] [--nodes 8] [--repeats 21] [--repair] [--no-bulk]
     python bench/reconstruct.py --link 200mbit [--rebuilder-link 1gbit] [--repeats 9]   # root
 
 Eight gossip ``Node`` processes (each its own process, store enabled, a bare
@@ -101,7 +101,10 @@ async def _node_child(index: int, nodes: int, mib: int, workdir: Path, host: str
     seed = [] if index == 0 else [_wait_file(workdir / "node0.json", [])["address"]]
     flat = FlatParams.zeros(Layout.from_named([("tiny", torch.empty(16))]))
     store = StoreConfig(publish_every=0, model_id="tiny", capacity_bytes=8 << 30)
-    config = NodeConfig(listen=f"{host}:0", node_id=f"node{index}", peers=tuple(seed), store=store)
+    bulk_port = -1 if os.environ.get("GOSSIP_NO_BULK") else 0  # --no-bulk: every shard over gRPC
+    config = NodeConfig(
+        listen=f"{host}:0", node_id=f"node{index}", peers=tuple(seed), store=store, bulk_port=bulk_port
+    )
     node = await Node.create(flat, config)
     _write(workdir / f"node{index}.json", {"address": node.address, "pid": os.getpid()})
     if index == 0:
@@ -168,6 +171,11 @@ def main() -> int:
     ap.add_argument(
         "--rebuilder-link", default="1gbit", metavar="RATE", help="with --link: the rebuilding host's link"
     )
+    ap.add_argument(
+        "--no-bulk",
+        action="store_true",
+        help="the nodes serve shards over gRPC only (bulk_port -1), as before the bulk port",
+    )
     ap.add_argument("--child", choices=("node", "raw"), help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
@@ -182,6 +190,8 @@ def main() -> int:
             asyncio.run(_node_child(args.index, args.nodes, args.mib, Path(args.workdir), args.host))
         return 0
     repeats = args.repeats or (9 if args.link else 21)
+    if args.no_bulk:
+        os.environ["GOSSIP_NO_BULK"] = "1"  # before the children start
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-reconstruct-"))
     lab = contextlib.ExitStack()
@@ -339,6 +349,7 @@ def _measure(
         "peers": statistics.median(peers),
         "digest_algorithm": ",".join(sorted(algorithms)),
         "repeats": repeats,
+        "bulk": not args.no_bulk,
         "correct": correct,
     }
     if args.repair:
