@@ -58,6 +58,7 @@ CALL, DATA, END, STATUS = b"C"[0], b"D"[0], b"E"[0], b"S"[0]
 _KINDS = frozenset({CALL, DATA, END, STATUS})
 _FRAME = struct.Struct("<BI")
 DEADLINE = struct.Struct("<d")
+WAKE_BYTES = int(__import__("os").environ.get("GOSSIP_WAKE", str(256 << 10)))  # while a large frame arrives, the loop wakes for this much at a time
 SMALL_FRAME = 64 << 10  # frames up to this are copied into bytes; larger ones are read in place
 POOL_IDLE = 60.0  # an idle connection is not reused after this long (its server closes it at 120 s)
 MAX_IDLE_PER_PEER = 4
@@ -83,6 +84,7 @@ class Conn:
         self._write = asyncio.Lock()  # one frame at a time, whole
         self.idle_since = time.monotonic()
         self.closed = False
+        self._lowat = 1
 
     async def _recv_exact(self, view: memoryview) -> None:
         got, n = 0, len(view)
@@ -91,6 +93,7 @@ class Conn:
             if k == 0:
                 raise _Closed("connection closed by the peer")
             got += k
+
 
     async def read_frame(self) -> tuple[int, bytes | memoryview]:
         await self._recv_exact(memoryview(self._head))
@@ -105,6 +108,7 @@ class Conn:
             return kind, bytes(small)
         big = np.empty(n, dtype=np.uint8).data  # not zeroed: every byte is read into
         await self._recv_exact(big)
+        await asyncio.sleep(0)  # reads that never wait never yield: let the loop's other tasks run
         return kind, big
 
     async def write_frame(self, kind: int, body: bytes | memoryview = b"") -> None:
@@ -115,6 +119,7 @@ class Conn:
             else:
                 await self.loop.sock_sendall(self.sock, head)
                 await self.loop.sock_sendall(self.sock, body)
+                await asyncio.sleep(0)  # as in read_frame: a send that never waits never yields
 
     def close(self) -> None:
         if not self.closed:
