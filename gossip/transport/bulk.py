@@ -58,7 +58,6 @@ CALL, DATA, END, STATUS = b"C"[0], b"D"[0], b"E"[0], b"S"[0]
 _KINDS = frozenset({CALL, DATA, END, STATUS})
 _FRAME = struct.Struct("<BI")
 DEADLINE = struct.Struct("<d")
-WAKE_BYTES = int(__import__("os").environ.get("GOSSIP_WAKE", str(256 << 10)))  # while a large frame arrives, the loop wakes for this much at a time
 SMALL_FRAME = 64 << 10  # frames up to this are copied into bytes; larger ones are read in place
 POOL_IDLE = 60.0  # an idle connection is not reused after this long (its server closes it at 120 s)
 MAX_IDLE_PER_PEER = 4
@@ -84,7 +83,6 @@ class Conn:
         self._write = asyncio.Lock()  # one frame at a time, whole
         self.idle_since = time.monotonic()
         self.closed = False
-        self._lowat = 1
 
     async def _recv_exact(self, view: memoryview) -> None:
         got, n = 0, len(view)
