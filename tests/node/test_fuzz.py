@@ -1178,19 +1178,19 @@ def bulk_call(bg: BackgroundNode, path: str, frames: Sequence[bytes], junk: byte
             s.sendall(b"".join(out))
             s.shutdown(socket.SHUT_WR)  # a frame the junk left unfinished ends here, not at a timeout
         except (BrokenPipeError, ConnectionResetError, OSError):
-            return "CLOSED"  # the node closed the connection while we were still sending
+            return _closed()  # the node closed the connection while we were still sending
         got = b""
         while True:  # read frames up to the status
             while len(got) < head.size:
                 more = _recv(s)
                 if not more:
-                    return "CLOSED"
+                    return _closed()
                 got += more
             kind, n = head.unpack_from(got)
             while len(got) < head.size + n:
                 more = _recv(s)
                 if not more:
-                    return "CLOSED"
+                    return _closed()
                 got += more
             body, got = got[head.size : head.size + n], got[head.size + n :]
             if kind == bulk.STATUS:
@@ -1198,6 +1198,12 @@ def bulk_call(bg: BackgroundNode, path: str, frames: Sequence[bytes], junk: byte
                 sent["inputs"] += 1
                 answers[f"bulk {code}"] = answers.get(f"bulk {code}", 0) + 1
                 return code
+
+
+def _closed() -> str:
+    sent["inputs"] += 1
+    answers["bulk connection closed"] = answers.get("bulk connection closed", 0) + 1
+    return "CLOSED"
 
 
 def _recv(s: socket.socket) -> bytes:
