@@ -206,7 +206,7 @@ class Node:
         if self.config.bulk:  # with TLS every call stays on gRPC
             try:
                 self._bulk = await start_bulk_server(
-                    services, host, self.config.bulk_port, sec.metadata, self.pacer
+                    services, host, self.config.bulk_port, sec.metadata, self.pacer, self.node_id
                 )
             except OSError:
                 await self._stop_serving(0)

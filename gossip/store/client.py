@@ -149,9 +149,9 @@ class StoreClient:
         except PeerError as exc:
             out.error = exc
         except (StoreError, WireError) as exc:
-            stream.cancel()
             out.error = PeerError(address, "INTERNAL", str(exc))
         finally:
+            stream.cancel()  # a no-op once the call ended; a bulk call gives its connection back
             # Every copy queued has landed before the caller may refetch a shard elsewhere.
             await loop.run_in_executor(worker, _nothing)
             worker.shutdown(wait=False)

@@ -48,7 +48,7 @@ from typing import Any, cast
 import numpy as np
 
 from gossip.core.errors import PeerError
-from gossip.transport.frames import MESSAGE_LIMIT, WireError
+from gossip.transport.frames import MESSAGE_LIMIT
 from gossip.transport.pacing import SendPacer
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class _Closed(ConnectionError):
     pass
 
 
+class BadFrame(ConnectionError):
+    """A frame the wire format does not allow: the connection is closed, never answered."""
+
+
 def nodelay(sock: socket.socket) -> None:
     sock.setblocking(False)
     with contextlib.suppress(OSError):
@@ -83,6 +87,7 @@ class Conn:
         self._write = asyncio.Lock()  # one frame at a time, whole
         self.idle_since = time.monotonic()
         self.closed = False
+        self.partial = False  # a frame is half read or half written
 
     async def _recv_exact(self, view: memoryview) -> None:
         got, n = 0, len(view)
@@ -92,31 +97,36 @@ class Conn:
                 raise _Closed("connection closed by the peer")
             got += k
 
-
     async def read_frame(self) -> tuple[int, bytes | memoryview]:
         await self._recv_exact(memoryview(self._head))
         kind, n = _FRAME.unpack(self._head)
         if kind not in _KINDS:
-            raise WireError(f"unknown frame kind {kind}")
+            raise BadFrame(f"unknown frame kind {kind}")
         if n > MESSAGE_LIMIT:
-            raise WireError(f"frame of {n} bytes exceeds {MESSAGE_LIMIT}")
+            raise BadFrame(f"frame of {n} bytes exceeds {MESSAGE_LIMIT}")
+        self.partial = True  # until the body is in: a cancel now leaves the stream out of step
         if n <= SMALL_FRAME:
             small = bytearray(n)
             await self._recv_exact(memoryview(small))
+            self.partial = False
             return kind, bytes(small)
         big = np.empty(n, dtype=np.uint8).data  # not zeroed: every byte is read into
         await self._recv_exact(big)
+        self.partial = False
         await asyncio.sleep(0)  # reads that never wait never yield: let the loop's other tasks run
         return kind, big
 
     async def write_frame(self, kind: int, body: bytes | memoryview = b"") -> None:
         head = _FRAME.pack(kind, len(body))
         async with self._write:
+            self.partial = True
             if len(body) <= SMALL_FRAME:
                 await self.loop.sock_sendall(self.sock, head + bytes(body))
+                self.partial = False
             else:
                 await self.loop.sock_sendall(self.sock, head)
                 await self.loop.sock_sendall(self.sock, body)
+                self.partial = False
                 await asyncio.sleep(0)  # as in read_frame: a send that never waits never yields
 
     def close(self) -> None:
@@ -125,6 +135,16 @@ class Conn:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
+
+    def readable(self) -> bool:
+        """Whether the peer sent something not read yet (or closed), without waiting."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # the read will tell what went wrong
+        return True
 
     def alive(self) -> bool:
         """Whether an idle connection still stands (nothing unread, not closed by the server)."""
@@ -151,24 +171,32 @@ def _parse_status(body: bytes | memoryview) -> tuple[str, str]:
 # --- the client side ------------------------------------------------------------------
 
 
+def hello(token: str, node_id: str) -> bytes:
+    """A connection's first bytes: who may call (the token) and whom it calls (a node id, or '')."""
+    t, n = token.encode(), node_id.encode()[:255]
+    return MAGIC + len(t).to_bytes(2, "little") + t + bytes((len(n),)) + n
+
+
+Where = tuple[str, int, str]  # a bulk port: host, port, and the node id that named it
+
+
 class BulkPool:
     """Idle connections to peers' bulk ports, reused call after call (no handshake per call)."""
 
     def __init__(self, token: str = "") -> None:
-        self._hello = MAGIC + len(token.encode()).to_bytes(2, "little") + token.encode()
-        self._idle: dict[tuple[str, int], list[Conn]] = {}
+        self.token = token
+        self._idle: dict[Where, list[Conn]] = {}
+        self._swept = time.monotonic()
 
-    def set_token(self, token: str) -> None:
-        self._hello = MAGIC + len(token.encode()).to_bytes(2, "little") + token.encode()
-
-    async def acquire(self, host: str, port: int) -> Conn:
-        idle = self._idle.get((host, port), [])
-        now = time.monotonic()
+    async def acquire(self, where: Where) -> Conn:
+        self._sweep()
+        idle = self._idle.get(where, [])
         while idle:
             conn = idle.pop()
-            if now - conn.idle_since < POOL_IDLE and conn.alive():
+            if time.monotonic() - conn.idle_since < POOL_IDLE and conn.alive():
                 return conn
             conn.close()
+        host, port, node_id = where
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, kind, proto, _, addr = infos[0]
@@ -177,19 +205,35 @@ class BulkPool:
         try:
             await loop.sock_connect(sock, addr)
             conn = Conn(sock)
-            await loop.sock_sendall(sock, self._hello)
+            await loop.sock_sendall(sock, hello(self.token, node_id))
         except BaseException:
             sock.close()
             raise
         return conn
 
-    def release(self, host: str, port: int, conn: Conn) -> None:
-        idle = self._idle.setdefault((host, port), [])
+    def release(self, where: Where, conn: Conn) -> None:
+        idle = self._idle.setdefault(where, [])
         if len(idle) < MAX_IDLE_PER_PEER and not conn.closed:
             conn.idle_since = time.monotonic()
             idle.append(conn)
         else:
             conn.close()
+
+    def _sweep(self) -> None:
+        """Close connections idle too long (peers that left, too), at most once a second."""
+        now = time.monotonic()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        for where, idle in list(self._idle.items()):
+            keep = [c for c in idle if now - c.idle_since < POOL_IDLE and not c.closed]
+            for c in idle:
+                if c not in keep:
+                    c.close()
+            if keep:
+                self._idle[where] = keep
+            else:
+                del self._idle[where]
 
     def close(self) -> None:
         for idle in self._idle.values():
@@ -201,35 +245,42 @@ class BulkPool:
 class BulkCall:
     """One call over a peer's bulk port, seen from the caller (the interface of gRPC's ``CallStream``).
 
-    ``request`` (a download's) is its first frame. Every failure is a
-    :class:`~gossip.core.errors.PeerError`; the whole call has one deadline.
+    ``request`` (a download's) is its first frame; ``upload``: the server answers only at
+    the end, so any frame it sends while we write is its refusal, read at once (as gRPC
+    fails the next write), not after the whole payload. Every failure is a
+    :class:`~gossip.core.errors.PeerError`; the whole call has one deadline. A call that
+    fails before the server said anything (no connection, a closed one, a deadline)
+    calls ``lost``: the caller goes back to gRPC for that peer until it is asked again.
     """
 
     def __init__(
         self,
         pool: BulkPool,
         address: str,
-        bulk: tuple[str, int],
+        where: Where,
         method: str,
         timeout: float,
         pacer: SendPacer | None = None,
         request: bytes | None = None,
         lost: Callable[[str], None] = lambda address: None,
+        upload: bool = False,
     ) -> None:
         self.address = address
         self._lost = lost
         self._pool = pool
-        self._bulk = bulk
+        self._where = where
         self._method = method
-        self._timeout = timeout
         self._deadline = asyncio.get_running_loop().time() + timeout
         self._pacer = pacer
         self._request = request
+        self._upload = upload
         self._conn: Conn | None = None
         self._opening: asyncio.Future[Conn] | None = None
         self._sent_end = False
         self._status: tuple[str, str] | None = None
+        self._heard = False  # the server sent a frame of this call
         self._broken = False
+        self._cancelled = False
         self._busy = 0  # operations in flight
 
     async def _open(self) -> Conn:
@@ -238,11 +289,7 @@ class BulkCall:
         return await asyncio.shield(self._opening)
 
     async def _connect(self) -> Conn:
-        try:
-            conn = await self._pool.acquire(*self._bulk)
-        except OSError:
-            self._lost(self.address)  # back to gRPC for this peer until it is asked again
-            raise
+        conn = await self._pool.acquire(self._where)
         self._conn = conn
         remaining = max(0.0, self._deadline - asyncio.get_running_loop().time())
         await conn.write_frame(CALL, DEADLINE.pack(remaining) + self._method.encode())
@@ -256,6 +303,8 @@ class BulkCall:
         await conn.write_frame(DATA, frame)
 
     async def _op(self, what: str, run: Any) -> Any:
+        if self._status is not None and self._status[0] != "OK":
+            raise PeerError(self.address, *self._status)  # as the read that saw it raised
         if self._broken:
             raise PeerError(self.address, "CANCELLED", "call ended")
         self._busy += 1
@@ -263,10 +312,10 @@ class BulkCall:
             async with asyncio.timeout_at(self._deadline):
                 return await run()
         except TimeoutError:
-            self._break()
+            self._fail()
             raise PeerError(self.address, "DEADLINE_EXCEEDED", "deadline exceeded") from None
-        except (OSError, WireError) as exc:
-            self._break()
+        except OSError as exc:
+            self._fail()
             raise PeerError(
                 self.address, "UNAVAILABLE", f"bulk connection lost while {what}: {exc}"
             ) from None
@@ -277,6 +326,12 @@ class BulkCall:
             self._busy -= 1
             if self._broken and self._busy == 0 and self._conn is not None:
                 self._conn.close()
+                self._conn = None
+
+    def _fail(self) -> None:
+        self._break()
+        if not self._heard:
+            self._lost(self.address)
 
     def _break(self) -> None:
         self._broken = True
@@ -286,7 +341,13 @@ class BulkCall:
 
     async def write(self, frame: bytes) -> None:
         async def run() -> None:
-            await self._send(await self._open(), frame)
+            conn = await self._open()
+            if self._sent_end or self._status is not None:
+                raise PeerError(self.address, "UNAVAILABLE", "call ended: no more frames may be sent")
+            if self._upload and conn.readable():
+                await self._next(conn)  # the server's early answer: its refusal, raised here
+                raise PeerError(self.address, "INTERNAL", "the server answered before the upload ended")
+            await self._send(conn, frame)
 
         await self._op("sending", run)
 
@@ -304,10 +365,11 @@ class BulkCall:
         if self._status is not None:
             return None
         kind, body = await conn.read_frame()
+        self._heard = True
         if kind == DATA:
             return body
         if kind != STATUS:
-            raise WireError(f"unexpected frame kind {kind} from the server")
+            raise BadFrame(f"unexpected frame kind {kind} from the server")
         self._status = _parse_status(body)
         code, message = self._status
         if code != "OK":
@@ -333,9 +395,6 @@ class BulkCall:
             frame = await self._next(conn)
             if frame is not None:
                 last = frame
-        code, message = self._status
-        if code != "OK":  # seen by an earlier read, which raised it then
-            raise PeerError(self.address, code, message)
         return last
 
     async def finish(self) -> None:
@@ -349,7 +408,10 @@ class BulkCall:
         return bytes(answer)
 
     def cancel(self) -> None:
-        """End the call now; a call that ended cleanly gives its connection back for the next one."""
+        """End the call now (idempotent); a call that ended cleanly gives its connection back."""
+        if self._cancelled:
+            return
+        self._cancelled = True
         conn = self._conn
         if conn is None:
             if self._opening is not None and not self._opening.done():
@@ -357,10 +419,12 @@ class BulkCall:
             self._broken = True
             return
         clean = not self._broken and self._status is not None and self._sent_end and self._busy == 0
+        self._broken = True
         if clean:
-            self._pool.release(*self._bulk, conn)
+            self._conn = None
+            self._pool.release(self._where, conn)
         elif self._busy == 0:
+            self._conn = None
             conn.close()
         else:
-            self._break()
-        self._broken = True
+            self._break()  # the operation in flight ends, and closes the connection

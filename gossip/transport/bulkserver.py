@@ -22,6 +22,7 @@ from gossip.transport.bulk import (
     END,
     MAGIC,
     STATUS,
+    BadFrame,
     Conn,
     nodelay,
     status_frame,
@@ -34,7 +35,8 @@ from gossip.transport.server import Method
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 4096
-HELLO_TIMEOUT = 10.0  # seconds a new connection has to say who it is
+HELLO_TIMEOUT = 5.0  # seconds a new connection has to say who it is
+MAX_GREETING = 64  # connections that have not said who they are yet; more are closed at once
 IDLE_TIMEOUT = 120.0  # an idle connection is closed after this long
 MAX_CONNECTIONS = 1024  # connections kept at once; more are closed at once
 DRAIN_LIMIT = 8.0  # seconds a finished call's leftover frames are read, at most
@@ -57,7 +59,7 @@ class _ServerCall:
             self.ended = True
             return None
         if kind != DATA:
-            raise WireError(f"unexpected frame kind {kind} inside a call")
+            raise BadFrame(f"unexpected frame kind {kind} inside a call")
         # A large frame is a view of its own buffer: read like bytes, never written to by anyone.
         return cast(bytes, body)
 
@@ -76,6 +78,7 @@ class BulkServer:
         bulk_methods: frozenset[str],
         token: str = "",
         pacer: SendPacer | None = None,
+        node_id: str = "",
     ) -> None:
         """``token``: what a client's hello must carry, as gRPC metadata carries it (``Bearer …``); '' for none."""
         self._methods = {
@@ -85,6 +88,8 @@ class BulkServer:
             if f"/{name}/{m}" in bulk_methods
         }
         self._expected = token.encode()
+        self.node_id = node_id  # a hello that names another node is refused
+        self._greeting = 0  # connections in their hello
         self._pacer = pacer
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -119,8 +124,8 @@ class BulkServer:
                 await asyncio.sleep(0.1)
                 continue
             nodelay(sock)
-            if len(self._conns) >= MAX_CONNECTIONS:
-                sock.close()
+            if len(self._conns) >= MAX_CONNECTIONS or self._greeting >= MAX_GREETING:
+                sock.close()  # its caller goes back to gRPC for this node
                 continue
             task = asyncio.ensure_future(self._serve(Conn(sock)))
             self._conns.add(task)
@@ -137,36 +142,50 @@ class BulkServer:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _hello(self, conn: Conn) -> bool:
+    async def _hello(self, conn: Conn) -> str:
+        """Why the connection's hello is refused ('' when it is fine)."""
         head = bytearray(len(MAGIC) + 2)
         await conn._recv_exact(memoryview(head))
         if bytes(head[: len(MAGIC)]) != MAGIC:
-            return False
+            return "not a gossip bulk connection"
         n = int.from_bytes(head[len(MAGIC) :], "little")
         if n > MAX_TOKEN_BYTES:
-            return False
-        token = bytearray(n)
+            return "token too long"
+        token = bytearray(n + 1)  # and the length of the node id that follows
         await conn._recv_exact(memoryview(token))
+        node_id = bytearray(token[-1])
+        await conn._recv_exact(memoryview(node_id))
         # Constant time: a wrong guess tells nothing about how much of it was right.
-        return not self._expected or hmac.compare_digest(bytes(token), self._expected)
+        if self._expected and not hmac.compare_digest(bytes(token[:-1]), self._expected):
+            return "missing or wrong token"
+        if node_id and bytes(node_id) != self.node_id.encode()[:255]:
+            return f"it calls node {bytes(node_id).decode('utf-8', 'replace')!r}, this is {self.node_id!r}"
+        return ""
 
     async def _serve(self, conn: Conn) -> None:
         try:
-            async with asyncio.timeout(HELLO_TIMEOUT):
-                ok = await self._hello(conn)
-            if not ok:
-                log.warning("bulk port: refused a connection (wrong greeting or token)")
-                await conn.write_frame(STATUS, status_frame("UNAUTHENTICATED", "missing or wrong token"))
+            self._greeting += 1
+            try:
+                async with asyncio.timeout(HELLO_TIMEOUT):
+                    why = await self._hello(conn)
+            finally:
+                self._greeting -= 1
+            if why:
+                # Closed without a word: the caller goes back to gRPC for this node, where a
+                # wrong token gets its UNAUTHENTICATED, and a port now another node's is asked anew.
+                log.warning("bulk port: refused a connection: %s", why)
                 return
             while True:
                 async with asyncio.timeout(IDLE_TIMEOUT):
                     kind, body = await conn.read_frame()
                 if kind != CALL or len(body) < DEADLINE.size:
-                    raise WireError("expected a call")
+                    raise BadFrame("expected a call")
                 (remaining,) = DEADLINE.unpack_from(body)
                 path = bytes(body[DEADLINE.size :]).decode("utf-8", "replace")
                 call = _ServerCall(conn, self._pacer)
                 code, message = await self._run(path, remaining, call)
+                if conn.partial:  # a frame cut by the call's deadline: the stream is out of step
+                    return
                 await conn.write_frame(STATUS, status_frame(code, message))
                 if not await self._drain(call):
                     return
@@ -229,10 +248,11 @@ async def start_bulk_server(
     port: int,
     metadata: Sequence[tuple[str, str]] = (),
     pacer: SendPacer | None = None,
+    node_id: str = "",
 ) -> BulkServer:
     """Serve the bulk methods of ``services`` on ``host``:``port`` (0: a free port); a client's
     hello must carry the token that ``metadata`` (what this node's own calls carry) holds."""
     token = next((v for k, v in metadata if k == TOKEN_HEADER), "")
-    server = BulkServer(services, BULK_METHODS, token=token, pacer=pacer)
+    server = BulkServer(services, BULK_METHODS, token=token, pacer=pacer, node_id=node_id)
     await server.start(host, port)
     return server

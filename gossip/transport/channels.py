@@ -21,7 +21,7 @@ import grpc.aio
 
 from gossip.core.errors import PeerError
 from gossip.transport import serde
-from gossip.transport.bulk import BulkCall, BulkPool
+from gossip.transport.bulk import BulkCall, BulkPool, Where
 from gossip.transport.frames import MESSAGE_LIMIT
 from gossip.transport.pacing import SendPacer
 
@@ -59,6 +59,7 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 # How often a peer is asked for its bulk port again after it named none (or could not be asked).
 BULK_ASK_AGAIN = 30.0
 BULK_ASK_TIMEOUT = 5.0
+BULK_LEARN_WAIT = 2.0  # seconds a rebuild waits for its owners' bulk ports, at most
 
 # Throughput floor a transfer's deadline assumes: a dead or stalled peer costs one
 # deadline, a live link of 20 MB/s or more always finishes.
@@ -159,7 +160,7 @@ class Channels:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.pacer = pacer  # paces every request this side sends (``--max-send-rate``)
         self.bulk = bulk
-        self._bulk_ports: dict[str, int] = {}  # address -> its bulk port (0: none)
+        self._bulk_ports: dict[str, tuple[int, str]] = {}  # address -> (its bulk port or 0, its node id)
         self._bulk_asked: dict[str, float] = {}  # address -> when it was last asked
         self._asking: set[asyncio.Task[None]] = set()
         self._pool = BulkPool(self._token())
@@ -180,7 +181,7 @@ class Channels:
             raise RuntimeError("Channels.secure() after channels were opened")
         self._credentials = credentials
         self._metadata = tuple(metadata)
-        self._pool.set_token(self._token())
+        self._pool.token = self._token()
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -212,17 +213,19 @@ class Channels:
 
     def bulk_port(self, address: str) -> int | None:
         """The bulk port ``address`` named (0: none), None while it is not known."""
-        return self._bulk_ports.get(address)
+        known = self._bulk_ports.get(address)
+        return known[0] if known is not None else None
 
-    def _bulk(self, address: str, method: str) -> tuple[str, int] | None:
+    def _bulk(self, address: str, method: str) -> Where | None:
         """Where a ``method`` call to ``address`` goes over plain TCP, or None (gRPC)."""
         if not self.bulk or self._credentials is not None or method not in BULK_METHODS:
             return None
-        port = self._bulk_ports.get(address)
-        if not port:
-            self._ask(address)
+        known = self._bulk_ports.get(address)
+        if known is None or not known[0]:
+            if known is None:
+                self._ask(address)
             return None
-        return address.rpartition(":")[0].strip("[]"), port
+        return address.rpartition(":")[0].strip("[]"), known[0], known[1]
 
     def _ask(self, address: str, now: bool = False) -> asyncio.Task[None] | None:
         """Ask ``address`` for its bulk port in the background, unless it was asked lately."""
@@ -238,25 +241,27 @@ class Channels:
     async def _learn(self, address: str) -> None:
         try:
             reply = await self.unary(address, GOSSIP + "Status", b"", BULK_ASK_TIMEOUT)
-            port = serde.status_from_bytes(reply).bulk_port
+            status = serde.status_from_bytes(reply)
         except (PeerError, ValueError) as exc:
             log.debug("could not ask %s for its bulk port: %s", address, exc)
             return
+        port = status.bulk_port
         if port:
             # The port must be reachable from here too (a relay or a firewall may pass only the
-            # gRPC port): one connection, kept for the first call.
-            host = address.rpartition(":")[0].strip("[]")
+            # gRPC port): one connection, kept for the first call. Its hello names the node
+            # whose port it is, so a port another process took meanwhile refuses us.
+            where = (address.rpartition(":")[0].strip("[]"), port, status.node_id)
             try:
                 async with asyncio.timeout(BULK_ASK_TIMEOUT):
-                    conn = await self._pool.acquire(host, port)
+                    conn = await self._pool.acquire(where)
             except (OSError, TimeoutError) as exc:
                 log.info(
                     "bulk port %d of %s cannot be reached (%s): its calls stay on gRPC", port, address, exc
                 )
                 port = 0
             else:
-                self._pool.release(host, port, conn)
-        self._bulk_ports[address] = port
+                self._pool.release(where, conn)
+        self._bulk_ports[address] = (port, status.node_id)
 
     async def learn_bulk(self, addresses: Iterable[str], timeout: float = BULK_ASK_TIMEOUT) -> None:
         """Ask the peers at ``addresses`` for their bulk ports now, together (a rebuild, which
@@ -265,8 +270,8 @@ class Channels:
             return
         asked = [self._ask(a, now=True) for a in set(addresses) if a not in self._bulk_ports]
         tasks = [t for t in asked if t is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        if tasks:  # not long: a peer that does not answer soon is called over gRPC
+            await asyncio.wait(tasks, timeout=min(timeout, BULK_LEARN_WAIT))
 
     def bulk_lost(self, address: str) -> None:
         """A bulk port could not be reached: back to gRPC for ``address`` until it is asked again."""
@@ -282,7 +287,9 @@ class Channels:
     def upload(self, address: str, method: str, timeout: float) -> Stream:
         """Open a client-streaming call: write frames, ``done_writing``, then ``response``."""
         if (bulk := self._bulk(address, method)) is not None:
-            return BulkCall(self._pool, address, bulk, method, timeout, self.pacer, lost=self.bulk_lost)
+            return BulkCall(
+                self._pool, address, bulk, method, timeout, self.pacer, lost=self.bulk_lost, upload=True
+            )
         call = self.channel(address).stream_unary(method)(timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)
 

@@ -29,6 +29,7 @@ T = TypeVar("T")
 EXCHANGE = GOSSIP + "Exchange"
 PUSH = GOSSIP + "Push"
 GET = "/gossip.proto.Store/GetShards"
+HELLO = bulk.hello("", "")
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
@@ -82,7 +83,7 @@ async def _serve(calls: Calls, token: str = "") -> BulkServer:
 
 
 def _call(pool: BulkPool, server: BulkServer, method: str, timeout: float = 5.0, **kw: Any) -> BulkCall:
-    return BulkCall(pool, "peer:1", ("127.0.0.1", server.port), method, timeout, **kw)
+    return BulkCall(pool, "peer:1", ("127.0.0.1", server.port, kw.pop("node_id", "")), method, timeout, **kw)
 
 
 def test_frames_go_both_ways_and_the_connection_is_reused() -> None:
@@ -216,6 +217,73 @@ def test_a_wrong_or_missing_token_reaches_no_method() -> None:
     run(main())
 
 
+def test_a_refused_upload_stops_sending_and_gets_the_refusal() -> None:
+    async def main() -> None:
+        refused = 0
+
+        async def busy(stream: ServerStream) -> bytes:
+            nonlocal refused
+            refused += 1
+            raise Refused("RESOURCE_EXHAUSTED", "too many pushes")
+
+        server = BulkServer([("gossip.proto.Gossip", {"Push": upload(busy)})], BULK_METHODS)
+        await server.start("127.0.0.1", 0)
+        pool = BulkPool()
+        try:
+            call = _call(pool, server, PUSH, upload=True)
+            sent = 0
+            with pytest.raises(PeerError) as info:
+                for _ in range(2000):  # 2 GB if nothing stopped it
+                    await call.write(bytes(1 << 20))
+                    sent += 1
+                    await asyncio.sleep(0.001)
+            assert info.value.code == "RESOURCE_EXHAUSTED"
+            assert refused == 1 and sent < 200
+            call.cancel()
+            call.cancel()  # idempotent
+        finally:
+            pool.close()
+            await server.stop()
+
+    run(main())
+
+
+def test_a_port_that_closes_before_answering_is_given_up_and_cancel_is_idempotent() -> None:
+    async def main() -> None:
+        calls = Calls()
+        server = await _serve(calls)
+        lost: list[str] = []
+        pool = BulkPool()
+        try:
+            # A hello naming another node: closed without a word, and the caller gives the port up.
+            call = _call(pool, server, EXCHANGE, node_id="someone-else", lost=lost.append)
+            with pytest.raises(PeerError) as info:
+                await call.write(b"hi")
+                await call.read()
+            assert info.value.code == "UNAVAILABLE" and lost == ["peer:1"]
+            call.cancel()
+            assert calls.entered == 0
+            # The right node: served; a second cancel of a clean call leaves its pooled connection alone.
+            server.node_id = "me"
+            first = _call(pool, server, EXCHANGE, node_id="me")
+            await first.write(b"ab")
+            assert await first.read() == b"ba"
+            await first.finish()
+            first.cancel()
+            second = _call(pool, server, EXCHANGE, node_id="me")
+            await second.write(b"cd")
+            first.cancel()
+            assert await second.read() == b"dc"
+            await second.finish()
+            second.cancel()
+            assert len(server._conns) == 1
+        finally:
+            pool.close()
+            await server.stop()
+
+    run(main())
+
+
 def _raw(port: int, data: bytes) -> bytes:
     """Send ``data`` on a fresh connection; what came back before the server closed it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -232,10 +300,11 @@ def _raw(port: int, data: bytes) -> bytes:
     [
         b"GET / HTTP/1.1\r\n\r\n",  # not a hello
         bulk.MAGIC + (5000).to_bytes(2, "little"),  # a token longer than allowed
-        bulk.MAGIC + b"\x00\x00" + b"X" + struct.pack("<I", 0),  # an unknown frame kind
-        bulk.MAGIC + b"\x00\x00" + b"C" + struct.pack("<I", 1 << 30),  # a frame over the limit
-        bulk.MAGIC + b"\x00\x00" + b"D" + struct.pack("<I", 2) + b"hi",  # data before any call
-        bulk.MAGIC + b"\x00\x00" + b"C" + struct.pack("<I", 3) + b"abc",  # a call without its deadline
+        HELLO[:-1] + b"\x05abc",  # a node id cut short
+        HELLO + b"X" + struct.pack("<I", 0),  # an unknown frame kind
+        HELLO + b"C" + struct.pack("<I", 1 << 30),  # a frame over the limit
+        HELLO + b"D" + struct.pack("<I", 2) + b"hi",  # data before any call
+        HELLO + b"C" + struct.pack("<I", 3) + b"abc",  # a call without its deadline
     ],
 )
 def test_malformed_connections_are_closed_and_reach_no_method(data: bytes) -> None:
@@ -262,16 +331,12 @@ def test_a_nan_deadline_or_a_truncated_call_does_not_hang_the_server() -> None:
                 + struct.pack("<d", float("nan"))
                 + EXCHANGE.encode()
             )
-            back = await asyncio.to_thread(
-                _raw, server.port, bulk.MAGIC + b"\x00\x00" + call + b"E\x00\x00\x00\x00"
-            )
+            back = await asyncio.to_thread(_raw, server.port, HELLO + call + b"E\x00\x00\x00\x00")
             kind, n = struct.unpack_from("<BI", back)
             # A deadline of 0: the call ends at once, whichever way (an empty echo is done first).
             assert kind == bulk.STATUS and back[5 : 5 + n].split(b"\n")[0] in (b"OK", b"DEADLINE_EXCEEDED")
             before = calls.entered
-            await asyncio.to_thread(
-                _raw, server.port, bulk.MAGIC + b"\x00\x00" + b"D" + struct.pack("<I", 100)
-            )
+            await asyncio.to_thread(_raw, server.port, HELLO + b"D" + struct.pack("<I", 100))
             assert calls.entered == before
         finally:
             await server.stop()

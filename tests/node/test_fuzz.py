@@ -1166,7 +1166,7 @@ def bulk_call(bg: BackgroundNode, path: str, frames: Sequence[bytes], junk: byte
     assert bg.node._bulk is not None
     head = struct.Struct("<BI")
     with socket.create_connection(("127.0.0.1", bg.node._bulk.port), timeout=DEADLINE) as s:
-        out = [bulk.MAGIC + b"\x00\x00"]
+        out = [bulk.hello("", "")]
         if junk:
             out.append(junk)
         else:
