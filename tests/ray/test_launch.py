@@ -32,6 +32,10 @@ VICTIM = 3
 # Digits with the MLP: by 3 epochs 6 nodes' accuracy has settled to within a point or so.
 TRAIN = ["--nodes", str(NODES), "--epochs", "3", "--seed", "3", "--publish-every", "10"]
 TRAIN += ["--shard-bytes", "4096"]
+# Each step takes 0.1 s at least (a slower device): the kill must land mid-run. With exchanges
+# over the bulk port a node trained its 3 epochs in about a second, and the victim could be done
+# before its SIGKILL, the launcher too before it noticed.
+TRAIN += ["--min-step-time", "0.1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
