@@ -91,7 +91,7 @@ class Conn:
         self.partial = False  # a frame is half read or half written
         self._moved = 0  # bytes read and sent since this connection last yielded
 
-    async def _recv_exact(self, view: memoryview) -> None:
+    async def recv_exact(self, view: memoryview) -> None:
         got, n = 0, len(view)
         while got < n:
             k = await self.loop.sock_recv_into(self.sock, view[got:])
@@ -100,7 +100,7 @@ class Conn:
             got += k
 
     async def read_frame(self) -> tuple[int, bytes | memoryview]:
-        await self._recv_exact(memoryview(self._head))
+        await self.recv_exact(memoryview(self._head))
         kind, n = _FRAME.unpack(self._head)
         if kind not in _KINDS:
             raise BadFrame(f"unknown frame kind {kind}")
@@ -109,11 +109,11 @@ class Conn:
         self.partial = True  # until the body is in: a cancel now leaves the stream out of step
         if n <= SMALL_FRAME:
             small = bytearray(n)
-            await self._recv_exact(memoryview(small))
+            await self.recv_exact(memoryview(small))
             self.partial = False
             return kind, bytes(small)
         big = np.empty(n, dtype=np.uint8).data  # not zeroed: every byte is read into
-        await self._recv_exact(big)
+        await self.recv_exact(big)
         self.partial = False
         await self._fair(n)
         return kind, big
@@ -158,15 +158,7 @@ class Conn:
 
     def alive(self) -> bool:
         """Whether an idle connection still stands (nothing unread, not closed by the server)."""
-        if self.closed:
-            return False
-        try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # end of file, or stray bytes
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False
+        return not self.closed and not self.readable()
 
 
 def status_frame(code: str, message: str) -> bytes:

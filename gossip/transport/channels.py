@@ -47,6 +47,12 @@ BULK_METHODS = frozenset(
 TOKEN_HEADER = "authorization"  # the metadata key of the token (gossip.transport.security)
 TOKEN_SCHEME = "Bearer "
 
+
+def token_of(metadata: Sequence[tuple[str, str]]) -> str:
+    """The token value ``metadata`` carries (``Bearer …``), '' for none."""
+    return next((v for k, v in metadata if k == TOKEN_HEADER), "")
+
+
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),
     ("grpc.max_receive_message_length", MESSAGE_LIMIT),
@@ -160,13 +166,10 @@ class Channels:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.pacer = pacer  # paces every request this side sends (``--max-send-rate``)
         self.bulk = bulk
-        self._bulk_ports: dict[str, tuple[int, str]] = {}  # address -> (its bulk port or 0, its node id)
+        self._bulk_ports: dict[str, Where] = {}  # address -> its bulk port (port 0: none)
         self._bulk_asked: dict[str, float] = {}  # address -> when it was last asked
         self._asking: set[asyncio.Task[None]] = set()
-        self._pool = BulkPool(self._token())
-
-    def _token(self) -> str:
-        return next((v for k, v in self._metadata if k == TOKEN_HEADER), "")
+        self._pool = BulkPool(token_of(self._metadata))
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -181,7 +184,7 @@ class Channels:
             raise RuntimeError("Channels.secure() after channels were opened")
         self._credentials = credentials
         self._metadata = tuple(metadata)
-        self._pool.token = self._token()
+        self._pool.token = token_of(self._metadata)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -214,18 +217,16 @@ class Channels:
     def bulk_port(self, address: str) -> int | None:
         """The bulk port ``address`` named (0: none), None while it is not known."""
         known = self._bulk_ports.get(address)
-        return known[0] if known is not None else None
+        return known[1] if known is not None else None
 
     def _bulk(self, address: str, method: str) -> Where | None:
         """Where a ``method`` call to ``address`` goes over plain TCP, or None (gRPC)."""
         if not self.bulk or self._credentials is not None or method not in BULK_METHODS:
             return None
         known = self._bulk_ports.get(address)
-        if known is None or not known[0]:
-            if known is None:
-                self._ask(address)
-            return None
-        return address.rpartition(":")[0].strip("[]"), known[0], known[1]
+        if known is None:
+            self._ask(address)
+        return known if known is not None and known[1] else None
 
     def _ask(self, address: str, now: bool = False) -> asyncio.Task[None] | None:
         """Ask ``address`` for its bulk port in the background, unless it was asked lately."""
@@ -245,23 +246,22 @@ class Channels:
         except (PeerError, ValueError) as exc:
             log.debug("could not ask %s for its bulk port: %s", address, exc)
             return
-        port = status.bulk_port
+        host, port = address.rpartition(":")[0].strip("[]"), status.bulk_port
         if port:
             # The port must be reachable from here too (a relay or a firewall may pass only the
             # gRPC port): one connection, kept for the first call. Its hello names the node
             # whose port it is, so a port another process took meanwhile refuses us.
-            where = (address.rpartition(":")[0].strip("[]"), port, status.node_id)
             try:
                 async with asyncio.timeout(BULK_ASK_TIMEOUT):
-                    conn = await self._pool.acquire(where)
+                    conn = await self._pool.acquire((host, port, status.node_id))
             except (OSError, TimeoutError) as exc:
                 log.info(
                     "bulk port %d of %s cannot be reached (%s): its calls stay on gRPC", port, address, exc
                 )
                 port = 0
             else:
-                self._pool.release(where, conn)
-        self._bulk_ports[address] = (port, status.node_id)
+                self._pool.release((host, port, status.node_id), conn)
+        self._bulk_ports[address] = (host, port, status.node_id)
 
     async def learn_bulk(self, addresses: Iterable[str], timeout: float = BULK_ASK_TIMEOUT) -> None:
         """Ask the peers at ``addresses`` for their bulk ports now, together (a rebuild, which
