@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -123,49 +123,70 @@ class Runs:
 
     A node whose snapshot *is* the frames it sends (no copy besides the frames)
     reads its own values back from them: :meth:`of_chunks` takes the chunk bytes
-    (read-only views; cut per segment, whole elements each, in order).
+    (read-only views; cut per segment, whole elements each, in order), each one
+    asked for only when its values are first read (a snapshot taken frame by frame
+    as it is sent has not taken the frames it has not sent yet).
     """
 
     def __init__(self, runs: list[list[torch.Tensor]]) -> None:
-        self._runs = runs
-        self._starts: list[list[int]] = []
-        for pieces in runs:
-            starts, at = [], 0
-            for t in pieces:
-                starts.append(at)
-                at += t.numel()
-            self._starts.append(starts)
+        self._runs: list[list[torch.Tensor | None]] = [list(pieces) for pieces in runs]
+        self._chunk: Callable[[int], memoryview] | None = None
+        self._first: list[int] = [0] * len(runs)  # segment i's first chunk (of_chunks)
+        self._dtypes: list[torch.dtype] = []
+        self._starts = [self._offsets([t.numel() for t in pieces]) for pieces in runs]
+
+    @staticmethod
+    def _offsets(sizes: Sequence[int]) -> list[int]:
+        starts, at = [], 0
+        for n in sizes:
+            starts.append(at)
+            at += n
+        return starts
 
     @classmethod
     def of(cls, flat: FlatParams) -> Runs:
         return cls([[s] for s in flat])
 
     @classmethod
-    def of_chunks(cls, layout: Layout, chunks: Sequence[memoryview]) -> Runs:
-        runs: list[list[torch.Tensor]] = []
-        it = iter(chunks)
-        with warnings.catch_warnings():  # the chunks are immutable bytes; they are only ever read
-            warnings.simplefilter("ignore", UserWarning)
-            for dt, n in layout.segments.items():
-                pieces, have = [], 0
-                while have < n:
-                    t = torch.frombuffer(next(it), dtype=DTYPES[dt])
-                    pieces.append(t)
-                    have += t.numel()
-                runs.append(pieces)
-        return cls(runs)
+    def of_chunks(cls, layout: Layout, chunk: Callable[[int], memoryview], lengths: Sequence[int]) -> Runs:
+        """Runs over chunks ``chunk(0), chunk(1), …`` of ``lengths`` bytes each, asked for when first read."""
+        runs = cls([])
+        at = 0
+        for dt, n in layout.segments.items():
+            size = DTYPES[dt].itemsize
+            first, have = at, 0
+            while have < n:
+                have += lengths[at] // size
+                at += 1
+            runs._first.append(first)
+            runs._dtypes.append(DTYPES[dt])
+            runs._runs.append([None] * (at - first))
+            runs._starts.append(cls._offsets([lengths[k] // size for k in range(first, at)]))
+        runs._chunk = chunk
+        return runs
+
+    def _piece(self, i: int, k: int) -> torch.Tensor:
+        piece = self._runs[i][k]
+        if piece is None:
+            assert self._chunk is not None
+            with warnings.catch_warnings():  # the chunks are immutable bytes; they are only ever read
+                warnings.simplefilter("ignore", UserWarning)
+                piece = torch.frombuffer(self._chunk(self._first[i] + k), dtype=self._dtypes[i])
+            self._runs[i][k] = piece
+        return piece
 
     def pieces(self, i: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first element, values)`` of each run of segment ``i``, in order."""
-        return zip(self._starts[i], self._runs[i], strict=True)
+        for k, first in enumerate(self._starts[i]):
+            yield first, self._piece(i, k)
 
     def sub(self, i: int, start: int, stop: int, other: torch.Tensor, out: torch.Tensor) -> None:
         """``out[start:stop] = other - own[start:stop]`` for segment ``i`` (``other`` holds that range)."""
-        starts, pieces = self._starts[i], self._runs[i]
+        starts = self._starts[i]
         k = bisect_right(starts, start) - 1
         pos = start
         while pos < stop:
-            first, piece = starts[k], pieces[k]
+            first, piece = starts[k], self._piece(i, k)
             end = min(stop, first + piece.numel())
             torch.sub(other[pos - start : end - start], piece[pos - first : end - first], out=out[pos:end])
             pos = end

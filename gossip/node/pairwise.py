@@ -247,7 +247,8 @@ async def answer(party: Party, stream: FrameStream) -> None:
         raise Refused("INVALID_ARGUMENT", "a compressed exchange's first header announces no length")
     codec = header.codec
     slot = party.slot
-    # The snapshot is taken now, whole: the answer starts at once, beside the payload.
+    # The snapshot is taken frame by frame as the answer goes out (ExchangeSlot.claim_incoming):
+    # the answer starts at once, beside the payload.
     if not slot.claim_incoming(party.running(), framed=party.pipeline.streams(codec)):
         party.stats.exchanges_declined += 1
         await stream.write(header_to_frame(party.header(codec, outcome="busy")))
@@ -317,6 +318,9 @@ async def _serve(
             await stream.write(f)
 
     sender = asyncio.ensure_future(send())
+    # The answer's header and first frame go out before the payload is read: a read that
+    # finds data waiting does not yield, and the answer would wait behind the payload.
+    await asyncio.sleep(0)
     try:
         if asked is not None:
             second = read_length_header(await stream.read(), asked)

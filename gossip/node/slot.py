@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from gossip.core.params import FlatParams
 from gossip.core.pipeline import Runs
@@ -45,6 +45,43 @@ class _InFlight:
         return self.active and step - self.since >= max_lag
 
 
+class Frames:
+    """A snapshot held as the chunk frames it is sent in (the frame bytes are the snapshot: one copy).
+
+    ``lazy``: frame ``k`` is copied from the live model when it is first needed
+    (sent, or read back for the delta), so a callee's answer starts at once instead
+    of after a copy of the whole model. Either way each element's snapshot value is
+    what was sent, and the delta is formed from exactly that value, so the exchange
+    keeps the sum of the models exact (a callee's snapshot was never atomic with the
+    training thread's step either: that thread steps without the slot's lock).
+    """
+
+    def __init__(self, views: list[memoryview], lazy: bool) -> None:
+        self._views = views  # the model's bytes, cut into chunks (views, no copies)
+        self._frames: list[bytes | None] = [None] * len(views)
+        self.lengths = [len(v) for v in views]  # each frame's chunk bytes
+        if not lazy:
+            for k in range(len(views)):
+                self[k]
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __getitem__(self, k: int) -> bytes:
+        frame = self._frames[k]
+        if frame is None:
+            frame = self._frames[k] = chunk_frame(self._views[k])
+        return frame
+
+    def __iter__(self) -> Iterator[bytes]:
+        for k in range(len(self._frames)):
+            yield self[k]
+
+    def chunk(self, k: int) -> memoryview:
+        """Frame ``k``'s chunk bytes (taking the frame if it was not yet)."""
+        return chunk_from_frame(self[k])
+
+
 class ExchangeSlot:
     """Who holds the node's one exchange, the buffers it uses, and the mailbox of results.
 
@@ -59,7 +96,7 @@ class ExchangeSlot:
         # frame_bytes > 0: an own snapshot is taken as the chunk frames it is sent in
         # (one copy, which is the snapshot; none when sending); see ``claim_own``.
         self.frame_bytes = frame_bytes if frame_bytes % 8 == 0 else 0
-        self.frames: list[bytes] | None = None  # the holder's snapshot as frames, when taken so
+        self.frames: Frames | None = None  # the holder's snapshot as frames, when taken so
         # The holder's snapshot of its own model when taken as a copy (allocated on first use).
         self._snap: FlatParams | None = None
         self.recv = FlatParams.zeros(flat.layout)  # the holder's receive buffer (becomes the delta)
@@ -84,7 +121,7 @@ class ExchangeSlot:
     def own_values(self) -> FlatParams | Runs:
         """What the holder's snapshot holds: its frames' values, or the copy."""
         if self.frames is not None:
-            return Runs.of_chunks(self.flat.layout, [chunk_from_frame(f) for f in self.frames])
+            return Runs.of_chunks(self.flat.layout, self.frames.chunk, self.frames.lengths)
         return self.snap
 
     def own_runs(self) -> Runs:
@@ -92,10 +129,11 @@ class ExchangeSlot:
         own = self.own_values()
         return own if isinstance(own, Runs) else Runs.of(own)
 
-    def _take(self, framed: bool) -> None:
-        """Take the snapshot (the lock held): as frames ready to send, or as a copy."""
+    def _take(self, framed: bool, lazy: bool = False) -> None:
+        """Take the snapshot (the lock held): as frames ready to send (``lazy``: each as it is needed,
+        see :class:`Frames`), or as a copy."""
         if framed and self.frame_bytes:
-            self.frames = [chunk_frame(c) for c in iter_chunks(self.flat.byte_views(), self.frame_bytes)]
+            self.frames = Frames(iter_chunks(self.flat.byte_views(), self.frame_bytes), lazy)
         else:
             self.frames = None
             self.snap.copy_(self.flat)
@@ -144,14 +182,15 @@ class ExchangeSlot:
             return True
 
     def claim_incoming(self, running: bool, framed: bool) -> bool:
-        """Take the slot for an exchange a peer started, snapshot included (as frames when ``framed``
-        and the slot keeps frames, else as a copy); False if busy or not running."""
+        """Take the slot for an exchange a peer started, snapshot included (as frames, each taken as it
+        is needed, when ``framed`` and the slot keeps frames, else as a copy now); False if busy or
+        not running."""
         with self.lock:
             if self._busy or not running:
                 return False
             self._busy = True
             self._incoming.begin(self.step)
-            self._take(framed)
+            self._take(framed, lazy=True)
             return True
 
     def release(self) -> None:

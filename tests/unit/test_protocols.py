@@ -13,7 +13,7 @@ from gossip.config import GossipConfig
 from gossip.core import averaging
 from gossip.core.membership import MemberRecord
 from gossip.core.params import FlatParams
-from gossip.core.pipeline import Pipeline, Stage
+from gossip.core.pipeline import Pipeline, Runs, Stage
 from gossip.node import pairwise, pushsum
 from gossip.node.memory import MemoryCall, memory_call
 from gossip.node.protocol import MAX_BUSY_BACKOFF, FrameStream, Party
@@ -101,6 +101,39 @@ def test_snapshots_kept_as_frames_give_the_exact_delta(a_chunk: int, b_chunk: in
     assert torch.equal(values(a), xa + averaging.pairwise_delta(xa, xb))
     assert torch.equal(values(b), xb + averaging.pairwise_delta(xb, xa))
     assert a.slot.frames is None and b.slot.frames is None  # released with the slot
+
+
+def test_a_callee_takes_each_frame_of_its_snapshot_when_it_is_first_needed() -> None:
+    """The callee's answer starts without a copy of the whole model: frame k is copied when it
+    is sent or read back for the delta, so a step between two frames shows in the later ones,
+    and the delta is formed from exactly what was sent (the sum stays exact)."""
+    b = party("b", [3.0] * 3000, frame_bytes=4096)  # 3 frames: 1024, 1024 and 952 floats
+    asked: list[int] = []
+    assert b.slot.claim_incoming(running=True, framed=True)
+    held = b.slot.frames
+    assert held is not None and len(held) == 3
+    own = b.slot.own_values()
+    assert isinstance(own, Runs)
+    first = bytes(held.chunk(0))  # sent: taken now
+    values(b).add_(1.0)  # a training step of the callee, between its first and second frame
+    sent = torch.frombuffer(
+        bytearray(first + bytes(held.chunk(1)) + bytes(held.chunk(2))), dtype=torch.float32
+    )
+    assert torch.equal(sent[:1024], torch.full((1024,), 3.0))  # taken before the step
+    assert torch.equal(sent[1024:], torch.full((1976,), 4.0))  # taken after it
+    other = torch.full((3000,), 1.0)
+    change = b.pipeline.pairwise(own, b.slot.recv, "a", "raw")
+    change.receiver.write(memoryview(other.numpy()).cast("B"))
+    change.receiver.finish()
+    assert torch.equal(change.delta().segments["float32"], other - sent)  # exactly what was sent
+
+    lazy = Runs.of_chunks(b.flat.layout, lambda k: asked.append(k) or held.chunk(k), held.lengths)
+    assert asked == []  # nothing asked for until a value is read
+    out = torch.empty(3000)
+    lazy.sub(0, 1024, 2048, other[1024:2048], out)
+    assert asked == [1] and torch.equal(out[1024:2048], torch.full((1024,), -3.0))
+    b.slot.release()
+    assert b.slot.frames is None
 
 
 def test_a_busy_callee_declines_and_nothing_moves() -> None:
