@@ -318,10 +318,11 @@ async def _serve(
             await stream.write(f)
 
     sender = asyncio.ensure_future(send())
-    # The answer's header and first frame go out before the payload is read: a read that
-    # finds data waiting does not yield, and the answer would wait behind the payload.
-    await asyncio.sleep(0)
     try:
+        # The answer's header and first frame go out before the payload is read: a read that
+        # finds data waiting does not yield, and the answer would wait behind the payload.
+        # (Inside the try: a cancel here must stop the sender too.)
+        await asyncio.sleep(0)
         if asked is not None:
             second = read_length_header(await stream.read(), asked)
             change.accept(second.total_bytes, second.pair_round)

@@ -136,6 +136,41 @@ def test_a_callee_takes_each_frame_of_its_snapshot_when_it_is_first_needed() -> 
     assert b.slot.frames is None
 
 
+def test_an_answer_cancelled_as_it_starts_stops_its_sender() -> None:
+    """A deadline or a stopping server can cancel the answer the moment it has started its
+    sending task; that task must end with it (nothing written after the call is over)."""
+
+    class Stream:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        async def read(self) -> bytes | None:
+            await asyncio.Event().wait()  # the caller's payload never comes
+            return None
+
+        async def write(self, frame: bytes) -> None:
+            self.written.append(frame)
+            await asyncio.sleep(0)
+
+    async def main() -> tuple[int, int, int]:
+        before = asyncio.all_tasks()
+        b = party("b", [3.0] * 3000, frame_bytes=4096)
+        assert b.slot.claim_incoming(running=True, framed=True)
+        change = b.pipeline.pairwise(b.slot.own_values(), b.slot.recv, "a", "raw")
+        stream = Stream()
+        task = asyncio.ensure_future(pairwise._serve(b, stream, change, dict, None))
+        await asyncio.sleep(0)  # the answer has started its sender and yields once
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        at_cancel = len(stream.written)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return at_cancel, len(stream.written), len(asyncio.all_tasks() - before - {task})
+
+    at_cancel, later, others = run(main())
+    assert later == at_cancel and others == 0
+
+
 def test_a_busy_callee_declines_and_nothing_moves() -> None:
     async def main() -> tuple[Party, Party, str]:
         a, b = party("a", [1.0] * 8), party("b", [3.0] * 8)
