@@ -219,14 +219,33 @@ class Channels:
         known = self._bulk_ports.get(address)
         return known[1] if known is not None else None
 
-    def _bulk(self, address: str, method: str) -> Where | None:
-        """Where a ``method`` call to ``address`` goes over plain TCP, or None (gRPC)."""
-        if not self.bulk or self._credentials is not None or method not in BULK_METHODS:
+    @property
+    def _plain(self) -> bool:
+        """Whether bulk calls may go over plain TCP at all (bulk on, no TLS)."""
+        return self.bulk and self._credentials is None
+
+    def _bulk_call(
+        self, address: str, method: str, timeout: float, request: bytes | None = None, upload: bool = False
+    ) -> BulkCall | None:
+        """A ``method`` call to ``address`` over its bulk port, or None (it goes over gRPC)."""
+        if not self._plain or method not in BULK_METHODS:
             return None
         known = self._bulk_ports.get(address)
         if known is None:
             self._ask(address)
-        return known if known is not None and known[1] else None
+        if known is None or not known[1]:
+            return None
+        return BulkCall(
+            self._pool,
+            address,
+            known,
+            method,
+            timeout,
+            self.pacer,
+            request,
+            lost=self.bulk_lost,
+            upload=upload,
+        )
 
     def _ask(self, address: str, now: bool = False) -> asyncio.Task[None] | None:
         """Ask ``address`` for its bulk port in the background, unless it was asked lately."""
@@ -266,7 +285,7 @@ class Channels:
     async def learn_bulk(self, addresses: Iterable[str], timeout: float = BULK_ASK_TIMEOUT) -> None:
         """Ask the peers at ``addresses`` for their bulk ports now, together (a rebuild, which
         calls each owner once, would otherwise make every call before it knows)."""
-        if not self.bulk or self._credentials is not None:
+        if not self._plain:
             return
         asked = [self._ask(a, now=True) for a in set(addresses) if a not in self._bulk_ports]
         tasks = [t for t in asked if t is not None]
@@ -279,25 +298,21 @@ class Channels:
 
     def stream(self, address: str, method: str, timeout: float) -> Stream:
         """Open a bidirectional call: the caller writes frames and reads the answer's."""
-        if (bulk := self._bulk(address, method)) is not None:
-            return BulkCall(self._pool, address, bulk, method, timeout, self.pacer, lost=self.bulk_lost)
+        if (bulk := self._bulk_call(address, method, timeout)) is not None:
+            return bulk
         call = self.channel(address).stream_stream(method)(timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)
 
     def upload(self, address: str, method: str, timeout: float) -> Stream:
         """Open a client-streaming call: write frames, ``done_writing``, then ``response``."""
-        if (bulk := self._bulk(address, method)) is not None:
-            return BulkCall(
-                self._pool, address, bulk, method, timeout, self.pacer, lost=self.bulk_lost, upload=True
-            )
+        if (bulk := self._bulk_call(address, method, timeout, upload=True)) is not None:
+            return bulk
         call = self.channel(address).stream_unary(method)(timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)
 
     def download(self, address: str, method: str, request: bytes, timeout: float) -> Stream:
         """Open a server-streaming call with one encoded request; read its frames."""
-        if (bulk := self._bulk(address, method)) is not None:
-            return BulkCall(
-                self._pool, address, bulk, method, timeout, self.pacer, request=request, lost=self.bulk_lost
-            )
+        if (bulk := self._bulk_call(address, method, timeout, request=request)) is not None:
+            return bulk
         call = self.channel(address).unary_stream(method)(request, timeout=timeout, metadata=self._metadata)
         return CallStream(call, address, self.pacer)
