@@ -166,7 +166,9 @@ def _exchange_line(s: dict[str, Any]) -> str:
 def status_text(s: dict[str, Any]) -> str:
     state = "resting" if s.get("resting") else "training" if s.get("training") else "serving"
     lines = [
-        f"node        {s['node_id']} at {s['address']} ({s['phase']}, {state})",
+        f"node        {s['node_id']} at {s['address']}"
+        + (f", bulk port {s['bulk_port']}" if s.get("bulk_port") else ", no bulk port")
+        + f" ({s['phase']}, {state})",
         f"rank        {s['rank']}  topology {s['topology']}  strategy {s['strategy']}"
         + (f"  pipeline {s['pipeline']}" if s.get("pipeline") else ""),
         f"step        {s['step']}  parameters {s['parameters']}  weight {s['weight']:.4g}",

@@ -62,8 +62,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.enable_retries", 0),
 ]
 
-# How often a peer is asked for its bulk port again after it named none (or could not be asked).
+# How often a peer is asked for its bulk port again after it named none, or named one that
+# cannot be reached from here. A peer that could not be asked at all (down, restarting) is
+# asked again sooner: after 1 s, then twice as long each time, up to this.
 BULK_ASK_AGAIN = 30.0
+BULK_ASK_FIRST_RETRY = 1.0
 BULK_ASK_TIMEOUT = 5.0
 BULK_LEARN_WAIT = 2.0  # seconds a rebuild waits for its owners' bulk ports, at most
 
@@ -167,7 +170,9 @@ class Channels:
         self.pacer = pacer  # paces every request this side sends (``--max-send-rate``)
         self.bulk = bulk
         self._bulk_ports: dict[str, Where] = {}  # address -> its bulk port (port 0: none)
-        self._bulk_asked: dict[str, float] = {}  # address -> when it was last asked
+        self._bulk_next: dict[str, float] = {}  # address -> when it may be asked again
+        self._bulk_retry: dict[str, float] = {}  # address -> the wait after its next failed ask
+        self.ask_again = BULK_ASK_AGAIN
         self._asking: set[asyncio.Task[None]] = set()
         self._pool = BulkPool(token_of(self._metadata))
 
@@ -231,9 +236,8 @@ class Channels:
         if not self._plain or method not in BULK_METHODS:
             return None
         known = self._bulk_ports.get(address)
-        if known is None:
-            self._ask(address)
         if known is None or not known[1]:
+            self._ask(address)  # unless it was asked lately
             return None
         return BulkCall(
             self._pool,
@@ -250,9 +254,9 @@ class Channels:
     def _ask(self, address: str, now: bool = False) -> asyncio.Task[None] | None:
         """Ask ``address`` for its bulk port in the background, unless it was asked lately."""
         t = time.monotonic()
-        if not now and t - self._bulk_asked.get(address, -BULK_ASK_AGAIN) < BULK_ASK_AGAIN:
+        if not now and t < self._bulk_next.get(address, t):
             return None
-        self._bulk_asked[address] = t
+        self._bulk_next[address] = t + self.ask_again  # until the answer says otherwise
         task = asyncio.ensure_future(self._learn(address))
         self._asking.add(task)
         task.add_done_callback(self._asking.discard)
@@ -263,8 +267,11 @@ class Channels:
             reply = await self.unary(address, GOSSIP + "Status", b"", BULK_ASK_TIMEOUT)
             status = serde.status_from_bytes(reply)
         except (PeerError, ValueError) as exc:
-            log.debug("could not ask %s for its bulk port: %s", address, exc)
+            # Down or restarting: asked again soon, then less and less often.
+            wait = self._put_off(address)
+            log.debug("could not ask %s for its bulk port (again in %.0f s): %s", address, wait, exc)
             return
+        self._bulk_retry.pop(address, None)
         host, port = address.rpartition(":")[0].strip("[]"), status.bulk_port
         if port:
             # The port must be reachable from here too (a relay or a firewall may pass only the
@@ -293,8 +300,17 @@ class Channels:
             await asyncio.wait(tasks, timeout=min(timeout, BULK_LEARN_WAIT))
 
     def bulk_lost(self, address: str) -> None:
-        """A bulk port could not be reached: back to gRPC for ``address`` until it is asked again."""
+        """A bulk port could not be reached: back to gRPC for ``address`` until it is asked again,
+        soon (a peer that restarts on the same ports is called there again within seconds)."""
         self._bulk_ports.pop(address, None)
+        self._put_off(address)
+
+    def _put_off(self, address: str) -> float:
+        """The next ask of ``address`` after 1 s, then twice as long each time (until one answers)."""
+        wait = self._bulk_retry.get(address, BULK_ASK_FIRST_RETRY)
+        self._bulk_retry[address] = min(2 * wait, self.ask_again)
+        self._bulk_next[address] = time.monotonic() + wait
+        return wait
 
     def stream(self, address: str, method: str, timeout: float) -> Stream:
         """Open a bidirectional call: the caller writes frames and reads the answer's."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
+from gossip.cli.output import status_text
 from gossip.config import ConfigError, GossipConfig, NodeConfig, SecurityConfig, chunk_bytes_for
 from gossip.core.errors import PeerError, Refused
 from gossip.core.params import FlatParams, Layout
@@ -329,6 +330,7 @@ def test_nodes_exchange_over_the_bulk_port_once_they_know_it() -> None:
         try:
             status = await fetch_status(b.address, timeout=5.0)
             assert status["bulk_port"] == b._bulk.port != 0  # type: ignore[union-attr]
+            assert f"at {b.address}, bulk port {status['bulk_port']} (" in status_text(status)
             assert await a.wait_for_members(2, 10.0)
             peer = next(m for m in a.neighbours() if m.node_id == "b")
             for _ in range(100):  # the first call asks b for its port
@@ -386,11 +388,83 @@ def test_a_peer_whose_bulk_port_is_gone_is_called_over_grpc_again() -> None:
     run(main())
 
 
+async def _learned(channels: Channels, address: str, port: int, within: float) -> bool:
+    """Whether ``channels`` sends bulk calls to ``address``'s ``port`` within ``within`` s of calls."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while loop.time() < end:
+        call = channels.stream(address, EXCHANGE, 2.0)  # a call asks, unless it asked lately
+        call.cancel()
+        if channels.bulk_port(address) == port:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def test_a_peer_back_on_its_ports_is_called_there_again_within_seconds() -> None:
+    async def main() -> None:
+        b = await Node.create(_flat(3.0, 1000), NodeConfig(node_id="b"))
+        address = b.address
+        assert b._bulk is not None
+        port = b._bulk.port
+        channels = Channels()  # asks again after a minute if the peer names no port or a closed one
+        channels.ask_again = 60.0
+        again: Node | None = None
+        try:
+            assert await _learned(channels, address, port, 10.0)
+            await b.stop(leave=False)  # down: the next bulk call fails before a word
+            call = channels.stream(address, EXCHANGE, 2.0)
+            assert isinstance(call, BulkCall)
+            with pytest.raises(PeerError):
+                await call.write(b"x")
+            call.cancel()
+            assert channels.bulk_port(address) is None
+            assert await _learned(channels, address, port, 1.5) is False  # still down: asks fail
+            again = await Node.create(
+                _flat(3.0, 1000), NodeConfig(node_id="b", listen=address, bulk_port=port)
+            )
+            assert again.address == address
+            # Asked again 1 s after the lost call, then 2 s, 4 s...: well within the minute.
+            assert await _learned(channels, address, port, 10.0)
+        finally:
+            await channels.close()
+            await (again or b).stop(leave=False)  # stopping twice is a no-op
+
+    run(main())
+
+
+def test_a_peer_that_named_no_bulk_port_is_asked_again() -> None:
+    async def main() -> None:
+        b = await Node.create(_flat(3.0, 1000), NodeConfig(node_id="b", bulk_port=-1))
+        address = b.address
+        channels = Channels()
+        channels.ask_again = 0.5
+        again: Node | None = None
+        try:
+            call = channels.stream(address, EXCHANGE, 2.0)  # over gRPC; it asks
+            call.cancel()
+            for _ in range(100):
+                if channels.bulk_port(address) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert channels.bulk_port(address) == 0
+            await b.stop(leave=False)
+            again = await Node.create(_flat(3.0, 1000), NodeConfig(node_id="b", listen=address))
+            assert again._bulk is not None
+            assert await _learned(channels, address, again._bulk.port, 10.0)
+        finally:
+            await channels.close()
+            await (again or b).stop(leave=False)
+
+    run(main())
+
+
 def test_bulk_port_off_tls_and_bad_ports() -> None:
     async def main() -> None:
         n = await Node.create(_flat(1.0, 10), NodeConfig(bulk_port=-1))
         try:
-            assert (await fetch_status(n.address, timeout=5.0))["bulk_port"] == 0
+            status = await fetch_status(n.address, timeout=5.0)
+            assert status["bulk_port"] == 0 and f"at {n.address}, no bulk port (" in status_text(status)
             assert not n.channels.bulk
         finally:
             await n.stop(leave=False)
