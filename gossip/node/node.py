@@ -262,10 +262,11 @@ class Node:
         log.info("node %s stopped", self.node_id)
 
     async def _stop_serving(self, grace: float) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
+        """Both ports at once: calls in flight on either get the same ``grace``."""
+        stopping = [self._server.stop(grace)] if self._server is not None else []
         if self._bulk is not None:
-            await self._bulk.stop()
+            stopping.append(self._bulk.stop(grace))
+        await asyncio.gather(*stopping)
         await self.channels.close()
         self.phase = "stopped"
 

@@ -94,6 +94,8 @@ class BulkServer:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._in_call: set[asyncio.Task[None]] = set()  # connections serving a call now
+        self._stopping = False
         self.port = 0
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -131,7 +133,10 @@ class BulkServer:
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop serving, as gRPC's ``server.stop(grace)``: no new connections or calls; calls in
+        flight get ``grace`` seconds to end, then they are cancelled; idle connections close now."""
+        self._stopping = True
         if self._accepting is not None:
             self._accepting.cancel()
             await asyncio.gather(self._accepting, return_exceptions=True)
@@ -139,6 +144,12 @@ class BulkServer:
             self._listener.close()
         tasks = list(self._conns)
         for t in tasks:
+            if t not in self._in_call:
+                t.cancel()
+        busy = [t for t in tasks if not t.done() and t in self._in_call]
+        if busy and grace > 0:
+            await asyncio.wait(busy, timeout=grace)
+        for t in busy:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -163,6 +174,8 @@ class BulkServer:
         return ""
 
     async def _serve(self, conn: Conn) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         try:
             self._greeting += 1
             try:
@@ -183,11 +196,16 @@ class BulkServer:
                 (remaining,) = DEADLINE.unpack_from(body)
                 path = bytes(body[DEADLINE.size :]).decode("utf-8", "replace")
                 call = _ServerCall(conn, self._pacer)
-                code, message = await self._run(path, remaining, call)
-                if conn.partial:  # a frame cut by the call's deadline: the stream is out of step
-                    return
-                await conn.write_frame(STATUS, status_frame(code, message))
-                if not await self._drain(call):
+                # In a call until its status is out: a stopping server gives it its grace.
+                self._in_call.add(me)
+                try:
+                    code, message = await self._run(path, remaining, call)
+                    if conn.partial:  # a frame cut by the call's deadline: the stream is out of step
+                        return
+                    await conn.write_frame(STATUS, status_frame(code, message))
+                finally:
+                    self._in_call.discard(me)
+                if not await self._drain(call) or self._stopping:
                     return
         except (OSError, TimeoutError) as exc:  # a bad frame is an OSError too (BadFrame)
             log.debug("bulk connection ended: %s", exc)

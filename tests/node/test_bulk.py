@@ -54,6 +54,8 @@ class Calls:
                     raise Refused("FAILED_PRECONDITION", "told to refuse")
                 if bytes(frame) == b"stall":
                     await asyncio.sleep(60)
+                if bytes(frame) == b"slow":
+                    await asyncio.sleep(1.0)
                 await stream.write(bytes(frame)[::-1])
 
         async def total(stream: ServerStream) -> bytes:  # Push: the bytes' count
@@ -176,6 +178,52 @@ def test_deadlines_end_a_stalled_call_on_both_sides() -> None:
                     break
                 await asyncio.sleep(0.1)
             assert not server._conns
+
+    run(main())
+
+
+def test_a_stopping_server_lets_calls_in_flight_end_within_its_grace() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with served() as (calls, server, pool):
+            first = [_call(pool, server, EXCHANGE) for _ in range(2)]  # two connections at once
+            for c in first:
+                await c.write(b"ab")
+                assert await c.read() == b"ba"
+            for c in first:
+                await c.finish()
+                c.cancel()
+            call = _call(pool, server, EXCHANGE)  # on one of them; the other stays idle
+            await call.write(b"slow")  # answered 1 s later
+            while calls.entered < 3:
+                await asyncio.sleep(0.01)
+            assert len(server._conns) == 2 and len(server._in_call) == 1
+            t0 = loop.time()
+            stopping = asyncio.ensure_future(server.stop(grace=5.0))
+            while len(server._conns) > 1:  # the idle connection closes at once...
+                await asyncio.sleep(0.01)
+            assert len(server._in_call) == 1  # ...while the call is still in flight
+            assert await call.read() == b"wols"  # the call in flight is answered...
+            await call.finish()  # ...and ends with OK
+            call.cancel()
+            await stopping  # once it ended, not after the whole grace
+            assert loop.time() - t0 < 3.0 and not server._conns
+            with pytest.raises(PeerError):  # no new connections
+                late = _call(pool, server, EXCHANGE)
+                await late.write(b"x")
+                await late.read()
+
+        async with served() as (calls, server, pool):
+            call = _call(pool, server, EXCHANGE)
+            await call.write(b"stall")
+            while calls.entered < 1:
+                await asyncio.sleep(0.01)
+            t0 = loop.time()
+            await server.stop(grace=0.3)  # a call that does not end is cancelled after the grace
+            assert 0.25 < loop.time() - t0 < 3.0 and not server._conns
+            with pytest.raises(PeerError):
+                await call.read()
+            call.cancel()
 
     run(main())
 
