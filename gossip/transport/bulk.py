@@ -252,7 +252,9 @@ class BulkCall:
     fails the next write), not after the whole payload. Every failure is a
     :class:`~gossip.core.errors.PeerError`; the whole call has one deadline. A call that
     fails before the server said anything (no connection, a closed one, a deadline)
-    calls ``lost``: the caller goes back to gRPC for that peer until it is asked again.
+    calls ``lost``: the caller goes back to gRPC for that peer until it is asked again;
+    the server's first frame calls ``heard`` (the port works). Both get the address and
+    the port the call went to.
     """
 
     def __init__(
@@ -264,11 +266,13 @@ class BulkCall:
         timeout: float,
         pacer: SendPacer | None = None,
         request: bytes | None = None,
-        lost: Callable[[str], None] = lambda address: None,
+        lost: Callable[[str, Where], None] = lambda address, where: None,
         upload: bool = False,
+        heard: Callable[[str, Where], None] = lambda address, where: None,
     ) -> None:
         self.address = address
         self._lost = lost
+        self._on_heard = heard
         self._pool = pool
         self._where = where
         self._method = method
@@ -333,7 +337,7 @@ class BulkCall:
     def _fail(self) -> None:
         self._break()
         if not self._heard:
-            self._lost(self.address)
+            self._lost(self.address, self._where)
 
     def _break(self) -> None:
         self._broken = True
@@ -367,7 +371,9 @@ class BulkCall:
         if self._status is not None:
             return None
         kind, body = await conn.read_frame()
-        self._heard = True
+        if not self._heard:
+            self._heard = True
+            self._on_heard(self.address, self._where)
         if kind == DATA:
             return body
         if kind != STATUS:

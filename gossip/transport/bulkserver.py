@@ -147,10 +147,12 @@ class BulkServer:
             if t not in self._in_call:
                 t.cancel()
         busy = [t for t in tasks if not t.done() and t in self._in_call]
-        if busy and grace > 0:
-            await asyncio.wait(busy, timeout=grace)
-        for t in busy:
-            t.cancel()
+        try:
+            if busy and grace > 0:
+                await asyncio.wait(busy, timeout=grace)
+        finally:  # a stop that is itself cancelled still ends every call
+            for t in busy:
+                t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _hello(self, conn: Conn) -> str:

@@ -173,7 +173,7 @@ class Channels:
         self._bulk_next: dict[str, float] = {}  # address -> when it may be asked again
         self._bulk_retry: dict[str, float] = {}  # address -> the wait after its next failed ask
         self.ask_again = BULK_ASK_AGAIN
-        self._asking: set[asyncio.Task[None]] = set()
+        self._asking: dict[str, asyncio.Task[None]] = {}  # address -> its ask in flight
         self._pool = BulkPool(token_of(self._metadata))
 
     @property
@@ -202,9 +202,10 @@ class Channels:
         return ch
 
     async def close(self) -> None:
-        for task in list(self._asking):
+        asking = list(self._asking.values())
+        for task in asking:
             task.cancel()
-        await asyncio.gather(*self._asking, return_exceptions=True)
+        await asyncio.gather(*asking, return_exceptions=True)
         self._pool.close()
         chans, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(c.close() for c in chans), return_exceptions=True)
@@ -249,17 +250,21 @@ class Channels:
             request,
             lost=self.bulk_lost,
             upload=upload,
+            heard=self._bulk_heard,
         )
 
     def _ask(self, address: str, now: bool = False) -> asyncio.Task[None] | None:
-        """Ask ``address`` for its bulk port in the background, unless it was asked lately."""
+        """Ask ``address`` for its bulk port in the background, unless it was asked lately
+        (``now``: even so); an ask already in flight is the one returned."""
+        if (task := self._asking.get(address)) is not None:
+            return task
         t = time.monotonic()
         if not now and t < self._bulk_next.get(address, t):
             return None
         self._bulk_next[address] = t + self.ask_again  # until the answer says otherwise
         task = asyncio.ensure_future(self._learn(address))
-        self._asking.add(task)
-        task.add_done_callback(self._asking.discard)
+        self._asking[address] = task
+        task.add_done_callback(lambda _: self._asking.pop(address, None))
         return task
 
     async def _learn(self, address: str) -> None:
@@ -271,7 +276,6 @@ class Channels:
             wait = self._put_off(address)
             log.debug("could not ask %s for its bulk port (again in %.0f s): %s", address, wait, exc)
             return
-        self._bulk_retry.pop(address, None)
         host, port = address.rpartition(":")[0].strip("[]"), status.bulk_port
         if port:
             # The port must be reachable from here too (a relay or a firewall may pass only the
@@ -299,15 +303,24 @@ class Channels:
         if tasks:  # not long: a peer that does not answer soon is called over gRPC
             await asyncio.wait(tasks, timeout=min(timeout, BULK_LEARN_WAIT))
 
-    def bulk_lost(self, address: str) -> None:
-        """A bulk port could not be reached: back to gRPC for ``address`` until it is asked again,
-        soon (a peer that restarts on the same ports is called there again within seconds)."""
-        self._bulk_ports.pop(address, None)
-        self._put_off(address)
+    def bulk_lost(self, address: str, where: Where) -> None:
+        """A call to bulk port ``where`` failed before a word: back to gRPC for ``address`` until it
+        is asked again, soon (a peer that restarts on the same ports is called there again
+        within seconds). Calls failing together put the next ask off once; a late failure on
+        a port since replaced changes nothing."""
+        if self._bulk_ports.get(address) == where:
+            del self._bulk_ports[address]
+            self._put_off(address)
+
+    def _bulk_heard(self, address: str, where: Where) -> None:
+        """A bulk call was answered: the port works, so a later loss is put off by 1 s again."""
+        self._bulk_retry.pop(address, None)
 
     def _put_off(self, address: str) -> float:
-        """The next ask of ``address`` after 1 s, then twice as long each time (until one answers)."""
-        wait = self._bulk_retry.get(address, BULK_ASK_FIRST_RETRY)
+        """The next ask of ``address`` after 1 s, then twice as long each time, up to
+        ``ask_again``, until a bulk call to it is answered (an answered ask is not enough:
+        a port that takes connections but fails every call would be asked every second)."""
+        wait = self._bulk_retry.get(address, min(BULK_ASK_FIRST_RETRY, self.ask_again))
         self._bulk_retry[address] = min(2 * wait, self.ask_again)
         self._bulk_next[address] = time.monotonic() + wait
         return wait

@@ -281,7 +281,13 @@ def test_a_port_that_closes_before_answering_is_given_up_and_cancel_is_idempoten
         async with served() as (calls, server, pool):
             lost: list[str] = []
             # A hello naming another node: closed without a word, and the caller gives the port up.
-            call = _call(pool, server, EXCHANGE, node_id="someone-else", lost=lost.append)
+            call = _call(
+                pool,
+                server,
+                EXCHANGE,
+                node_id="someone-else",
+                lost=lambda address, where: lost.append(address),
+            )
             with pytest.raises(PeerError) as info:
                 await call.write(b"hi")
                 await call.read()
@@ -460,13 +466,18 @@ def test_a_peer_back_on_its_ports_is_called_there_again_within_seconds() -> None
         again: Node | None = None
         try:
             assert await _learned(channels, address, port, 10.0)
-            await b.stop(leave=False)  # down: the next bulk call fails before a word
-            call = channels.stream(address, EXCHANGE, 2.0)
-            assert isinstance(call, BulkCall)
-            with pytest.raises(PeerError):
-                await call.write(b"x")
-            call.cancel()
+            await b.stop(leave=False)  # down: the next bulk calls fail before a word
+            calls = [channels.stream(address, EXCHANGE, 2.0) for _ in range(5)]
+            assert all(isinstance(c, BulkCall) for c in calls)
+
+            async def fails(call: Any) -> None:
+                with pytest.raises(PeerError):
+                    await call.write(b"x")
+                call.cancel()
+
+            await asyncio.gather(*(fails(c) for c in calls))
             assert channels.bulk_port(address) is None
+            assert channels._bulk_retry[address] == 2.0  # five losses together put the ask off once
             assert await _learned(channels, address, port, 1.5) is False  # still down: asks fail
             again = await Node.create(
                 _flat(3.0, 1000), NodeConfig(node_id="b", listen=address, bulk_port=port)
@@ -477,6 +488,35 @@ def test_a_peer_back_on_its_ports_is_called_there_again_within_seconds() -> None
         finally:
             await channels.close()
             await (again or b).stop(leave=False)  # stopping twice is a no-op
+
+    run(main())
+
+
+def test_a_port_that_fails_every_call_is_asked_less_and_less_often() -> None:
+    async def main() -> None:
+        b = await Node.create(_flat(3.0, 1000), NodeConfig(node_id="b"))
+        channels = Channels()
+        try:
+            assert b._bulk is not None
+            assert await _learned(channels, b.address, b._bulk.port, 10.0)
+            b._bulk.node_id = "not-b"  # its Status still names the port; every hello is now refused
+            before = (await fetch_status(b.address, timeout=5.0))["control_calls"]["Gossip/Status"]
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 4.5
+            while loop.time() < end:
+                call = channels.stream(b.address, EXCHANGE, 2.0)
+                if isinstance(call, BulkCall):
+                    with pytest.raises(PeerError):
+                        await call.write(b"x")
+                        await call.read()
+                call.cancel()
+                await asyncio.sleep(0.05)
+            after = (await fetch_status(b.address, timeout=5.0))["control_calls"]["Gossip/Status"]
+            # Asked 1 s after the first loss, then 2 s after the next, 4 s...: not every second.
+            assert 1 <= after - before - 1 <= 3
+        finally:
+            await channels.close()
+            await b.stop(leave=False)
 
     run(main())
 
