@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -66,14 +67,15 @@ def enter_netns(name: str) -> None:
             raise OSError(err, f"setns into {name}: {os.strerror(err)}")
 
 
-def _lab(n: int, workdir: str, **shape: Any) -> Any:
-    """The tests' multi-host lab (``tests/support/netns.py``) with ``n`` hosts and no loss."""
-    import sys
-    from pathlib import Path
-
+def _tests_on_path() -> None:
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+def _lab(n: int, workdir: str, **shape: Any) -> Any:
+    """The tests' multi-host lab (``tests/support/netns.py``) with ``n`` hosts and no loss."""
+    _tests_on_path()
     from tests.support.netns import NetLab, missing_requirements
 
     why = missing_requirements()
@@ -82,22 +84,39 @@ def _lab(n: int, workdir: str, **shape: Any) -> Any:
     return NetLab(n, Path(workdir), loss=0.0, **shape)
 
 
-def shaped_pair(rate: str, workdir: str, delay: float = 0.0) -> Any:
+def shaped_pair(rate: str, workdir: str, delay: float = 0.0, cc: str = "") -> Any:
     """Two hosts (network namespaces) whose links are shaped to ``rate`` each way, as a context manager.
 
     Its relays (``host.address``, to ``host.local``) hold data ``delay`` seconds each
-    way. Yields the lab; ``lab.hosts[i].ns`` and ``.ip`` name the hosts.
+    way; ``cc``: the hosts' TCP congestion control (default: the machine's). Yields the
+    lab; ``lab.hosts[i].ns`` and ``.ip`` name the hosts.
     """
-    return _lab(2, workdir, delay=delay, rate=rate)
+    return _lab(2, workdir, delay=delay, rate=rate, cc=cc)
 
 
-def shaped_hosts(rates: list[str], workdir: str) -> Any:
+def shaped_hosts(rates: list[str], workdir: str, cc: str = "") -> Any:
     """Hosts (network namespaces) on one switch, host ``i``'s link shaped to ``rates[i]`` both
     ways (what it sends and what it receives), as a context manager yielding the lab.
 
-    No relay delay; ``lab.hosts[i].ns`` and ``.ip`` name the hosts.
+    No relay delay; ``cc`` as in :func:`shaped_pair`; ``lab.hosts[i].ns`` and ``.ip`` name the hosts.
     """
-    return _lab(len(rates), workdir, delay=0.0, rate="", rates=dict(enumerate(rates)))
+    return _lab(len(rates), workdir, delay=0.0, rate="", rates=dict(enumerate(rates)), cc=cc)
+
+
+def cc_problem(cc: str) -> str | None:
+    """Why the lab cannot give its hosts TCP congestion control ``cc`` (None: it can)."""
+    _tests_on_path()
+    from tests.support.netns import congestion_control_problem
+
+    return congestion_control_problem(cc)
+
+
+def congestion_control() -> str:
+    """The TCP congestion control of this thread's network namespace (a lab host's, inside one)."""
+    _tests_on_path()
+    from tests.support.netns import congestion_control as cc
+
+    return cc()
 
 
 @contextlib.contextmanager

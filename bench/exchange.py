@@ -47,7 +47,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import enter_netns, inside_netns, quartiles, recv_exact, shaped_pair, watch_parent
+from _common import (
+    cc_problem,
+    congestion_control,
+    enter_netns,
+    inside_netns,
+    quartiles,
+    recv_exact,
+    shaped_pair,
+    watch_parent,
+)
 
 MiB = 1 << 20
 _NETNS_PY = Path(__file__).resolve().parents[1] / "tests" / "support" / "netns.py"
@@ -558,9 +567,20 @@ def main(argv: list[str] | None = None) -> int:
         help="run node B and the raw peer on a second host (network namespace) joined by a link shaped "
         "to RATE each way with tc tbf, e.g. 1gbit or 200mbit (root; default: loopback, one host)",
     )
+    ap.add_argument(
+        "--cc",
+        default="",
+        metavar="NAME",
+        help="with --link: the hosts' TCP congestion control, e.g. cubic or bbr (default: the machine's; "
+        "the JSON names the one used)",
+    )
     args = ap.parse_args(argv)
     if args.delay and not args.link:
         ap.error("--delay needs --link")
+    if args.cc and not args.link:
+        ap.error("--cc needs --link")
+    if args.cc and (why := cc_problem(args.cc)) is not None:
+        ap.error(why)
     if args.max_send_rate:
         os.environ["GOSSIP_MAX_SEND_RATE"] = args.max_send_rate  # before the children start
     if args.no_bulk:
@@ -605,7 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         net: Any = None
         if args.link:
             net = lab.enter_context(
-                shaped_pair(args.link, lab.enter_context(tempfile.TemporaryDirectory()), args.delay / 1e3)
+                shaped_pair(
+                    args.link, lab.enter_context(tempfile.TemporaryDirectory()), args.delay / 1e3, args.cc
+                )
             )
             (a_host, b_host) = net.hosts
             # Node A and the raw client: host 0 (left before the lab closes, which kills what is
@@ -614,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             here, there, ns = a_host.ip, b_host.ip, b_host.ns
             # With a delay every peer listens inside its host and is dialled through a delaying relay.
             listen = "127.0.0.1" if args.delay else there
+        cc = congestion_control()  # inside host A with --link
         b_at: tuple[str, str | None] = (f"{listen}:0", None)
         if args.delay:
             b_at = (b_host.local, b_host.address)  # the lab's own relay leads to node B
@@ -696,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "mallopt": mallopt,
         "max_send_rate": args.max_send_rate or None,
         "bulk": not args.no_bulk,
+        "congestion_control": cc,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     for s in (1, 16, 100):

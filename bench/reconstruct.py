@@ -61,7 +61,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import inside_netns, quartiles, recv_exact, shaped_hosts, watch_parent
+from _common import (
+    cc_problem,
+    congestion_control,
+    inside_netns,
+    quartiles,
+    recv_exact,
+    shaped_hosts,
+    watch_parent,
+)
 
 MiB = 1 << 20
 STARTUP_TIMEOUT = 180.0  # on 200 Mbit/s links the publish of 100 MiB x 3 copies alone takes ~12 s
@@ -176,6 +184,12 @@ def main() -> int:
         action="store_true",
         help="the nodes serve shards over gRPC only (bulk_port -1), as before the bulk port",
     )
+    ap.add_argument(
+        "--cc",
+        default="",
+        metavar="NAME",
+        help="with --link: every host's TCP congestion control, e.g. cubic or bbr (default: the machine's)",
+    )
     ap.add_argument("--child", choices=("node", "raw"), help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
@@ -189,6 +203,10 @@ def main() -> int:
         else:
             asyncio.run(_node_child(args.index, args.nodes, args.mib, Path(args.workdir), args.host))
         return 0
+    if args.cc and not args.link:
+        ap.error("--cc needs --link")
+    if args.cc and (why := cc_problem(args.cc)) is not None:
+        ap.error(why)
     repeats = args.repeats or (9 if args.link else 21)
     if args.no_bulk:
         os.environ["GOSSIP_NO_BULK"] = "1"  # before the children start
@@ -202,7 +220,7 @@ def main() -> int:
         donor_host: tuple[str | None, str] = (None, "127.0.0.1")
         if args.link:
             rates = [args.rebuilder_link] + [args.link] * (args.nodes + 1)
-            net = lab.enter_context(shaped_hosts(rates, str(workdir)))
+            net = lab.enter_context(shaped_hosts(rates, str(workdir), args.cc))
             node_hosts = [(h.ns, h.ip) for h in net.hosts[1 : args.nodes + 1]]
             donor_host = (net.hosts[-1].ns, net.hosts[-1].ip)
             # Before grpc or torch start threads: setns moves only the calling thread.
@@ -320,7 +338,11 @@ def _measure(
     raw_s, rebuild_s = statistics.median(raw_times), statistics.median(rebuild_times)
     paired = [a / b for a, b in zip(raw_times, rebuild_times, strict=True)]
     nbytes = args.mib * MiB
-    result: dict[str, Any] = {"bench": "reconstruct", "link": args.link or "loopback"}
+    result: dict[str, Any] = {
+        "bench": "reconstruct",
+        "link": args.link or "loopback",
+        "congestion_control": congestion_control(),  # the rebuilder's (inside its host with --link)
+    }
     if args.link:
         result |= {
             "rebuild_vs_one_donor": round(statistics.median(paired), 3),

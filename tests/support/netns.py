@@ -56,6 +56,31 @@ def missing_requirements() -> str | None:
     return None
 
 
+_CC = Path("/proc/sys/net/ipv4")
+
+
+def congestion_control_problem(cc: str) -> str | None:
+    """Why the lab's hosts cannot use TCP congestion control ``cc``, or None when they can.
+
+    A namespace other than the machine's own may choose only the ones the machine allows.
+    """
+    available = (_CC / "tcp_available_congestion_control").read_text().split()
+    if cc not in available:
+        return f"TCP congestion control {cc!r} is not available here (available: {' '.join(available)})"
+    allowed = (_CC / "tcp_allowed_congestion_control").read_text().split()
+    if cc not in allowed:
+        return (
+            f"TCP congestion control {cc!r} is not allowed in network namespaces here; as root: "
+            f"sysctl -w net.ipv4.tcp_allowed_congestion_control='{' '.join([*allowed, cc])}'"
+        )
+    return None
+
+
+def congestion_control() -> str:
+    """The TCP congestion control new connections of this thread's network namespace use."""
+    return (_CC / "tcp_congestion_control").read_text().strip()
+
+
 def _sh(*argv: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -147,6 +172,7 @@ class NetLab:
     loss: float = 0.01  # fraction of packets dropped on arrival
     rate: str = "100mbit"
     rates: dict[int, str] = field(default_factory=dict)  # host index -> its own rate, both ways
+    cc: str = ""  # every host's TCP congestion control; "" leaves the machine's default
     hosts: list[Host] = field(default_factory=list)
     procs: list[Proc] = field(default_factory=list)
     _adopted: list[subprocess.Popen[str]] = field(default_factory=list)
@@ -155,6 +181,8 @@ class NetLab:
     def __post_init__(self) -> None:
         if not 1 <= self.hosts_count <= 200:
             raise ValueError("hosts_count must be 1..200")
+        if self.cc and (why := congestion_control_problem(self.cc)) is not None:
+            raise ValueError(why)
         tag = f"{PREFIX}-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}"
         self.switch = f"{tag}-sw"
         self._tag = tag
@@ -200,6 +228,8 @@ class NetLab:
             _sh("ip", "addr", "add", f"{host.ip}/24", "dev", "eth0", ns=host.ns)
             _sh("ip", "link", "set", "eth0", "up", ns=host.ns)
             _sh("ip", "link", "set", "lo", "up", ns=host.ns)
+            if self.cc:
+                _sh("sh", "-c", f"echo {self.cc} >{_CC}/tcp_congestion_control", ns=host.ns)
             rate = self.rates.get(i, self.rate)
             if rate:
                 _sh("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
