@@ -168,8 +168,8 @@ async def fetch_snapshot(
             if exc.code == "NOT_FOUND":
                 raise SnapshotUnavailable(exc.details) from None
             raise ConnectionError(f"cannot ask {peer}: {exc.code} {exc.details[:200]}".strip()) from None
-        ring = Ring([n for n, _ in located.members], located.vnodes)
         addresses = dict(located.members)
+        asked = {peer}
         name = located.model_id
         candidates = [
             m for m in located.manifests if m.model_id == name and (version is None or m.version == version)
@@ -186,10 +186,16 @@ async def fetch_snapshot(
             buffer = _allocate(nbytes)
         missing: dict[int, list[str]] = {}
         for m in sorted(candidates, key=lambda m: m.version, reverse=True):
-            rebuilt = await _fetch(store, m, buffer, ring, addresses, timeout, concurrency, missing)
-            if rebuilt is not None:
-                rebuilt.seconds = time.monotonic() - t0
-                return rebuilt
+            while True:
+                ring = Ring(list(addresses), located.vnodes)
+                rebuilt = await _fetch(store, m, buffer, ring, addresses, timeout, concurrency, missing)
+                if rebuilt is not None:
+                    rebuilt.seconds = time.monotonic() - t0
+                    return rebuilt
+                # The peer's view of the members may be short (it joined a moment ago): the
+                # owners of what is missing may be members it has not heard of yet.
+                if not await _widen(store, addresses, asked, name, timeout):
+                    break
         detail = "; ".join(f"v{v} misses {describe(keys)}" for v, keys in missing.items())
         raise SnapshotUnavailable(
             f"no complete snapshot of {name} can be rebuilt: {detail} (no live owner holds a valid copy)",
@@ -198,6 +204,35 @@ async def fetch_snapshot(
     finally:
         if own:
             await peers.close()
+
+
+WIDEN_PEERS = 3  # members asked at once for the members they know, when shards are missing
+WIDEN_ROUNDS = 2  # at most this many such rounds per rebuild: truly lost shards fail soon
+
+
+async def _widen(
+    store: StoreClient, addresses: dict[str, str], asked: set[str], model_id: str, timeout: float
+) -> bool:
+    """Ask members not asked yet for the members they know, into ``addresses``; True if any is new."""
+    for _ in range(WIDEN_ROUNDS):
+        ask = [a for a in addresses.values() if a not in asked][:WIDEN_PEERS]
+        if not ask:
+            return False
+        asked.update(ask)
+        replies = await asyncio.gather(
+            *(store.locate(a, model_id, timeout) for a in ask), return_exceptions=True
+        )
+        before = len(addresses)
+        for reply in replies:
+            if isinstance(reply, Exception):  # gone, or knows no snapshot yet: others may
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            for node, address in reply.members:
+                addresses.setdefault(node, address)
+        if len(addresses) > before:
+            return True
+    return False
 
 
 async def _fetch(
