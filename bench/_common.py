@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -103,8 +104,23 @@ def shaped_hosts(rates: list[str], workdir: str, cc: str = "") -> Any:
     return _lab(len(rates), workdir, delay=0.0, rate="", rates=dict(enumerate(rates)), cc=cc)
 
 
-def cc_problem(cc: str) -> str | None:
-    """Why the lab cannot give its hosts TCP congestion control ``cc`` (None: it can)."""
+def add_cc_option(ap: argparse.ArgumentParser) -> None:
+    """``--cc NAME``: the lab hosts' TCP congestion control (check it with :func:`cc_error`)."""
+    ap.add_argument(
+        "--cc",
+        default="",
+        metavar="NAME",
+        help="with --link: every host's TCP congestion control, e.g. cubic or bbr (default: the machine's; "
+        "the JSON names the one used)",
+    )
+
+
+def cc_error(cc: str, link: str) -> str | None:
+    """Why ``--cc cc`` cannot be used with ``--link link`` (None: it can)."""
+    if not cc:
+        return None
+    if not link:
+        return "--cc needs --link"
     _tests_on_path()
     from tests.support.netns import congestion_control_problem
 

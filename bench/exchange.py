@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    cc_problem,
+    add_cc_option,
+    cc_error,
     congestion_control,
     enter_netns,
     inside_netns,
@@ -567,19 +568,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run node B and the raw peer on a second host (network namespace) joined by a link shaped "
         "to RATE each way with tc tbf, e.g. 1gbit or 200mbit (root; default: loopback, one host)",
     )
-    ap.add_argument(
-        "--cc",
-        default="",
-        metavar="NAME",
-        help="with --link: the hosts' TCP congestion control, e.g. cubic or bbr (default: the machine's; "
-        "the JSON names the one used)",
-    )
+    add_cc_option(ap)
     args = ap.parse_args(argv)
     if args.delay and not args.link:
         ap.error("--delay needs --link")
-    if args.cc and not args.link:
-        ap.error("--cc needs --link")
-    if args.cc and (why := cc_problem(args.cc)) is not None:
+    if (why := cc_error(args.cc, args.link)) is not None:
         ap.error(why)
     if args.max_send_rate:
         os.environ["GOSSIP_MAX_SEND_RATE"] = args.max_send_rate  # before the children start

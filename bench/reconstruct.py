@@ -62,7 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    cc_problem,
+    add_cc_option,
+    cc_error,
     congestion_control,
     inside_netns,
     quartiles,
@@ -184,12 +185,7 @@ def main() -> int:
         action="store_true",
         help="the nodes serve shards over gRPC only (bulk_port -1), as before the bulk port",
     )
-    ap.add_argument(
-        "--cc",
-        default="",
-        metavar="NAME",
-        help="with --link: every host's TCP congestion control, e.g. cubic or bbr (default: the machine's)",
-    )
+    add_cc_option(ap)
     ap.add_argument("--child", choices=("node", "raw"), help=argparse.SUPPRESS)
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default="", help=argparse.SUPPRESS)
@@ -203,9 +199,7 @@ def main() -> int:
         else:
             asyncio.run(_node_child(args.index, args.nodes, args.mib, Path(args.workdir), args.host))
         return 0
-    if args.cc and not args.link:
-        ap.error("--cc needs --link")
-    if args.cc and (why := cc_problem(args.cc)) is not None:
+    if (why := cc_error(args.cc, args.link)) is not None:
         ap.error(why)
     repeats = args.repeats or (9 if args.link else 21)
     if args.no_bulk:
